@@ -1,0 +1,14 @@
+"""lt_theory: deep learning theory, measured in your own training runs.
+
+PyTorch Lightning callbacks that watch, while a model trains, the conditions deep learning theory names
+for training to work: Lipschitz control and conditioning, lazy vs. feature learning, linear mode
+connectivity, sparse trainable subnetworks, over-parameterisation and double descent. The mathematics
+is in :mod:`lt_theory.measures` (pure PyTorch), the callbacks in :mod:`lt_theory.callbacks`, data and
+models for the recipes in :mod:`lt_theory.data` and :mod:`lt_theory.models`.
+"""
+
+from lt_theory.module import ClassificationModule
+
+__version__ = "0.1.0"
+
+__all__ = ["ClassificationModule", "__version__"]
