@@ -85,7 +85,9 @@ def _as_float(value) -> float:
     return float(value)
 
 
-def log_scalars(trainer: Trainer, scalars: Mapping[str, float | torch.Tensor], step: int | None = None) -> None:
+def log_scalars(
+    trainer: Trainer, scalars: Mapping[str, float | torch.Tensor], step: int | None = None
+) -> None:
     """Log scalars to every logger of the trainer at ``trainer.global_step`` (or ``step``).
 
     NaN and Inf are logged as they are (TensorBoard shows them); warning about them is the caller's job.
@@ -200,4 +202,3 @@ def add_custom_scalar_charts(
 def merged_layout(writer) -> dict:
     """The merged custom-scalars layout written so far to ``writer`` (category -> title -> [kind, tags])."""
     return {cat: dict(charts) for cat, charts in _LAYOUTS.get(writer, {}).items()}
-

@@ -86,7 +86,10 @@ class ClassificationModule(LightningModule):
         loggers.add_custom_scalar_charts(
             self.trainer,
             "training",
-            {"Loss: train vs val": ["train/loss_epoch", "val/loss"], "Accuracy: train vs val": ["train/acc_epoch", "val/acc"]},
+            {
+                "Loss: train vs val": ["train/loss_epoch", "val/loss"],
+                "Accuracy: train vs val": ["train/acc_epoch", "val/acc"],
+            },
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,11 +125,16 @@ class ClassificationModule(LightningModule):
         hp = self.hparams
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(
-                self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
+                self.parameters(),
+                lr=hp.lr,
+                momentum=hp.momentum,
+                nesterov=hp.nesterov,
                 weight_decay=hp.weight_decay,
             )
         else:
-            optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
+            optimizer = torch.optim.Adam(
+                self.parameters(), lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay
+            )
         if hp.schedule == "constant":
             return optimizer
         if hp.schedule == "step":

@@ -39,7 +39,9 @@ class ParameterNormMonitor(TheoryCallback):
             self.history.append((trainer.global_step, self.baseline))
             self.log_scalars(trainer, {"param_norm": self.baseline, "param_norm_ratio": 1.0})
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx
+    ) -> None:
         if not self.is_step_due(trainer):
             return
         norm = self._norm(pl_module)

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from contract_monitor import ParameterNormMonitor
 from lightning.pytorch import Callback
 
+from lt_theory.callbacks.ntk import NTKDrift
+from lt_theory.callbacks.spectral import SpectralNormMonitor
+
 
 @dataclass(frozen=True)
 class ContractCase:
@@ -31,6 +34,30 @@ REGISTRY: list[ContractCase] = [
         bad_arguments=[
             (lambda: ParameterNormMonitor(every_n_steps=0), "every_n_steps"),
             (lambda: ParameterNormMonitor(every_n_steps=1.5), "every_n_steps"),
+        ],
+    ),
+    ContractCase(
+        name="ntk_drift",
+        make_callback=lambda: NTKDrift(every_n_steps=3, probe_size=4),
+        prefix="ntk",
+        bad_arguments=[
+            (lambda: NTKDrift(every_n_steps=0), "every_n_steps"),
+            (lambda: NTKDrift(kind="diagonal"), "kind"),
+            (lambda: NTKDrift(probe_size=-1), "probe_size"),
+            (lambda: NTKDrift(probe_split="holdout"), "probe_split"),
+            (lambda: NTKDrift(lazy_threshold=0), "lazy_threshold"),
+        ],
+    ),
+    ContractCase(
+        name="spectral_norm_monitor",
+        make_callback=lambda: SpectralNormMonitor(every_n_steps=2, bound_every_n_steps=3, probe_size=8),
+        prefix="spectral",
+        bad_arguments=[
+            (lambda: SpectralNormMonitor(every_n_steps=0), "every_n_steps"),
+            (lambda: SpectralNormMonitor(bound_every_n_steps=-5), "bound_every_n_steps"),
+            (lambda: SpectralNormMonitor(power_iterations=0), "power_iterations"),
+            (lambda: SpectralNormMonitor(layers="net.fc"), "layers"),
+            (lambda: SpectralNormMonitor(probe_split="all"), "probe_split"),
         ],
     ),
 ]

@@ -19,10 +19,17 @@ from lt_theory import loggers
 
 def main(out: Path) -> None:
     module, data = make_module_and_data()
-    logs = [CSVLogger(out / "logs", name="ddp", version=0), TensorBoardLogger(out / "tb", name="ddp", version=0)]
+    logs = [
+        CSVLogger(out / "logs", name="ddp", version=0),
+        TensorBoardLogger(out / "tb", name="ddp", version=0),
+    ]
     trainer = make_trainer(
-        out, [case.make_callback() for case in REGISTRY], logger=logs,
-        strategy="ddp", devices=2, deterministic=False,
+        out,
+        [case.make_callback() for case in REGISTRY],
+        logger=logs,
+        strategy="ddp",
+        devices=2,
+        deterministic=False,
     )
     trainer.fit(module, datamodule=data)
     report = {"rank": trainer.global_rank, "emitted_writes": loggers.emitted_writes}

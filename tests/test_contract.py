@@ -13,6 +13,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -52,19 +53,45 @@ def _assert_same_state(a, b, path="state") -> None:
         assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
 
 
+@pytest.fixture(scope="module")
+def reference_parameters(tmp_path_factory) -> dict:
+    """Final parameters and buffers of the tiny run without any callback."""
+    module, _ = _fit(tmp_path_factory.mktemp("reference"), [])
+    return module.state_dict()
+
+
+_MONITORED_RUNS: dict[str, SimpleNamespace] = {}
+
+
+def _monitored_run(case, tmp_path_factory) -> SimpleNamespace:
+    """The tiny run with the callback and only a CSVLogger, done once per case and shared by three checks."""
+    if case.name not in _MONITORED_RUNS:
+        root = tmp_path_factory.mktemp(case.name)
+        callback = case.make_callback()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module, _ = _fit(root, [callback], logger=CSVLogger(root / "logs", name="csv"))
+        _MONITORED_RUNS[case.name] = SimpleNamespace(
+            parameters=module.state_dict(),
+            state=callback.state_dict(),
+            warnings=_our_warnings(caught, callback),
+            csv_header=next(
+                csv.reader(open(next((root / "logs" / "csv").glob("version_*")) / "metrics.csv"))
+            ),
+        )
+    return _MONITORED_RUNS[case.name]
+
+
 @CASES
-def test_monitor_leaves_training_bit_identical(case, tmp_path):
+def test_monitor_leaves_training_bit_identical(case, reference_parameters, tmp_path_factory):
     if not case.monitor:
         pytest.skip(f"{case.name} changes training on purpose")
-    reference, _ = _fit(tmp_path / "without", [])
-    monitored, _ = _fit(tmp_path / "with", [case.make_callback()], logger=CSVLogger(tmp_path / "logs"))
-    _assert_same_tensors(reference.state_dict(), monitored.state_dict())
+    _assert_same_tensors(reference_parameters, _monitored_run(case, tmp_path_factory).parameters)
 
 
 @CASES
-def test_resume_from_checkpoint_restores_state(case, tmp_path):
-    uninterrupted = case.make_callback()
-    module_full, _ = _fit(tmp_path / "full", [uninterrupted], max_epochs=2)
+def test_resume_from_checkpoint_restores_state(case, tmp_path, tmp_path_factory):
+    uninterrupted = _monitored_run(case, tmp_path_factory)
 
     first_half = case.make_callback()
     _, trainer = _fit(tmp_path / "half", [first_half], max_epochs=1)
@@ -73,17 +100,22 @@ def test_resume_from_checkpoint_restores_state(case, tmp_path):
 
     resumed = case.make_callback()
     module, data = make_module_and_data()
-    make_trainer(tmp_path / "resumed", [resumed], max_epochs=2).fit(module, datamodule=data, ckpt_path=checkpoint)
+    make_trainer(tmp_path / "resumed", [resumed], max_epochs=2).fit(
+        module, datamodule=data, ckpt_path=checkpoint
+    )
 
-    _assert_same_tensors(module_full.state_dict(), module.state_dict())
-    _assert_same_state(uninterrupted.state_dict(), resumed.state_dict())
+    _assert_same_tensors(uninterrupted.parameters, module.state_dict())
+    _assert_same_state(uninterrupted.state, resumed.state_dict())
 
 
 def test_ddp_two_processes_only_rank_zero_writes(tmp_path):
     """One DDP launch runs every registered callback together (a launch costs seconds, not the callbacks)."""
     script = Path(__file__).with_name("ddp_contract_run.py")
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     reports = {r["rank"]: r for r in (json.loads(p.read_text()) for p in tmp_path.glob("rank*.json"))}
@@ -114,16 +146,11 @@ def _our_warnings(caught, callback) -> list[str]:
 
 
 @CASES
-def test_csv_logger_only_warns_once_and_logs_tags_under_prefix(case, tmp_path):
-    callback = case.make_callback()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _fit(tmp_path, [callback], logger=CSVLogger(tmp_path / "logs", name="csv"))
-    messages = _our_warnings(caught, callback)
-    assert len(messages) == 1 and "TensorBoardLogger" in messages[0], messages
-    header = next(csv.reader(open(next((tmp_path / "logs" / "csv").glob("version_*")) / "metrics.csv")))
-    ours = [tag for tag in header if tag.startswith(case.prefix + "/")]
-    assert ours, f"no `{case.prefix}/` tag in {header}"
+def test_csv_logger_only_warns_once_and_logs_tags_under_prefix(case, tmp_path_factory):
+    run = _monitored_run(case, tmp_path_factory)
+    assert len(run.warnings) == 1 and "TensorBoardLogger" in run.warnings[0], run.warnings
+    ours = [tag for tag in run.csv_header if tag.startswith(case.prefix + "/")]
+    assert ours, f"no `{case.prefix}/` tag in {run.csv_header}"
 
 
 @CASES

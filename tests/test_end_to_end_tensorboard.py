@@ -16,13 +16,39 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Tags the quick start must write; each callback issue adds the tags of its callback.
-EXPECTED_SCALARS = {"train/loss_step", "train/acc_step", "train/loss_epoch", "val/loss", "val/acc", "lr"}
-EXPECTED_IMAGES: set[str] = set()
-EXPECTED_LAYOUT_CATEGORIES = {"training"}
+EXPECTED_SCALARS = {
+    "train/loss_step",
+    "train/acc_step",
+    "train/loss_epoch",
+    "val/loss",
+    "val/acc",
+    "lr",
+    "ntk/relative_change",
+    "ntk/distance_from_init",
+    "ntk/velocity",
+    "ntk/alignment",
+    "ntk/trace",
+    "ntk/eig_max",
+    "ntk/effective_rank",
+    "spectral/sigma_max/net.conv1",
+    "spectral/sigma_max_reshaped/net.layer1.0.conv1",
+    "spectral/lipschitz_upper",
+    "spectral/lipschitz_lower",
+    "spectral/lipschitz_naive_product",
+    "spectral/complexity",
+    "spectral/condition/net.layer1.0.conv2",
+    "spectral/stable_rank/net.fc",
+    "spectral/margin_normalized/p50",
+}
+EXPECTED_IMAGES = {"ntk/eigenspectrum", "spectral/sigma_max_by_depth"}
+EXPECTED_HISTOGRAMS = {"spectral/margins_normalized"}
+EXPECTED_TEXT = {"ntk/verdict/text_summary"}  # torch's add_text appends /text_summary
+EXPECTED_LAYOUT_CATEGORIES = {"training", "ntk", "spectral"}
 
 
 def _free_port() -> int:
@@ -39,11 +65,29 @@ def _get_json(url: str):
 @pytest.fixture(scope="module")
 def quickstart_logs(tmp_path_factory) -> tuple[Path, str]:
     save_dir = tmp_path_factory.mktemp("runs")
+    config = yaml.safe_load((REPO / "recipes/configs/quickstart.yaml").read_text())
+    for callback in config["trainer"]["callbacks"]:  # measure at every step of this short run
+        for cadence in ("every_n_steps", "bound_every_n_steps"):
+            if cadence in callback.get("init_args", {}):
+                callback["init_args"][cadence] = 2
+    config_file = save_dir.parent / "quickstart_short.yaml"
+    config_file.write_text(yaml.safe_dump(config))
     command = [
-        sys.executable, "recipes/resnet_cifar.py", "fit", "--config", "recipes/configs/quickstart.yaml",
-        "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
-        "--trainer.logger.init_args.save_dir", str(save_dir),
-        "--data.init_args.num_train", "256", "--data.init_args.num_test", "128",
+        sys.executable,
+        "recipes/resnet_cifar.py",
+        "fit",
+        "--config",
+        str(config_file),
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
+        "--data.init_args.num_train",
+        "256",
+        "--data.init_args.num_test",
+        "128",
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -55,10 +99,25 @@ def quickstart_logs(tmp_path_factory) -> tuple[Path, str]:
 def tensorboard_url(quickstart_logs):
     save_dir, _ = quickstart_logs
     port = _free_port()
+    server_log = open(save_dir.parent / "tensorboard.log", "w+")
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(save_dir), "--host", "127.0.0.1",
-         "--port", str(port), "--load_fast", "false", "--reload_interval", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(save_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--load_fast",
+            "false",
+            "--reload_interval",
+            "1",
+        ],
+        stdout=server_log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -70,12 +129,14 @@ def tensorboard_url(quickstart_logs):
             except OSError:
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"TensorBoard did not serve the run: {server.stderr.read().decode()[-3000:]}")
+                server_log.seek(0)
+                raise RuntimeError(f"TensorBoard did not serve the run: {server_log.read()[-3000:]}")
             time.sleep(0.5)
         yield url
     finally:
         server.terminate()
         server.wait(timeout=30)
+        server_log.close()
 
 
 def test_run_and_scalar_tags_are_served(tensorboard_url):
@@ -88,6 +149,16 @@ def test_run_and_scalar_tags_are_served(tensorboard_url):
 def test_images_are_served(tensorboard_url):
     tags = _get_json(f"{tensorboard_url}/data/plugin/images/tags").get("quickstart/version_0", {})
     assert EXPECTED_IMAGES <= set(tags), sorted(EXPECTED_IMAGES - set(tags))
+
+
+def test_histograms_are_served(tensorboard_url):
+    tags = _get_json(f"{tensorboard_url}/data/plugin/histograms/tags").get("quickstart/version_0", {})
+    assert EXPECTED_HISTOGRAMS <= set(tags), sorted(EXPECTED_HISTOGRAMS - set(tags))
+
+
+def test_text_is_served(tensorboard_url):
+    tags = _get_json(f"{tensorboard_url}/data/plugin/text/tags").get("quickstart/version_0", [])
+    assert EXPECTED_TEXT <= set(tags), sorted(EXPECTED_TEXT - set(tags))
 
 
 def test_custom_scalar_layout_is_merged(tensorboard_url):

@@ -70,8 +70,9 @@ def test_layouts_from_two_callbacks_merge_into_one(tmp_path):
     trainer = _fake_trainer([tb])
     loggers.add_custom_scalar_charts(trainer, "spectral", {"Lipschitz": ["spectral/lipschitz_upper"]})
     loggers.add_custom_scalar_charts(trainer, "ntk", {"Drift": ["ntk/relative_change", "ntk/velocity"]})
-    loggers.add_custom_scalar_charts(trainer, "spectral", {"Bracket": ["spectral/l", "spectral/m", "spectral/u"]},
-                                     kind="Margin")
+    loggers.add_custom_scalar_charts(
+        trainer, "spectral", {"Bracket": ["spectral/l", "spectral/m", "spectral/u"]}, kind="Margin"
+    )
     last = _events(tb).Tensors("custom_scalars__config__")[-1]
     layout = layout_pb2.Layout()
     layout.ParseFromString(last.tensor_proto.string_val[0])

@@ -1,5 +1,7 @@
 """Lightning callbacks, one file each; they call :mod:`lt_theory.measures` and never re-implement it."""
 
 from lt_theory.callbacks.base import TheoryCallback
+from lt_theory.callbacks.ntk import NTKDrift
+from lt_theory.callbacks.spectral import SpectralNormMonitor
 
-__all__ = ["TheoryCallback"]
+__all__ = ["NTKDrift", "SpectralNormMonitor", "TheoryCallback"]

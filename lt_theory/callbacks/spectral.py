@@ -1,0 +1,371 @@
+"""SpectralNormMonitor: operator norms of every layer, certified Lipschitz bounds, conditioning, margins.
+
+A layer's operator norm sigma_max(A) is its l2 Lipschitz constant (for a convolution, the norm of the
+convolution as a map on its real input shape, not of the reshaped kernel that spectral normalisation uses);
+the graph-aware product of layer norms bounds the network's Lipschitz constant from above, the largest
+input-Jacobian norm on probe inputs bounds it from below; sigma_max / sigma_min is the layer's
+conditioning; and Bartlett, Foster & Telgarsky (NeurIPS 2017) normalise margins by the spectral complexity
+R_A = prod_i ||A_i|| (sum_i ||A_i^T - M_i^T||_{2,1}^{2/3} / ||A_i||^{2/3})^{3/2} (M_i the initial weights):
+
+    margin_normalized(x, y) = (f(x)_y - max_{j != y} f(x)_j) / (R_A ||X||_F / n).
+
+All mathematics is in :mod:`lt_theory.measures.spectral` and :mod:`lt_theory.measures.lipschitz`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch import LightningModule, Trainer  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from lt_theory.callbacks.base import TheoryCallback, check_positive_int  # noqa: E402
+from lt_theory.callbacks.probe import Probe  # noqa: E402
+from lt_theory.measures.lipschitz import (  # noqa: E402
+    UnsupportedModelError,
+    jacobian_lipschitz_lower_bound,
+    lipschitz_upper_bound,
+    naive_lipschitz_product,
+)
+from lt_theory.measures.spectral import (  # noqa: E402
+    normalized_margins,
+    operator_norm,
+    operator_spectrum,
+    spectral_complexity,
+)
+
+__all__ = ["SpectralNormMonitor"]
+
+MEASURED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _find_layers(model: nn.Module, names: list[str] | None) -> dict[str, nn.Module]:
+    available = {name: m for name, m in model.named_modules() if isinstance(m, MEASURED_LAYERS)}
+    if not available:
+        raise ValueError(
+            f"SpectralNormMonitor found no nn.Linear, nn.Conv1d or nn.Conv2d layer in {type(model).__name__}; "
+            "it measures the operator norms of those layers."
+        )
+    if names is None:
+        return available
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise ValueError(
+            f"`layers` names {unknown} that are not Linear/Conv layers; the model has: {list(available)}"
+        )
+    return {name: available[name] for name in names}
+
+
+def _input_shapes(
+    model: nn.Module, layers: dict[str, nn.Module], example: Tensor
+) -> dict[str, tuple[int, ...]]:
+    """The shape (without batch) of each layer's input when the model runs, in eval mode, on one example."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):
+        def hook(module, args, output) -> None:
+            shapes.setdefault(name, tuple(args[0].shape[1:]))
+
+        return hook
+
+    hooks = [layer.register_forward_hook(record(name)) for name, layer in layers.items()]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.training = training
+    missing = [name for name in layers if name not in shapes]
+    if missing:
+        raise ValueError(f"`layers` {missing} are not called in the model's forward; they cannot be measured")
+    return shapes
+
+
+class SpectralNormMonitor(TheoryCallback):
+    """Watch the operator norms of every Linear/Conv layer, the network's Lipschitz bracket and its margins.
+
+    Every ``every_n_steps`` steps (and at fit start and end), each layer's largest singular value as an
+    operator on its real input shape, by power iteration warm-started from the previous call (a few
+    iterations), and the reshaped-kernel norm for comparison. Every ``bound_every_n_steps`` steps (and at
+    fit start and end): the certified graph-aware upper bound of the network's Lipschitz constant (Gram
+    iteration per layer, Delattre et al. 2023), the naive product of layer norms, the lower bound
+    max_x ||d f(x)/dx||_2 on the probe, each layer's condition number and stable rank, the spectral
+    complexity and the normalised margins on the probe. Only global rank zero computes.
+
+    Cost (ResNet-20, CPU, one thread, against a training step at batch 128): a warm measurement of all
+    layers 0.06 steps; a bound measurement about 15 steps (Gram norms 5, Jacobian bound 6, spectra 3). At
+    the defaults (100 / 2000) that is under 1% of training time.
+
+    Logged tags: ``spectral/sigma_max/<layer>``, ``spectral/sigma_max_reshaped/<layer>``,
+    ``spectral/condition/<layer>`` (only for injective layers: a map to fewer dimensions has sigma_min = 0),
+    ``spectral/stable_rank/<layer>``, ``spectral/lipschitz_upper``,
+    ``spectral/lipschitz_lower``, ``spectral/lipschitz_naive_product``, ``spectral/complexity``,
+    ``spectral/margin_normalized/{p10,p50,p90}`` (from the first step where R_A > 0); the histogram
+    ``spectral/margins_normalized``; the image ``spectral/sigma_max_by_depth``; a custom-scalars panel
+    ``spectral``.
+
+    Args:
+        every_n_steps: warm power-iteration measurement of all layers every this many steps.
+        bound_every_n_steps: certified bounds, conditioning, complexity and margins every this many steps.
+        layers: names of the layers to measure (default: every Linear, Conv1d and Conv2d).
+        power_iterations: power iterations per layer in a warm measurement (the first one runs to 1e-6).
+        lower_bound_iterations: power iterations of the Jacobian lower bound (warm-started too).
+        probe_size: probe examples for the lower bound and the margins.
+        probe_split: the data module split the probe comes from.
+        probe_seed: seed of the probe choice.
+        probe_inputs: a probe given directly; ``probe_targets`` its labels (for the margins).
+        probe_targets: integer labels of ``probe_inputs``.
+        seed: seed of the power iterations' random start (their own generator, not the global RNG).
+
+    Raises:
+        ValueError: for a bad argument, naming it; at setup, for a model without Linear/Conv layers or an
+            unknown layer name (listing the names that exist).
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[SpectralNormMonitor(every_n_steps=100, bound_every_n_steps=2000)])
+    """
+
+    prefix = "spectral"
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        bound_every_n_steps: int = 2000,
+        layers: list[str] | None = None,
+        power_iterations: int = 3,
+        lower_bound_iterations: int = 5,
+        probe_size: int = 64,
+        probe_split: str = "train",
+        probe_seed: int = 0,
+        probe_inputs: Tensor | None = None,
+        probe_targets: Tensor | None = None,
+        seed: int = 0,
+    ) -> None:
+        check_positive_int("every_n_steps", every_n_steps)
+        super().__init__(every_n_steps=every_n_steps)
+        check_positive_int("bound_every_n_steps", bound_every_n_steps)
+        check_positive_int("power_iterations", power_iterations)
+        check_positive_int("lower_bound_iterations", lower_bound_iterations)
+        if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
+            raise ValueError(f"`layers` must be a list of layer names or None, got {layers!r}")
+        self.bound_every_n_steps = bound_every_n_steps
+        self.layer_names = None if layers is None else list(layers)
+        self.power_iterations, self.lower_bound_iterations = power_iterations, lower_bound_iterations
+        self.probe = Probe(probe_size, probe_split, probe_seed, probe_inputs, probe_targets)
+        self.seed = seed
+        self.layers: dict[str, nn.Module] = {}
+        self.input_shapes: dict[str, tuple[int, ...]] = {}
+        self.power_vectors: dict[str, Tensor] = {}
+        self.jacobian_vectors: Tensor | None = None
+        self.initial_weights: dict[str, Tensor] | None = None
+        self.last_step: int | None = None
+        self.last_bound_step: int | None = None
+        self._generator: torch.Generator | None = None
+        self._restored_generator_state: Tensor | None = None
+        self._last_sigmas: list[float] = []
+        self._traceable = True
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.layers = _find_layers(pl_module, self.layer_names)
+
+    def _prepare(self, trainer: Trainer, pl_module: LightningModule, batch=None) -> bool:
+        """Fix the probe, the layers' input shapes and the initial weights; True once measurable."""
+        if not self.probe.resolve(trainer) and batch is not None:
+            self.probe.capture(batch)
+        if not self.probe.ready:
+            return False
+        if not self.input_shapes:
+            self.input_shapes = _input_shapes(pl_module, self.layers, self.probe.inputs.to(pl_module.device))
+        if self.initial_weights is None:
+            self.initial_weights = {f"{n}.weight": m.weight.detach().clone() for n, m in self.layers.items()}
+        if self._generator is None:
+            self._generator = torch.Generator(pl_module.device).manual_seed(self.seed)
+            if self._restored_generator_state is not None:
+                self._generator.set_state(self._restored_generator_state)
+        return True
+
+    # -- measurements -----------------------------------------------------------------------------
+
+    def _layer_norms(self) -> dict[str, float]:
+        scalars = {}
+        for name, layer in self.layers.items():
+            warm = self.power_vectors.get(name)
+            result = operator_norm(
+                layer,
+                self.input_shapes[name],
+                method="power",
+                generator=self._generator,
+                init=None if warm is None else warm.to(layer.weight.device),
+                n_iter=None if warm is None else self.power_iterations,
+                tol=None if warm is None else 0.0,
+            )
+            if result.vector is not None:
+                self.power_vectors[name] = result.vector.detach()
+            reshaped = operator_norm(layer, self.input_shapes[name], method="reshape").sigma_max
+            scalars[f"sigma_max/{name}"], scalars[f"sigma_max_reshaped/{name}"] = result.sigma_max, reshaped
+        return scalars
+
+    def _bounds(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        input_shape = tuple(self.probe.inputs.shape[1:])
+        certified = {
+            name: operator_norm(m, self.input_shapes[name], method="gram").sigma_max
+            for name, m in self.layers.items()
+        }
+        scalars: dict[str, float] = {}
+        if self._traceable:
+            try:
+                scalars["lipschitz_upper"] = lipschitz_upper_bound(
+                    pl_module, input_shape, layer_norms=certified
+                ).value
+            except UnsupportedModelError as error:
+                self._traceable = False
+                self.warn_once(
+                    "untraceable",
+                    f"no certified Lipschitz bound for this model ({error}); "
+                    "only the naive product of layer norms is logged, which ignores residual sums.",
+                )
+        scalars["lipschitz_naive_product"] = naive_lipschitz_product(
+            pl_module, input_shape, layer_norms=certified
+        ).value
+        inputs, targets = self.probe.on(pl_module.device)
+        lower = jacobian_lipschitz_lower_bound(
+            pl_module,
+            inputs,
+            n_iter=self.lower_bound_iterations,
+            generator=self._generator,
+            init=None if self.jacobian_vectors is None else self.jacobian_vectors.to(inputs.device),
+        )
+        self.jacobian_vectors = lower.vectors.detach()
+        scalars["lipschitz_lower"] = lower.value
+        for name, layer in self.layers.items():
+            spectrum = operator_spectrum(layer, self.input_shapes[name], generator=self._generator)
+            scalars[f"stable_rank/{name}"] = spectrum.stable_rank
+            if not (spectrum.sigma_min == 0 and math.isinf(spectrum.condition_number)):
+                scalars[f"condition/{name}"] = spectrum.condition_number  # undefined for non-injective maps
+        complexity = spectral_complexity(pl_module, self.initial_weights, input_shape)
+        scalars["complexity"] = complexity.value
+        if targets is not None and complexity.value > 0:  # R_A = 0 at the reference weights
+            margins = normalized_margins(self._logits(pl_module, inputs), targets, complexity, inputs)
+            scalars.update(self._percentiles(margins))
+            self.log_histogram(trainer, "margins_normalized", margins)
+        return scalars
+
+    @staticmethod
+    def _logits(pl_module: LightningModule, inputs: Tensor) -> Tensor:
+        modes = {m: m.training for m in pl_module.modules()}
+        try:
+            pl_module.eval()
+            with torch.no_grad():
+                return pl_module(inputs)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+
+    @staticmethod
+    def _percentiles(margins: Tensor) -> dict[str, float]:
+        finite = margins[torch.isfinite(margins)].double()
+        if finite.numel() == 0:
+            return {f"margin_normalized/p{q}": math.nan for q in (10, 50, 90)}
+        quantiles = torch.quantile(
+            finite, torch.tensor([0.1, 0.5, 0.9], dtype=finite.dtype, device=finite.device)
+        )
+        return {f"margin_normalized/p{q}": float(v) for q, v in zip((10, 50, 90), quantiles)}
+
+    def _log_depth_figure(self, trainer: Trainer, sigmas: list[float]) -> None:
+        figure, axis = plt.subplots(figsize=(max(5.0, 0.25 * len(sigmas)), 3.5))
+        axis.plot(range(len(sigmas)), sigmas, "o-")
+        axis.set_xticks(range(len(sigmas)), list(self.layers), rotation=90, fontsize=6)
+        axis.set_ylabel("operator norm sigma_max")
+        axis.set_title(f"step {trainer.global_step}")
+        figure.tight_layout()
+        self.log_figure(trainer, "sigma_max_by_depth", figure)
+
+    # -- hooks ------------------------------------------------------------------------------------
+
+    def _maybe_measure(
+        self, trainer: Trainer, pl_module: LightningModule, force: bool = False, batch=None
+    ) -> None:
+        """Measure what is due at this step: layer norms on their cadence, bounds on theirs, both first and last."""
+        if not trainer.is_global_zero or not self._prepare(trainer, pl_module, batch):
+            return
+        step, first = trainer.global_step, self.last_step is None
+        norms_due = (first or force or self.is_step_due(trainer)) and self.last_step != step
+        bounds_due = first or force or (step > 0 and step % self.bound_every_n_steps == 0)
+        bounds_due = bounds_due and self.last_bound_step != step
+        scalars: dict[str, float] = {}
+        if norms_due:
+            scalars.update(self._layer_norms())
+            self._last_sigmas = [scalars[f"sigma_max/{name}"] for name in self.layers]
+            self.last_step = step
+        if bounds_due:
+            scalars.update(self._bounds(trainer, pl_module))
+            self.last_bound_step = step
+            self._log_depth_figure(trainer, self._last_sigmas)
+        self.log_scalars(trainer, scalars)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero and self.last_step is None:
+            self.add_charts(
+                trainer,
+                {
+                    "Lipschitz bracket": ["lipschitz_upper", "lipschitz_naive_product", "lipschitz_lower"],
+                    "sigma_max per layer": ["sigma_max/.*"],
+                    "Condition number per layer": ["condition/.*"],
+                    "Normalised margins": [
+                        "margin_normalized/p10",
+                        "margin_normalized/p50",
+                        "margin_normalized/p90",
+                    ],
+                    "Spectral complexity": ["complexity"],
+                },
+            )
+        self._maybe_measure(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int
+    ) -> None:
+        if self.last_step is None:
+            self._maybe_measure(trainer, pl_module, batch=batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._maybe_measure(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.last_bound_step != trainer.global_step:
+            self._maybe_measure(trainer, pl_module, force=True)
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "probe": self.probe.state_dict(),
+            "power_vectors": {name: v.cpu() for name, v in self.power_vectors.items()},
+            "jacobian_vectors": None if self.jacobian_vectors is None else self.jacobian_vectors.cpu(),
+            "initial_weights": None
+            if self.initial_weights is None
+            else {name: w.cpu() for name, w in self.initial_weights.items()},
+            "last_step": self.last_step,
+            "last_bound_step": self.last_bound_step,
+            "generator": None if self._generator is None else self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.probe.load_state_dict(state_dict["probe"])
+        self.power_vectors = dict(state_dict["power_vectors"])
+        self.jacobian_vectors = state_dict["jacobian_vectors"]
+        self.initial_weights = state_dict["initial_weights"]
+        self.last_step, self.last_bound_step = state_dict["last_step"], state_dict["last_bound_step"]
+        self._restored_generator_state = state_dict["generator"]

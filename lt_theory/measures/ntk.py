@@ -1,0 +1,598 @@
+r"""The empirical neural tangent kernel of a model on probe inputs, and how to compare kernels over training.
+
+**Empirical NTK.** For a network :math:`f(\cdot;\theta): \mathbb{R}^d \to \mathbb{R}^O` with trainable
+parameters :math:`\theta \in \mathbb{R}^P`, the empirical NTK (Jacot, Gabriel & Hongler, NeurIPS 2018,
+"Neural Tangent Kernel: Convergence and Generalization in Neural Networks") on inputs :math:`x_i, x_j` is
+
+.. math::
+    K_{ij}^{ab} = \Big\langle \frac{\partial f_a(x_i)}{\partial\theta},
+                             \frac{\partial f_b(x_j)}{\partial\theta} \Big\rangle
+                = \sum_{p=1}^{P} J_{ia,p}\, J_{jb,p},
+
+with :math:`J` the Jacobian of the outputs with respect to every parameter with ``requires_grad=True``.
+:func:`empirical_ntk` returns one of three kernels:
+
+- ``kind="full"``: :math:`K \in \mathbb{R}^{N_1 \times N_2 \times O \times O}`, the whole kernel. Its
+  :math:`(N_1 O) \times (N_2 O)` matrix form (:func:`flatten_kernel`) is :math:`J_1 J_2^\top`.
+- ``kind="trace"``: :math:`\bar K_{ij} = \frac1O \sum_a K_{ij}^{aa}`, the mean of the diagonal of each
+  :math:`O \times O` block (the kernel of the outputs treated as independent tasks).
+- ``kind="pntk"``: the pseudo-NTK or "sum of logits" kernel of Mohamadi, Bae & Sutherland (ICML 2023,
+  "A Fast, Well-Founded Approximation to the Empirical Neural Tangent Kernel"), the NTK of the scalar
+  function :math:`g = \frac{1}{\sqrt O} \sum_a f_a`:
+
+  .. math::
+      \mathrm{pNTK}_{ij} = \Big\langle \nabla_\theta \tfrac{1}{\sqrt O}\textstyle\sum_a f_a(x_i),\,
+                                       \nabla_\theta \tfrac{1}{\sqrt O}\textstyle\sum_b f_b(x_j) \Big\rangle
+                         = \frac1O \sum_{a,b} K_{ij}^{ab}.
+
+  It is the mean over the :math:`O` rows of each block of that row's sum, i.e. the sum of all
+  :math:`O^2` entries divided by :math:`O` (not by :math:`O^2`). With this normalisation, where the
+  off-diagonal entries of the blocks vanish and the diagonal ones are equal (what the paper proves at
+  initialisation for a wide readout layer, :math:`K \approx \mathrm{pNTK} \otimes I_O`), the pNTK equals
+  the trace kernel. It costs one backward pass per example instead of :math:`O`.
+
+**Computation.** Jacobians come from :mod:`torch.func` (``vmap`` over examples of ``jacrev``, or of
+``grad`` of the summed outputs for the pNTK) through ``functional_call`` on detached parameters, with the
+model in eval mode: BatchNorm uses its running statistics, so that the kernel of an example does not depend
+on the other examples of the batch (the training-mode kernel does, through the batch statistics), and dropout
+is off. The modules' train/eval flags are restored afterwards, ``.grad`` is never written, BatchNorm
+statistics are not updated and the global RNG state is left as it was (``torch.random.fork_rng``).
+
+Memory is bounded by working on chunks of ``c`` examples: the kernel is filled block by block,
+:math:`K[r, s] = J_r J_s^\top`, with at most two Jacobian chunks alive at once,
+
+.. math::
+    \text{memory} \approx 2\, c\, O' P\, b \text{ bytes},
+    \quad O' = O \text{ (full, trace) or } 1 \text{ (pNTK)},\ b = 4 \text{ (float32) or } 8 \text{ (float64)},
+
+plus the activations of ``c * O'`` backward passes and the kernel itself (:math:`N_1 N_2 O^2` or
+:math:`N_1 N_2` numbers). A chunk's Jacobian is recomputed for each chunk it is paired with: about
+:math:`N_1 + \lceil N_1 / c\rceil N_2` per-example Jacobians for a cross kernel and
+:math:`N (1 + (\lceil N/c \rceil - 1)/2)` for a symmetric one (only blocks on and above the diagonal are
+computed; the others are their transposes). ResNet-18 (11M parameters) with :math:`O = 10` in float32 needs
+440 MB per example for the full kernel and 44 MB for the pNTK.
+
+**Comparing kernels.**
+
+- :func:`kernel_distance` (Fort, Dziugaite, Paul, Kharaghani, Roy & Ganguli, NeurIPS 2020, "Deep learning
+  versus kernel learning: an empirical study of loss landscape geometry and the time evolution of the Neural
+  Tangent Kernel"): :math:`S(K_1, K_2) = 1 - \langle K_1, K_2\rangle_F / (\|K_1\|_F \|K_2\|_F)`.
+- :func:`relative_change` (Lee, Xiao, Schoenholz, Bahri, Novak, Sohl-Dickstein & Pennington, NeurIPS 2019,
+  "Wide Neural Networks of Any Depth Evolve as Linear Models Under Gradient Descent"):
+  :math:`\|K_t - K_0\|_F / \|K_0\|_F`; it goes to zero with the width in the lazy (kernel) regime.
+- :func:`kernel_alignment`: kernel-target alignment (Cristianini, Shawe-Taylor, Elisseeff & Kandola,
+  NIPS 2001, proceedings 2002, "On Kernel-Target Alignment") with the target kernel :math:`YY^\top` of one-hot
+  labels, centred as in Cortes, Mohri & Rostamizadeh (JMLR 2012, "Algorithms for Learning Kernels Based on
+  Centered Alignment"): :math:`A = \langle HKH, HYY^\top H\rangle_F / (\|HKH\|_F \|HYY^\top H\|_F)` with
+  :math:`H = I - \frac1N \mathbf{1}\mathbf{1}^\top`.
+- :func:`kernel_spectrum`: top eigenvalues, trace, the entropy effective rank of Roy & Vetterli (EUSIPCO
+  2007, "The effective rank: a measure of effective dimensionality"), and the condition number.
+
+Metrics take an :math:`N_1 \times N_2` kernel or a 4-D full kernel, which they read as its
+:math:`(N_1 O) \times (N_2 O)` matrix (:func:`flatten_kernel`), except :func:`kernel_alignment`, which
+reduces a full kernel to its trace kernel (labels index examples, not outputs). NaN or Inf in a kernel gives
+NaN results, and a zero kernel, for which the quantities are undefined, gives NaN, never an exception.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from numbers import Integral
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+__all__ = [
+    "KERNEL_KINDS",
+    "KernelSpectrum",
+    "empirical_ntk",
+    "flatten_kernel",
+    "kernel_alignment",
+    "kernel_distance",
+    "kernel_spectrum",
+    "relative_change",
+]
+
+KERNEL_KINDS = ("full", "trace", "pntk")
+"""The kernels :func:`empirical_ntk` computes."""
+
+DEFAULT_MEMORY_BUDGET = 1 << 30
+"""Bytes of Jacobian that :func:`empirical_ntk` keeps alive at once when ``chunk_size`` is None (1 GiB)."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Argument checks.
+
+
+def _check_positive_int(value: object, name: str, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int >= 1 (or None where allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        accepted = "a positive int" + (" or None" if allow_none else "")
+        raise ValueError(f"`{name}` must be {accepted}, got {value!r}")
+
+
+def _check_tensor(value: object, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _float(kernel: Tensor) -> Tensor:
+    """The kernel in a floating dtype of at least float32 (half precision is promoted)."""
+    if kernel.dtype in (torch.float32, torch.float64):
+        return kernel
+    return kernel.to(torch.float32)
+
+
+def _matrix(kernel: object, name: str) -> Tensor:
+    """A 2-D kernel as is, a 4-D full kernel as its flattened matrix; anything else raises ``ValueError``."""
+    kernel = _check_tensor(kernel, name)
+    if kernel.ndim == 4:
+        return _float(flatten_kernel(kernel))
+    if kernel.ndim != 2:
+        raise ValueError(
+            f"`{name}` must be a kernel of shape (N1, N2) or (N1, N2, O, O), got shape {tuple(kernel.shape)}"
+        )
+    return _float(kernel)
+
+
+def _nan(like: Tensor, *shape: int) -> Tensor:
+    return torch.full(shape, math.nan, dtype=like.dtype, device=like.device)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The empirical NTK.
+
+
+def empirical_ntk(
+    model: nn.Module,
+    x1: Tensor,
+    x2: Tensor | None = None,
+    kind: str = "pntk",
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Tensor:
+    r"""Empirical NTK of ``model`` between ``x1`` and ``x2``, over all parameters with ``requires_grad=True``.
+
+    ``K[i, j, a, b] = <d f_a(x1[i]) / d theta, d f_b(x2[j]) / d theta>``; ``"trace"`` is
+    ``mean_a K[i, j, a, a]`` and ``"pntk"`` is ``sum_{a, b} K[i, j, a, b] / O`` (see the module docstring).
+    The model is evaluated in eval mode, one example at a time, and left exactly as it was: train/eval
+    flags (restored even on error), parameters, ``.grad``, buffers (BatchNorm running statistics) and the
+    global RNG state are untouched. The model's output for a batch of ``n`` inputs must have ``n`` rows; the
+    output of one example is flattened to its ``O`` numbers.
+
+    Memory: at most two chunks of ``chunk_size`` examples' Jacobians exist at once,
+    ``2 * chunk_size * O' * P * bytes_per_element`` with ``O' = O`` for ``"full"`` and ``"trace"`` and
+    ``O' = 1`` for ``"pntk"``, ``P`` the number of trainable parameters. Smaller chunks bound memory at the
+    price of recomputing Jacobians (module docstring).
+
+    Args:
+        model: the network; its parameters and buffers determine the device and dtype. Inputs are moved to
+            that device; they must have a dtype the model accepts (float64 inputs for a float64 model).
+        x1: inputs of shape ``(N1, *input_shape)``.
+        x2: inputs of shape ``(N2, *input_shape)``, or None (or ``x1`` itself) for the symmetric kernel of
+            ``x1`` with itself, computed once for each pair of chunks and mirrored.
+        kind: ``"full"``, ``"trace"`` or ``"pntk"``.
+        chunk_size: examples whose Jacobians are materialised at once; None chooses the largest chunk that
+            keeps the Jacobians within ``memory_budget`` bytes (at least 1).
+        memory_budget: bytes of Jacobian allowed at once when ``chunk_size`` is None.
+
+    Returns:
+        The kernel in the parameters' dtype and device: shape ``(N1, N2, O, O)`` for ``"full"``,
+        ``(N1, N2)`` for ``"trace"`` and ``"pntk"``, with ``N2 = N1`` when ``x2`` is None.
+
+    Raises:
+        ValueError: if ``kind`` is not one of ``"full"``, ``"trace"``, ``"pntk"``; ``chunk_size`` or
+            ``memory_budget`` is not a positive int; ``x1`` or ``x2`` is not a tensor with a batch dimension
+            of at least one example; the shapes of ``x1`` and ``x2`` differ past the first dimension; the
+            model has no trainable parameter; or its output is not a tensor with one row per input.
+        RuntimeError: from ``torch.func.vmap`` if the model draws random numbers in eval mode (its NTK is
+            not defined); the global RNG state is still left as it was.
+
+    Example:
+        >>> import torch
+        >>> from lt_theory.models import MLP
+        >>> model = MLP((4,), hidden=(8,), num_classes=3)
+        >>> x = torch.randn(5, 4)
+        >>> empirical_ntk(model, x).shape
+        torch.Size([5, 5])
+        >>> empirical_ntk(model, x, x[:2], kind="full", chunk_size=2).shape
+        torch.Size([5, 2, 3, 3])
+    """
+    if kind not in KERNEL_KINDS:
+        raise ValueError(f"`kind` must be one of {KERNEL_KINDS}, got {kind!r}")
+    _check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    _check_positive_int(memory_budget, "memory_budget")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    symmetric = x2 is None or x2 is x1
+    x1 = _check_tensor(x1, "x1")
+    if x1.ndim < 1 or x1.shape[0] < 1:
+        raise ValueError(f"`x1` must have a batch dimension with at least one example, got {tuple(x1.shape)}")
+    if not symmetric:
+        x2 = _check_tensor(x2, "x2")
+        if x2.ndim != x1.ndim or x2.shape[1:] != x1.shape[1:] or x2.shape[0] < 1:
+            raise ValueError(
+                f"`x2` must hold at least one example of the shape of `x1`'s, {tuple(x1.shape[1:])}, "
+                f"got {tuple(x2.shape)}"
+            )
+
+    named = list(model.named_parameters())
+    params = {name: p.detach() for name, p in named if p.requires_grad}
+    if not params:
+        raise ValueError("`model` has no parameter with requires_grad=True: its NTK is empty")
+    constants = {name: p.detach() for name, p in named if not p.requires_grad}
+    constants.update({name: b.detach() for name, b in model.named_buffers()})
+    first = next(iter(params.values()))
+    device = first.device
+    x1 = x1.detach().to(device)
+    x2 = x1 if symmetric else x2.detach().to(device)
+
+    def output(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The flattened output of the model on one example."""
+        return functional_call(model, (p, constants), (x.unsqueeze(0),)).reshape(-1)
+
+    flags = [(module, module.training) for module in model.modules()]
+    rng_devices = []  # fork the CPU generator, and the CUDA one of the model's device where there is one
+    if device.type == "cuda":
+        rng_devices.append(device.index if device.index is not None else torch.cuda.current_device())
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=rng_devices):
+            with torch.no_grad():
+                probe = functional_call(model, (params, constants), (x1[:1],))
+            if not isinstance(probe, Tensor) or probe.ndim < 1 or probe.shape[0] != 1:
+                shape = tuple(probe.shape) if isinstance(probe, Tensor) else type(probe).__name__
+                raise ValueError(
+                    "`model` must return a tensor with one row per input (shape (n, ...) for n inputs), "
+                    f"got {shape} for one input"
+                )
+            num_outputs = probe[0].numel()
+            rows = 1 if kind == "pntk" else num_outputs
+            if chunk_size is None:
+                per_example = rows * sum(p.numel() for p in params.values()) * first.element_size()
+                chunk_size = _auto_chunk_size(per_example, memory_budget, x1.shape[0], x2.shape[0], symmetric)
+
+            if kind == "pntk":
+                per_example_jacobian = vmap(grad(lambda p, x: output(p, x).sum()), in_dims=(None, 0))
+            else:
+                per_example_jacobian = vmap(jacrev(output), in_dims=(None, 0))
+
+            def jacobian(x: Tensor) -> list[Tensor]:
+                """Per-parameter Jacobians of a chunk, each of shape (c, rows, numel of the parameter)."""
+                jac = per_example_jacobian(params, x)
+                return [j.reshape(x.shape[0], rows, -1) for j in jac.values()]
+
+            kernel = _blockwise_kernel(jacobian, x1, x2, symmetric, kind, num_outputs, chunk_size)
+    finally:
+        for module, training in flags:
+            module.training = training
+    if kind == "pntk":
+        kernel = kernel / num_outputs
+    return kernel
+
+
+def _auto_chunk_size(per_example: int, budget: int, n1: int, n2: int, symmetric: bool) -> int:
+    """Largest chunk whose Jacobians (one chunk if symmetric and whole, else two) fit in ``budget`` bytes."""
+    if symmetric and n1 * per_example <= budget:
+        return n1
+    return max(1, min(max(n1, n2), budget // (2 * max(per_example, 1))))
+
+
+def _contract(left: list[Tensor], right: list[Tensor], kind: str) -> Tensor:
+    """Sum over parameters of the products of two chunks' Jacobians, as a (c1, c2[, O, O]) kernel block."""
+    block = None
+    for a, b in zip(left, right):
+        if kind == "full":
+            c1, o, _ = a.shape
+            c2 = b.shape[0]
+            part = (a.reshape(c1 * o, -1) @ b.reshape(c2 * o, -1).T).reshape(c1, o, c2, o).permute(0, 2, 1, 3)
+        elif kind == "trace":
+            part = torch.einsum("iap,jap->ij", a, b)
+        else:
+            part = a[:, 0] @ b[:, 0].T
+        block = part if block is None else block + part
+    if kind == "trace":
+        block = block / left[0].shape[1]
+    return block
+
+
+def _transpose(block: Tensor) -> Tensor:
+    """The block of the (j, i) pair from that of (i, j): K[j, i, b, a] = K[i, j, a, b]."""
+    return block.permute(1, 0, 3, 2) if block.ndim == 4 else block.T
+
+
+def _blockwise_kernel(
+    jacobian: Callable[[Tensor], list[Tensor]],
+    x1: Tensor,
+    x2: Tensor,
+    symmetric: bool,
+    kind: str,
+    num_outputs: int,
+    chunk_size: int,
+) -> Tensor:
+    """Fill the kernel block by block, keeping at most two chunks of Jacobians alive."""
+    n1, n2 = x1.shape[0], x2.shape[0]
+    rows = [slice(start, min(start + chunk_size, n1)) for start in range(0, n1, chunk_size)]
+    cols = rows if symmetric else [slice(s, min(s + chunk_size, n2)) for s in range(0, n2, chunk_size)]
+    shape = (n1, n2, num_outputs, num_outputs) if kind == "full" else (n1, n2)
+    kernel = None
+    cached = jacobian(x2[cols[0]]) if not symmetric and len(cols) == 1 else None
+    for r, row in enumerate(rows):
+        left = jacobian(x1[row])
+        if symmetric:
+            block = _contract(left, left, kind)
+            kernel = kernel if kernel is not None else block.new_empty(shape)
+            kernel[row, row] = (block + _transpose(block)) / 2
+            for col in rows[r + 1 :]:
+                block = _contract(left, jacobian(x1[col]), kind)
+                kernel[row, col] = block
+                kernel[col, row] = _transpose(block)
+        else:
+            for col in cols:
+                block = _contract(left, cached if cached is not None else jacobian(x2[col]), kind)
+                kernel = kernel if kernel is not None else block.new_empty(shape)
+                kernel[row, col] = block
+        del left
+    return kernel
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Metrics.
+
+
+def flatten_kernel(kernel: Tensor) -> Tensor:
+    """The ``(N1 * O, N2 * O)`` matrix of a full ``(N1, N2, O, O)`` kernel: row ``i * O + a``, column
+    ``j * O + b`` holds ``K[i, j, a, b]`` (example-major, the order of the flattened Jacobian ``J``).
+
+    Args:
+        kernel: a 4-D kernel as returned by ``empirical_ntk(..., kind="full")``.
+
+    Returns:
+        ``kernel.permute(0, 2, 1, 3).reshape(N1 * O, N2 * O)``.
+
+    Raises:
+        ValueError: if ``kernel`` is not a 4-D tensor.
+
+    Example:
+        >>> flatten_kernel(torch.zeros(5, 3, 2, 2)).shape
+        torch.Size([10, 6])
+    """
+    kernel = _check_tensor(kernel, "kernel")
+    if kernel.ndim != 4:
+        raise ValueError(f"`kernel` must have shape (N1, N2, O1, O2), got {tuple(kernel.shape)}")
+    n1, n2, o1, o2 = kernel.shape
+    return kernel.permute(0, 2, 1, 3).reshape(n1 * o1, n2 * o2)
+
+
+def _unit(kernel: Tensor) -> Tensor:
+    """The kernel divided by its Frobenius norm: NaN when the norm is zero, NaN or infinite."""
+    norm = torch.linalg.vector_norm(kernel)
+    return kernel / torch.where(torch.isfinite(norm) & (norm > 0), norm, math.nan)
+
+
+def kernel_distance(K1: Tensor, K2: Tensor) -> Tensor:
+    r"""Kernel distance of Fort et al. (2020): ``1 - <K1, K2>_F / (||K1||_F ||K2||_F)``.
+
+    Computed as :math:`\frac12 \| K_1/\|K_1\|_F - K_2/\|K_2\|_F \|_F^2`, which equals it and keeps its
+    precision when the kernels are close. It lies in [0, 2] ([0, 1] for entrywise non-negative kernels), is 0
+    for ``K2 = c * K1`` with ``c > 0`` and ignores the kernels' scale.
+
+    Args:
+        K1: a kernel, ``(N1, N2)`` or ``(N1, N2, O, O)``.
+        K2: a kernel of the same shape.
+
+    Returns:
+        A 0-d tensor; NaN if a kernel is zero or holds NaN or Inf.
+
+    Raises:
+        ValueError: if the shapes differ or are not those of a kernel.
+
+    Example:
+        >>> K = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
+        >>> kernel_distance(K, 3 * K).abs() < 1e-7
+        tensor(True)
+        >>> kernel_distance(torch.eye(2), torch.ones(2, 2))  # 1 - 2 / (sqrt(2) * 2)
+        tensor(0.2929)
+    """
+    K1, K2 = _check_tensor(K1, "K1"), _check_tensor(K2, "K2")
+    if K1.shape != K2.shape:
+        raise ValueError(f"`K2` must have the shape of `K1`, {tuple(K1.shape)}, got {tuple(K2.shape)}")
+    a, b = _matrix(K1, "K1"), _matrix(K2, "K2")
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return 0.5 * torch.linalg.vector_norm(_unit(a.to(dtype)) - _unit(b.to(dtype))) ** 2
+
+
+def relative_change(K_t: Tensor, K_0: Tensor) -> Tensor:
+    """Relative change of the kernel from ``K_0`` (Lee et al., 2019): ``||K_t - K_0||_F / ||K_0||_F``.
+
+    Args:
+        K_t: the kernel now, ``(N1, N2)`` or ``(N1, N2, O, O)``.
+        K_0: the reference kernel (at initialisation), of the same shape.
+
+    Returns:
+        A 0-d tensor; NaN if ``K_0`` is zero or either kernel holds NaN or Inf.
+
+    Raises:
+        ValueError: if the shapes differ or are not those of a kernel.
+
+    Example:
+        >>> K_0 = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
+        >>> relative_change(K_0 + torch.eye(2), K_0)  # sqrt(2) / sqrt(10)
+        tensor(0.4472)
+    """
+    K_t, K_0 = _check_tensor(K_t, "K_t"), _check_tensor(K_0, "K_0")
+    if K_t.shape != K_0.shape:
+        raise ValueError(f"`K_t` must have the shape of `K_0`, {tuple(K_0.shape)}, got {tuple(K_t.shape)}")
+    now, ref = _matrix(K_t, "K_t"), _matrix(K_0, "K_0")
+    dtype = torch.promote_types(now.dtype, ref.dtype)
+    now, ref = now.to(dtype), ref.to(dtype)
+    change = torch.linalg.vector_norm(now - ref)
+    norm = torch.linalg.vector_norm(ref)
+    ok = torch.isfinite(norm) & (norm > 0) & torch.isfinite(change)
+    return torch.where(ok, change / torch.where(ok, norm, 1.0), math.nan)
+
+
+def _targets(y: Tensor, n: int, num_classes: int | None, dtype: torch.dtype) -> Tensor:
+    """The ``(N, C)`` target matrix: one-hot rows for integer labels, ``y`` itself for a 2-D float target."""
+    if y.ndim == 2 and y.is_floating_point():
+        if y.shape[0] != n:
+            raise ValueError(f"`y` must have one row per example of `K` ({n}), got shape {tuple(y.shape)}")
+        return y.to(dtype)
+    if y.ndim != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(
+            f"`y` must be integer labels of shape (N,) or a float target matrix of shape (N, C), "
+            f"got dtype {y.dtype} and shape {tuple(y.shape)}"
+        )
+    if y.shape[0] != n:
+        raise ValueError(f"`y` must have one label per example of `K` ({n}), got {y.shape[0]}")
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"`y` must hold labels >= 0, got {int(y.min())}")
+    largest = int(y.max()) if y.numel() else -1
+    if num_classes is None:
+        num_classes = largest + 1
+    else:
+        _check_positive_int(num_classes, "num_classes", allow_none=True)
+        if largest >= num_classes:
+            raise ValueError(f"`num_classes` must exceed the largest label, {largest}, got {num_classes}")
+    return torch.nn.functional.one_hot(y.long(), num_classes).to(dtype)
+
+
+def kernel_alignment(
+    K: Tensor,
+    y: Tensor,
+    num_classes: int | None = None,
+    centered: bool = True,
+) -> Tensor:
+    r"""Kernel-target alignment of ``K`` with the labels: ``<HKH, HYY^TH>_F / (||HKH||_F ||HYY^TH||_F)``.
+
+    ``Y`` is the ``(N, C)`` one-hot matrix of the labels (or the given target matrix) and
+    ``H = I - 11^T / N`` centres both kernels (Cortes et al., 2012); ``centered=False`` gives the original
+    alignment of Cristianini et al. (2002), ``<K, YY^T>_F / (||K||_F ||YY^T||_F)``. A full
+    ``(N, N, O, O)`` kernel is reduced to its trace kernel ``mean_a K[:, :, a, a]`` first. The alignment
+    is invariant to scaling ``K`` by ``c > 0``, is 1 when ``K`` is a positive multiple of ``YY^T`` and lies in
+    [-1, 1] (in [0, 1] for positive semi-definite ``K``).
+
+    Args:
+        K: a square kernel ``(N, N)`` or ``(N, N, O, O)``.
+        y: integer labels ``(N,)`` in ``[0, num_classes)``, or a float target matrix ``(N, C)``.
+        num_classes: number of classes for integer labels; None uses ``y.max() + 1`` (classes absent from
+            ``y`` do not change the alignment).
+        centered: centre both kernels with ``H``.
+
+    Returns:
+        A 0-d tensor; NaN if a (centred) kernel is zero, e.g. when every label is the same with
+        ``centered=True``, or ``K`` holds NaN or Inf.
+
+    Raises:
+        ValueError: if ``K`` is not square, ``y`` does not have one label per example, labels are negative or
+            not below ``num_classes``, or ``num_classes`` is not a positive int.
+
+    Example:
+        >>> y = torch.tensor([0, 0, 1])
+        >>> K = torch.nn.functional.one_hot(y).double() @ torch.nn.functional.one_hot(y).double().T
+        >>> round(kernel_alignment(2 * K, y).item(), 12)
+        1.0
+        >>> kernel_alignment(torch.eye(3), y)  # 1 / sqrt(2)
+        tensor(0.7071)
+    """
+    K = _check_tensor(K, "K")
+    y = _check_tensor(y, "y")
+    if not isinstance(centered, bool):
+        raise ValueError(f"`centered` must be a bool, got {centered!r}")
+    if K.ndim == 4:
+        if K.shape[2] != K.shape[3]:
+            raise ValueError(f"`K` must have square output blocks (N, N, O, O), got {tuple(K.shape)}")
+        K = K.diagonal(dim1=2, dim2=3).mean(-1)
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ValueError(f"`K` must be a square kernel (N, N) or (N, N, O, O), got shape {tuple(K.shape)}")
+    K = _float(K)
+    targets = _targets(y.to(K.device), K.shape[0], num_classes, K.dtype)
+    if centered:
+        K = K - K.mean(dim=0, keepdim=True) - K.mean(dim=1, keepdim=True) + K.mean()
+        targets = targets - targets.mean(dim=0, keepdim=True)
+    target = targets @ targets.T
+    return (_unit(K) * _unit(target)).sum()
+
+
+class KernelSpectrum(NamedTuple):
+    """Eigen-summary of a symmetric kernel matrix (see :func:`kernel_spectrum`)."""
+
+    eigenvalues: Tensor
+    """The ``top_k`` largest eigenvalues, in descending order."""
+    trace: Tensor
+    """Sum of the diagonal (= sum of all eigenvalues)."""
+    effective_rank: Tensor
+    """Entropy effective rank ``exp(-sum_i p_i log p_i)``, ``p = max(lambda, 0) / sum(max(lambda, 0))``."""
+    condition_number: Tensor
+    """``lambda_max / lambda_min``; ``inf`` when ``lambda_min <= n * eps * lambda_max``."""
+
+
+def kernel_spectrum(K: Tensor, top_k: int | None = None) -> KernelSpectrum:
+    r"""Eigenvalues, trace, effective rank and condition number of a symmetric kernel matrix.
+
+    The eigenvalues are those of the symmetric part ``(K + K^T) / 2`` (``torch.linalg.eigvalsh``); a full
+    ``(N, N, O, O)`` kernel is read as its ``(N O) x (N O)`` matrix (:func:`flatten_kernel`).
+
+    - Effective rank (Roy & Vetterli, 2007): :math:`\exp(-\sum_i p_i \log p_i)` with
+      :math:`p_i = \lambda_i^+ / \sum_j \lambda_j^+` over the eigenvalues clamped at zero
+      (:math:`0 \log 0 = 0`): ``n`` for a multiple of the identity, 1 for a rank-one kernel, and between
+      1 and the rank otherwise.
+    - Condition number :math:`\lambda_{max} / \lambda_{min}`: ``inf`` when :math:`\lambda_{min}` is not
+      numerically positive, :math:`\lambda_{min} \le n \varepsilon \lambda_{max}` with :math:`\varepsilon`
+      the machine epsilon of the dtype (the tolerance of ``numpy.linalg.matrix_rank``), so that a singular
+      kernel, whose smallest eigenvalue comes out as rounding noise of either sign, reads ``inf``.
+
+    Args:
+        K: a square kernel, ``(N, N)`` or ``(N, N, O, O)``.
+        top_k: how many of the largest eigenvalues to return; None for all ``n``.
+
+    Returns:
+        :class:`KernelSpectrum` of tensors: ``eigenvalues`` of shape ``(top_k,)`` (descending), and 0-d
+        ``trace``, ``effective_rank`` and ``condition_number``. All NaN if ``K`` holds NaN or Inf (or the
+        eigensolver fails); ``effective_rank`` and ``condition_number`` are NaN when no eigenvalue is
+        positive (a zero kernel).
+
+    Raises:
+        ValueError: if ``K`` is not square or ``top_k`` is not an int in ``[1, n]``.
+
+    Example:
+        >>> spectrum = kernel_spectrum(torch.diag(torch.tensor([4.0, 1.0, 1.0])), top_k=2)
+        >>> spectrum.eigenvalues, spectrum.trace, spectrum.condition_number
+        (tensor([4., 1.]), tensor(6.), tensor(4.))
+    """
+    matrix = _matrix(K, "K")
+    n = matrix.shape[0]
+    if matrix.shape[1] != n:
+        raise ValueError(f"`K` must be a square kernel, got shape {tuple(K.shape)}")
+    _check_positive_int(top_k, "top_k", allow_none=True)
+    if top_k is not None and top_k > n:
+        raise ValueError(f"`top_k` must be at most the size of the kernel matrix, {n}, got {top_k}")
+    k = n if top_k is None else int(top_k)
+    nan = _nan(matrix)
+    if not bool(torch.isfinite(matrix).all()):
+        return KernelSpectrum(_nan(matrix, k), nan, nan, nan)
+    try:
+        eigenvalues = torch.linalg.eigvalsh((matrix + matrix.T) / 2).flip(0)
+    except torch.linalg.LinAlgError:
+        return KernelSpectrum(_nan(matrix, k), nan, nan, nan)
+    trace = matrix.diagonal().sum()
+    largest, smallest = eigenvalues[0], eigenvalues[-1]
+    positive = eigenvalues.clamp(min=0)
+    total = positive.sum()
+    if total > 0:
+        p = positive / total
+        effective_rank = torch.exp(-torch.special.xlogy(p, p).sum())
+    else:
+        effective_rank = nan
+    if largest > 0:
+        tolerance = n * torch.finfo(matrix.dtype).eps * largest
+        condition = largest / smallest if smallest > tolerance else torch.full_like(largest, math.inf)
+    else:
+        condition = nan
+    return KernelSpectrum(eigenvalues[:k], trace, effective_rank, condition)

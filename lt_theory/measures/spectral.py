@@ -1,0 +1,969 @@
+r"""Spectral measures of linear layers: operator norms, singular values, spectral complexity.
+
+A ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d`` layer is an affine map ``x -> A x + b`` of
+its input. Everything here is about its linear part ``A``: the operator on inputs of one fixed shape,
+with the layer's stride, padding (``int``, tuple, ``"same"``, ``"valid"``; every ``padding_mode``),
+dilation and groups. The bias is ignored: an affine map has the Lipschitz constant of its linear part.
+
+Quantities
+----------
+* Operator (spectral) norm ``||A||_2 = sigma_max(A) = max_{||x||_2 = 1} ||A x||_2``, the l2 -> l2
+  Lipschitz constant of the layer; ``sigma_min(A) = min_{||x||_2 = 1} ||A x||_2`` (zero when ``A`` has
+  fewer rows than columns, i.e. is not injective); condition number ``sigma_max / sigma_min``; Frobenius
+  norm ``||A||_F``; stable rank ``||A||_F^2 / ||A||_2^2``.
+
+Methods for ``sigma_max``
+-------------------------
+* ``"power"``: power iteration on ``A^T A``, with ``A`` applied by the layer's own convolution and
+  ``A^T`` by its vector-Jacobian product (exact for every padding mode). Every iterate
+  ``sigma = ||A v||`` (``||v|| = 1``) is a LOWER bound of ``||A||_2``; it converges to it at the rate
+  ``(sigma_2 / sigma_1)^(2k)``. The final right singular vector is returned to warm-start the next call.
+* ``"fft"`` (Sedghi, Gupta & Long, ICLR 2019, "The singular values of convolutional layers"): a
+  convolution with circular padding that keeps the input size (total padding ``dilation*(k-1)`` per
+  dimension) and stride 1 is block-circulant, so it is unitarily equivalent to the block-diagonal matrix
+  of the ``c_out x c_in`` matrices ``P(u) = sum_a K[:, :, a] exp(-2 pi i <u, dilation*a / n>)``, one per
+  frequency ``u`` of the ``n_1 x ... x n_d`` grid: the singular values of ``A`` are those of the ``P(u)``.
+  A stride ``s`` that divides ``n`` is exact too: subsampling folds the ``s`` frequencies
+  ``u' + t n/s`` onto the output frequency ``u'`` (polyphase form), so the blocks become the
+  ``c_out x (c_in prod s)`` matrices ``[P(u' + t n/s)]_t / sqrt(prod s)``. A 1x1 convolution without
+  padding is exact for every stride (the blocks are the kernel matrix itself). Groups make each block
+  block-diagonal. A ``ValueError`` says when none of these holds.
+* ``"gram"`` (Delattre, Barthelemy, Araujo & Allauzen, ICML 2023, "Efficient bound of Lipschitz
+  constant for convolutional layers by Gram iteration"): for a matrix ``M``, ``G_0 = M``,
+  ``G_{t+1} = G_t^H G_t`` gives ``sigma_max(M) <= ||G_t||_F^(1/2^t)`` at every ``t``, non-increasing in ``t``
+  and converging to ``sigma_max(M)``. Each ``G_t`` is divided by its Frobenius norm before squaring and
+  the logarithms of the scales are accumulated (``log bound = sum_{k<t} log r_k / 2^k + log||G_t||_F/2^t``),
+  so nothing overflows. It is applied to every frequency block and the largest bound is returned:
+  a CERTIFIED upper bound of ``||A||_2``:
+
+  - circular padding that keeps the size (and stride dividing the size, or a padding-free 1x1 kernel):
+    the blocks are exactly those of ``A``, the bound converges to ``||A||_2``;
+  - circular padding with a stride that does not divide the size: ``A = S C`` with ``C`` the stride-1
+    circular convolution and ``S`` a coordinate selection, so ``||A|| <= ||C||``, which is bounded;
+  - any other padding: ``A = R (S_N C_N) E Pad``, where ``Pad`` is the padding operator, ``E`` embeds the
+    padded input (length ``n + p``) into zeros of length ``N`` = the smallest multiple of the stride
+    ``>= n + p``, ``C_N`` is the circular convolution on ``N`` points (no wrap-around reaches the outputs
+    kept, since every window of the padded input fits in it), ``S_N`` the stride subsampling (exact,
+    polyphase) and ``R`` keeps the outputs of the real layer. ``E`` is an isometry and ``||R|| <= 1``,
+    so ``||A|| <= ||S_N C_N|| * ||Pad||``; ``||Pad|| = 1`` for zero padding, and
+    ``sqrt(max number of copies of an input entry)`` per dimension for circular/reflect/replicate
+    padding. The bound then converges to ``||S_N C_N|| * ||Pad||`` (the norm of the periodised
+    operator, the Toeplitz/circulant relationship), which is ``>= ||A||_2``, not to ``||A||_2`` itself.
+
+* ``"reshape"``: ``||K.reshape(c_out, -1)||_2``, what ``torch.nn.utils.parametrizations.spectral_norm``
+  normalises, reported for comparison. It is NOT the operator norm: always
+  ``||A||_2 <= sqrt(prod k) * reshape`` (every frequency block is the reshaped kernel times a matrix of
+  unit-modulus phases), and ``reshape <= ||A||_2`` when ``groups == 1`` and some output reads a full
+  in-bounds window of distinct input entries (apply ``A^T`` to one output position). With groups the
+  reshaped matrix stacks the groups' filters on the same columns and may exceed ``||A||_2``.
+* ``"auto"``: the exact SVD for ``nn.Linear``, ``"fft"`` where it is exact, else ``"power"``.
+
+Frobenius norm (exact, any padding):
+``||A||_F^2 = sum_{o,c} sum_{a,b} K[o,c,a] K[o,c,b] prod_j Q_j[a_j, b_j]``
+with ``Q_j[a, b]`` the number of output positions along dimension ``j`` where taps ``a`` and ``b`` read the
+same (non-zero-padded) input entry; for circular padding that keeps the size this is
+``||A||_F = sqrt(prod n) * ||K||_F`` (when the dilated kernel fits in the input).
+
+Batch normalisation in eval mode, ``y = gamma (x - mu) / sqrt(var + eps) + beta``, is the diagonal affine
+map with Lipschitz constant ``max_c |gamma_c| / sqrt(var_c + eps)``.
+
+Spectral complexity (Bartlett, Foster & Telgarsky, NeurIPS 2017, "Spectrally-normalized margin bounds for
+neural networks"):
+``R_A = (prod_i ||A_i||_sigma) (sum_i ||A_i^T - M_i^T||_{2,1}^{2/3} / ||A_i||_sigma^{2/3})^{3/2}``
+with ``M_i`` reference (initial) weights, and the normalised margin
+``(f(x)_y - max_{j != y} f(x)_j) / (R_A ||X||_F / n)``.
+
+Non-finite weights give NaN results, never an exception or a long loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "OperatorNormResult",
+    "OperatorSpectrum",
+    "SpectralComplexity",
+    "batchnorm_lipschitz",
+    "dense_operator",
+    "normalized_margins",
+    "operator_norm",
+    "operator_spectrum",
+    "spectral_complexity",
+]
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_NORM_METHODS = ("power", "fft", "gram", "reshape", "auto")
+_SPECTRUM_METHODS = ("auto", "fft", "dense", "power")
+_DEFAULT_ITERATIONS = {"power": 100, "gram": 20}
+_DEFAULT_TOLERANCE = {"power": 1e-6, "gram": 1e-7}
+# "auto" in operator_spectrum builds the dense matrix below this many entries (32 MiB in float64).
+_DENSE_LIMIT = 1 << 22
+
+
+class OperatorNormResult(NamedTuple):
+    """Result of :func:`operator_norm`.
+
+    Attributes:
+        sigma_max: the norm (or its bound or estimate) as a Python float; NaN for non-finite weights.
+        vector: for ``"power"``, the final unit right singular vector, of shape ``input_shape`` (pass it
+            as ``init`` to the next call); ``None`` for the other methods.
+        iterations: power or Gram iterations done (0 for the closed forms).
+        guarantee: ``"lower"`` (power iteration: never above the norm), ``"exact"`` (SVD / FFT),
+            ``"upper"`` (Gram iteration: certified, never below) or ``"none"`` (``"reshape"``).
+    """
+
+    sigma_max: float
+    vector: Tensor | None
+    iterations: int
+    guarantee: str
+
+
+class OperatorSpectrum(NamedTuple):
+    """Result of :func:`operator_spectrum`.
+
+    Attributes:
+        sigma_max: largest singular value.
+        sigma_min: ``min_{||x||=1} ||A x||``, the smallest singular value of ``A`` as a map on its
+            whole input space; exactly 0 when the output has fewer entries than the input (then ``A``
+            is not injective). With ``method="power"`` it is an estimate from above.
+        condition_number: ``sigma_max / sigma_min``; ``inf`` when ``sigma_min == 0`` (not injective),
+            NaN when ``A == 0``.
+        frobenius_norm: ``||A||_F`` of the operator, exact for every method and padding.
+        stable_rank: ``||A||_F^2 / sigma_max^2`` (NaN when ``A == 0``).
+        singular_values: all ``min(out, in)`` singular values, descending, float64 (``"fft"`` and
+            ``"dense"``), else ``None``.
+        method: the method used (``"fft"`` also for ``nn.Linear``, whose single block is the weight).
+    """
+
+    sigma_max: float
+    sigma_min: float
+    condition_number: float
+    frobenius_norm: float
+    stable_rank: float
+    singular_values: Tensor | None
+    method: str
+
+
+class SpectralComplexity(NamedTuple):
+    """Result of :func:`spectral_complexity`.
+
+    Attributes:
+        value: ``R_A``.
+        spectral_norms: ``||A_i||_sigma`` per layer name.
+        l21_distances: ``||A_i^T - M_i^T||_{2,1}`` per layer name.
+    """
+
+    value: float
+    spectral_norms: dict[str, float]
+    l21_distances: dict[str, float]
+
+
+# --------------------------------------------------------------------------------------------------
+# The linear map of a layer
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LinearMap:
+    """The linear part of a Linear/Conv layer on inputs of one shape (batch dimension excluded)."""
+
+    weight: Tensor  # detached
+    input_shape: tuple[int, ...]
+    stride: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    pads: tuple[tuple[int, int], ...] = ()  # (left, right) per spatial dimension
+    padding_mode: str = "zeros"
+
+    @property
+    def is_linear(self) -> bool:
+        return self.weight.dim() == 2
+
+    @property
+    def nd(self) -> int:
+        return self.weight.dim() - 2
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        if self.is_linear:
+            return (*self.input_shape[:-1], self.weight.shape[0])
+        sizes = []
+        for n, (left, right), k, s, d in zip(
+            self.input_shape[1:], self.pads, self.kernel_size, self.stride, self.dilation
+        ):
+            sizes.append((n + left + right - d * (k - 1) - 1) // s + 1)
+        return (self.weight.shape[0], *sizes)
+
+    @property
+    def in_numel(self) -> int:
+        return math.prod(self.input_shape)
+
+    @property
+    def out_numel(self) -> int:
+        return math.prod(self.output_shape)
+
+    def apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``A x`` for a batch ``x`` of shape ``(B, *input_shape)``."""
+        if self.is_linear:
+            return F.linear(x, weight)
+        conv = _CONV_FUNCTIONS[self.nd]
+        if all(left == right for left, right in self.pads) and self.padding_mode == "zeros":
+            return conv(x, weight, None, self.stride, [p[0] for p in self.pads], self.dilation, self.groups)
+        if any(left or right for left, right in self.pads):
+            flat = [v for pair in reversed(self.pads) for v in pair]
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, flat, mode=mode)
+        return conv(x, weight, None, self.stride, 0, self.dilation, self.groups)
+
+
+def _ntuple(value, n: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(int(v) for v in value)
+    if len(value) == 1:
+        return value * n
+    if len(value) != n:
+        raise ValueError(f"{name}={value} does not have {n} entries")
+    return value
+
+
+def _conv_map(
+    weight: Tensor,
+    input_shape: Sequence[int],
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+) -> _LinearMap:
+    nd = weight.dim() - 2
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) != nd + 1:
+        raise ValueError(
+            f"input_shape={input_shape} must be (channels, *spatial) with {nd} spatial dimension(s) for a "
+            f"{nd}-d convolution (no batch dimension)"
+        )
+    if input_shape[0] != weight.shape[1] * groups:
+        raise ValueError(
+            f"input_shape={input_shape} has {input_shape[0]} channels, the layer expects "
+            f"{weight.shape[1] * groups}"
+        )
+    kernel = tuple(weight.shape[2:])
+    stride = _ntuple(stride, nd, "stride")
+    dilation = _ntuple(dilation, nd, "dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = ((0, 0),) * nd
+        elif padding == "same":
+            totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            pads = tuple((t // 2, t - t // 2) for t in totals)
+        else:
+            raise ValueError(f"padding={padding!r}: expected an int, a tuple, 'same' or 'valid'")
+    else:
+        pads = tuple((p, p) for p in _ntuple(padding, nd, "padding"))
+    op = _LinearMap(weight.detach(), input_shape, stride, dilation, int(groups), pads, padding_mode)
+    if any(s < 1 for s in op.output_shape):
+        raise ValueError(f"input_shape={input_shape} is too small for this convolution")
+    return op
+
+
+def _linear_map(layer: nn.Module, input_shape: Sequence[int]) -> _LinearMap:
+    input_shape = tuple(int(s) for s in input_shape)
+    if isinstance(layer, nn.Linear):
+        if len(input_shape) < 1 or input_shape[-1] != layer.in_features:
+            raise ValueError(
+                f"input_shape={input_shape} must end with in_features={layer.in_features} for {layer}"
+            )
+        return _LinearMap(layer.weight.detach(), input_shape)
+    if isinstance(layer, _CONV_TYPES):
+        return _conv_map(
+            layer.weight,
+            input_shape,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            layer.padding_mode,
+        )
+    raise TypeError(f"expected nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(layer).__name__}")
+
+
+def _compute_dtype(weight: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _random_unit(
+    shape: Sequence[int], dtype: torch.dtype, device: torch.device, generator: torch.Generator | None
+) -> Tensor:
+    """Gaussian draw from ``generator`` (a fresh seeded one if None, never the global RNG)."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    v = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=generator.device)
+    return v.to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Padding, Frobenius norm
+# --------------------------------------------------------------------------------------------------
+
+
+def _pad_source_index(n: int, left: int, right: int, mode: str) -> Tensor:
+    """For each position of the padded axis, the input index it copies (-1 for a constant)."""
+    index = torch.arange(n, dtype=torch.float64).reshape(1, 1, n)
+    if left or right:
+        if mode in ("zeros", "constant"):
+            index = F.pad(index, (left, right), value=-1.0)
+        else:
+            index = F.pad(index, (left, right), mode=mode)
+    return index.reshape(-1).long()
+
+
+def _pad_operator_norm(sizes: Sequence[int], pads: Sequence[tuple[int, int]], mode: str) -> float:
+    """Exact ``||Pad||_2`` of a padding: the padding matrix is a Kronecker product of 0/1 matrices with
+    one 1 per row, so its norm is ``prod_j sqrt(max copies of an entry along j)``."""
+    if mode in ("zeros", "constant"):
+        return 1.0
+    copies = 1
+    for n, (left, right) in zip(sizes, pads):
+        source = _pad_source_index(n, left, right, mode)
+        copies *= int(torch.bincount(source[source >= 0], minlength=n).max())
+    return math.sqrt(copies)
+
+
+def _frobenius_sq(op: _LinearMap) -> float:
+    w = op.weight.to(torch.float64)
+    if op.is_linear:
+        return math.prod(op.input_shape[:-1]) * float(w.square().sum())
+    channels = w.reshape(w.shape[0] * w.shape[1], *op.kernel_size)
+    t = channels
+    for j in range(op.nd):
+        n, (left, right) = op.input_shape[1 + j], op.pads[j]
+        source = _pad_source_index(n, left, right, op.padding_mode).to(w.device)
+        out, k, s, d = op.output_shape[1 + j], op.kernel_size[j], op.stride[j], op.dilation[j]
+        positions = torch.arange(out, device=w.device)[:, None] * s + torch.arange(k, device=w.device) * d
+        read = source[positions]  # (out, k): input index read by tap a at output i, -1 for zero padding
+        same = (read[:, :, None] == read[:, None, :]) & (read[:, :, None] >= 0)
+        q = same.sum(0).to(torch.float64)
+        t = torch.tensordot(t, q, dims=([1], [0]))  # contracts the current first spatial axis
+    return float((channels * t).sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# Frequency blocks (Sedghi et al.) and Gram iteration (Delattre et al.)
+# --------------------------------------------------------------------------------------------------
+
+
+class _FrequencyPlan(NamedTuple):
+    blocks: Tensor  # (groups, frequencies, m, n), float64 or complex128
+    factor: float  # ||A|| <= factor * max_block ||block|| (1 when exact)
+    exact: bool  # the blocks are exactly a unitary block-diagonalisation of A
+    copies: int  # each block appears this many times in A (pointwise convs and Linear on (..., f))
+    reason: str  # why the plan is not exact
+
+
+def _circulant_blocks(
+    w: Tensor,
+    groups: int,
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    sizes: Sequence[int],
+    offsets: Sequence[int],
+) -> Tensor:
+    """Polyphase frequency blocks of ``S_N C_N`` (stride subsampling of an N-point circular conv)."""
+    cout, cin_g = w.shape[:2]
+    kernel = w.shape[2:]
+    nd = len(kernel)
+    h = w
+    for j in range(nd):
+        place = torch.zeros(kernel[j], sizes[j], dtype=w.dtype, device=w.device)
+        taps = torch.arange(kernel[j], device=w.device)
+        columns = (taps * dilation[j] - offsets[j]) % sizes[j]
+        ones = torch.ones(kernel[j], dtype=w.dtype, device=w.device)
+        place.index_put_((taps, columns), ones, accumulate=True)  # taps alias if the kernel wraps
+        h = torch.tensordot(h, place, dims=([2], [0]))  # the spatial axes rotate into place
+    khat = torch.fft.fftn(h, dim=tuple(range(2, 2 + nd)))
+    folded = [sizes[j] // stride[j] for j in range(nd)]
+    split = [cout, cin_g]
+    for j in range(nd):
+        split += [stride[j], folded[j]]  # frequency u = t * (N/s) + u'
+    khat = khat.reshape(split)
+    perm = [3 + 2 * j for j in range(nd)] + [0, 1] + [2 + 2 * j for j in range(nd)]
+    khat = khat.permute(perm)
+    n_freq, phases = math.prod(folded), math.prod(stride)
+    khat = khat.reshape(n_freq, groups, cout // groups, cin_g * phases).transpose(0, 1)
+    return khat / math.sqrt(phases)
+
+
+def _frequency_plan(op: _LinearMap) -> _FrequencyPlan:
+    w = op.weight.to(torch.float64)
+    if op.is_linear:
+        return _FrequencyPlan(w[None, None], 1.0, True, math.prod(op.input_shape[:-1]), "")
+    groups, nd = op.groups, op.nd
+    sizes = op.input_shape[1:]
+    kernel, stride, dilation, pads = op.kernel_size, op.stride, op.dilation, op.pads
+    cout, cin_g = w.shape[:2]
+    if all(k == 1 for k in kernel) and all(p == (0, 0) for p in pads):
+        blocks = w.reshape(groups, 1, cout // groups, cin_g)
+        return _FrequencyPlan(blocks, 1.0, True, math.prod(op.output_shape[1:]), "")
+    preserving = all(left + right == d * (k - 1) for (left, right), d, k in zip(pads, dilation, kernel))
+    if op.padding_mode == "circular" and preserving:
+        offsets = [left for left, _ in pads]
+        if all(n % s == 0 for n, s in zip(sizes, stride)):
+            blocks = _circulant_blocks(w, groups, stride, dilation, sizes, offsets)
+            return _FrequencyPlan(blocks, 1.0, True, 1, "")
+        blocks = _circulant_blocks(w, groups, (1,) * nd, dilation, sizes, offsets)
+        reason = f"the stride {stride} does not divide the input size {tuple(sizes)}"
+        return _FrequencyPlan(blocks, 1.0, False, 1, reason)
+    padded = [n + left + right for n, (left, right) in zip(sizes, pads)]
+    periods = [-(-p // s) * s for p, s in zip(padded, stride)]
+    blocks = _circulant_blocks(w, groups, stride, dilation, periods, [0] * nd)
+    factor = _pad_operator_norm(sizes, pads, op.padding_mode)
+    if op.padding_mode == "circular":
+        needed = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        reason = (
+            f"the circular padding {pads} does not keep the input size (it would need a total of "
+            f"dilation*(kernel_size-1) = {needed} per dimension)"
+        )
+    else:
+        reason = f"padding_mode={op.padding_mode!r} with padding {pads} and kernel {kernel} is not circulant"
+    return _FrequencyPlan(blocks, factor, False, 1, reason)
+
+
+def _gram_upper_bound(blocks: Tensor, n_iter: int, tol: float) -> tuple[float, int]:
+    """Certified ``max_b sigma_max(block_b)`` bound by rescaled Gram iteration; returns (bound, steps)."""
+    m, n = blocks.shape[-2:]
+    g = blocks.reshape(-1, m, n)
+    log_scale = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
+    best, previous, steps = math.inf, math.inf, 0
+    for t in range(n_iter + 1):
+        r = torch.linalg.matrix_norm(g).to(torch.float64)  # Frobenius
+        bound = float(torch.exp(log_scale + torch.log(r) / 2.0**t).max())
+        best = min(best, bound)
+        steps = t
+        if t == n_iter or not math.isfinite(bound) or bound == 0.0:
+            break
+        if previous - bound <= tol * bound:
+            break
+        previous = bound
+        safe = torch.where(r > 0, r, torch.ones_like(r))
+        log_scale = log_scale + torch.log(safe) / 2.0**t
+        g = g / safe.to(g.dtype)[:, None, None]
+        if t == 0 and g.shape[-2] < g.shape[-1]:
+            g = g @ g.mH  # the smaller Gram matrix: same non-zero spectrum
+        else:
+            g = g.mH @ g
+    return best, steps
+
+
+def _block_singular_values(plan: _FrequencyPlan, op: _LinearMap) -> Tensor:
+    """All ``min(out, in)`` singular values of an exactly block-diagonalised operator, descending."""
+    values = torch.linalg.svdvals(plan.blocks).reshape(-1)
+    if plan.copies > 1:
+        values = values.repeat(plan.copies)
+    missing = min(op.out_numel, op.in_numel) - values.numel()
+    if missing > 0:  # input positions no output reads (strided 1x1 convolution)
+        values = torch.cat([values, values.new_zeros(missing)])
+    return values.sort(descending=True).values
+
+
+# --------------------------------------------------------------------------------------------------
+# Power iterations
+# --------------------------------------------------------------------------------------------------
+
+
+def _power_iteration(
+    op: _LinearMap,
+    n_iter: int,
+    tol: float,
+    init: Tensor | None,
+    generator: torch.Generator | None,
+    dtype: torch.dtype | None,
+    smallest_shift: float | None = None,
+) -> tuple[float, Tensor, int]:
+    """Power iteration on ``A^T A`` (or on ``c I - A^T A`` when ``smallest_shift=c``).
+
+    Returns ``(||A v||, v, iterations)`` for the final unit vector ``v``.
+    """
+    cdtype = _compute_dtype(op.weight, dtype)
+    weight = op.weight.to(cdtype)
+    device = weight.device
+
+    def forward(x: Tensor) -> Tensor:
+        return op.apply(x, weight)
+
+    with torch.no_grad():
+        zero = torch.zeros((1, *op.input_shape), dtype=cdtype, device=device)
+        _, adjoint = torch.func.vjp(forward, zero)  # A is linear: its VJP at any point is A^T
+        if init is not None:
+            if init.numel() != op.in_numel:
+                raise ValueError(
+                    f"init has {init.numel()} entries, input_shape={op.input_shape} has {op.in_numel}"
+                )
+            v = init.detach().to(device=device, dtype=cdtype).reshape(1, *op.input_shape).clone()
+            if not bool(torch.isfinite(v).all()) or float(v.norm()) == 0.0:
+                v = None
+        else:
+            v = None
+        if v is None:
+            v = _random_unit((1, *op.input_shape), cdtype, device, generator)
+        v = v / v.norm()
+        previous = None
+        it = 0
+        for it in range(1, n_iter + 1):
+            u = forward(v)
+            sigma = float(u.norm())
+            if not math.isfinite(sigma):
+                return math.nan, v[0], it
+            if sigma == 0.0:  # A = 0, or (smallest) v spans part of the kernel of A
+                return 0.0, v[0], it
+            if it == n_iter or (tol > 0 and previous is not None and abs(sigma - previous) <= tol * sigma):
+                break
+            previous = sigma
+            if smallest_shift is None:
+                w = adjoint(u / sigma)[0]
+            else:
+                w = smallest_shift * smallest_shift * v - adjoint(u)[0]
+            norm = float(w.norm())
+            if norm == 0.0 or not math.isfinite(norm):
+                break
+            v = w / norm
+        return sigma, v[0], it
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_finite(op: _LinearMap) -> bool:
+    return bool(torch.isfinite(op.weight).all())
+
+
+def _operator_norm(
+    op: _LinearMap,
+    method: str = "power",
+    n_iter: int | None = None,
+    tol: float | None = None,
+    init: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+) -> OperatorNormResult:
+    if method not in _NORM_METHODS:
+        raise ValueError(f"method={method!r}: expected one of {_NORM_METHODS}")
+    if tol is not None and tol < 0:
+        raise ValueError(f"tol={tol}: expected a non-negative float")
+    if method == "auto":
+        if op.is_linear or _frequency_plan(op).exact:
+            method = "fft"
+        else:
+            method = "power"
+    if n_iter is not None and n_iter < (0 if method == "gram" else 1):
+        raise ValueError(f"n_iter={n_iter}: expected a positive integer (or 0 Gram steps for 'gram')")
+    guarantee = {"power": "lower", "fft": "exact", "gram": "upper", "reshape": "none"}[method]
+    if method == "fft":
+        plan = _frequency_plan(op)
+        if not plan.exact:
+            raise ValueError(
+                "method='fft' is exact only for circular padding that keeps the input size "
+                "(padding_mode='circular', total padding dilation*(kernel_size-1) per dimension) with a "
+                "stride dividing the input size, for 1x1 convolutions without padding, and for "
+                f"nn.Linear; here {plan.reason}. Use method='power' (estimate, a lower bound) or "
+                "'gram' (certified upper bound)."
+            )
+    if not _is_finite(op):
+        return OperatorNormResult(math.nan, None, 0, guarantee)
+    if method == "reshape":
+        w = op.weight.to(torch.float64)
+        value = float(torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2))
+        return OperatorNormResult(value, None, 0, guarantee)
+    if method == "fft":
+        value = float(torch.linalg.svdvals(plan.blocks).max())
+        return OperatorNormResult(value, None, 0, guarantee)
+    n_iter = _DEFAULT_ITERATIONS[method] if n_iter is None else n_iter
+    tol = _DEFAULT_TOLERANCE[method] if tol is None else tol
+    if method == "gram":
+        plan = _frequency_plan(op)
+        bound, steps = _gram_upper_bound(plan.blocks, n_iter, tol)
+        return OperatorNormResult(bound * plan.factor, None, steps, guarantee)
+    sigma, vector, iterations = _power_iteration(op, n_iter, tol, init, generator, dtype)
+    return OperatorNormResult(sigma, vector, iterations, guarantee)
+
+
+def operator_norm(
+    layer: nn.Module,
+    input_shape: Sequence[int],
+    method: str = "power",
+    n_iter: int | None = None,
+    tol: float | None = None,
+    init: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+) -> OperatorNormResult:
+    """Largest singular value of the linear part of a Linear/Conv layer on inputs of ``input_shape``.
+
+    Args:
+        layer: ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (any stride, padding, padding_mode, dilation, groups).
+        input_shape: one input without the batch dimension: ``(features,)`` (or ``(..., features)``) for
+            Linear, ``(C, L)``, ``(C, H, W)``, ``(C, D, H, W)`` for convolutions.
+        method: ``"power"`` (lower bound converging to the norm, warm-startable), ``"fft"`` (exact,
+            Sedghi et al.; circular size-keeping padding or padding-free 1x1 kernels), ``"gram"``
+            (certified upper bound, Delattre et al.), ``"reshape"`` (norm of the reshaped kernel, for
+            comparison) or ``"auto"`` (exact where possible, else power). See the module docstring.
+        n_iter: maximum iterations (power: 100 by default, at least 1; gram: 20 Gram steps by default,
+            0 gives the Frobenius norm).
+        tol: stop when the relative change between two iterates is at most ``tol`` (power: 1e-6, gram:
+            1e-7); ``0`` runs all ``n_iter`` iterations. For power iteration this bounds the change, not
+            the error: with clustered top singular values (zero-padded convolutions: ratios
+            ``sigma_2 / sigma_1`` of 0.999 are common) the error can be a hundred times ``tol``.
+        init: power iteration start (e.g. ``vector`` of the previous result); random if None.
+        generator: source of the random start; a fresh ``torch.Generator`` seeded 0 when None. The
+            global RNG is never used.
+        dtype: power-iteration dtype (default: the weight's, float32 for half types). The closed forms
+            and the Gram iteration always compute in float64.
+
+    Returns:
+        :class:`OperatorNormResult` ``(sigma_max, vector, iterations, guarantee)``; ``sigma_max`` is NaN
+        when the weight holds NaN or Inf.
+
+    Raises:
+        TypeError: for a layer that is not Linear/Conv.
+        ValueError: bad ``input_shape``/``method``/``n_iter``/``tol``/``init``, or ``"fft"`` where it
+            is not exact.
+
+    Example:
+        >>> conv = nn.Conv2d(3, 8, 3, padding=1, padding_mode="circular")
+        >>> exact = operator_norm(conv, (3, 16, 16), method="fft").sigma_max
+        >>> first = operator_norm(conv, (3, 16, 16), n_iter=500, tol=1e-10)
+        >>> later = operator_norm(conv, (3, 16, 16), init=first.vector)  # warm start after a step
+        >>> abs(first.sigma_max - exact) < 1e-4 * exact
+        True
+    """
+    op = _linear_map(layer, input_shape)
+    return _operator_norm(op, method, n_iter, tol, init, generator, dtype)
+
+
+def dense_operator(module: nn.Module, input_shape: Sequence[int], chunk_size: int = 1024) -> Tensor:
+    """The explicit float64 matrix of an affine module's linear part, built with the module's forward.
+
+    A float64 copy of the module in eval mode (with a Linear/Conv bias set to zero) is applied to the
+    standard basis vectors; for other affine modules (e.g. eval-mode BatchNorm) ``f(0)`` is subtracted.
+    The module itself is not modified. Meant for tests and tiny layers: the matrix has
+    ``prod(output_shape) x prod(input_shape)`` entries.
+
+    Args:
+        module: a module whose eval-mode forward is affine in its input.
+        input_shape: one input without the batch dimension.
+        chunk_size: basis vectors per forward call.
+
+    Returns:
+        Tensor of shape ``(out_numel, in_numel)``, float64, on the module's device; column ``j`` is the
+        flattened response to the ``j``-th basis input (row-major order of ``input_shape``).
+
+    Example:
+        >>> conv = nn.Conv2d(2, 3, 3, padding=1)
+        >>> dense_operator(conv, (2, 5, 5)).shape
+        torch.Size([75, 50])
+    """
+    copied = copy.deepcopy(module).to(torch.float64).eval()
+    params = list(copied.parameters()) + list(copied.buffers())
+    device = params[0].device if params else torch.device("cpu")
+    if isinstance(copied, (nn.Linear, nn.modules.conv._ConvNd)) and copied.bias is not None:
+        with torch.no_grad():
+            copied.bias.zero_()
+    n = math.prod(input_shape)
+    columns = []
+    with torch.no_grad():
+        offset = copied(torch.zeros((1, *input_shape), dtype=torch.float64, device=device))
+        for start in range(0, n, chunk_size):
+            stop = min(n, start + chunk_size)
+            basis = torch.zeros(stop - start, n, dtype=torch.float64, device=device)
+            basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+            out = copied(basis.reshape(stop - start, *input_shape)) - offset
+            columns.append(out.reshape(stop - start, -1))
+    return torch.cat(columns).T.contiguous()
+
+
+def operator_spectrum(
+    layer: nn.Module,
+    input_shape: Sequence[int],
+    method: str = "auto",
+    n_iter: int | None = None,
+    tol: float | None = None,
+    generator: torch.Generator | None = None,
+) -> OperatorSpectrum:
+    """Extreme singular values, condition number, Frobenius norm and stable rank of a layer's operator.
+
+    Methods: ``"fft"`` (all singular values, exact where :func:`operator_norm`'s ``"fft"`` is, and for
+    ``nn.Linear`` the SVD of the weight), ``"dense"`` (SVD of the explicit matrix, float64),
+    ``"power"`` (``sigma_max`` by power iteration; ``sigma_min = ||A v||`` for ``v`` from power iteration
+    on ``sigma_max^2 I - A^T A``, an estimate from above that converges slowly when the smallest singular
+    values cluster), ``"auto"``: fft where exact, else dense up to 2^22 matrix entries, else power.
+
+    ``sigma_min`` is ``min_{||x||=1} ||A x||``: 0 when the output has fewer entries than the input
+    (``A`` is not injective), and then the condition number is ``inf``. The Frobenius norm is exact for
+    every method and padding (module docstring); the stable rank is ``||A||_F^2 / sigma_max^2``.
+
+    Args:
+        layer: ``nn.Linear`` or ``nn.Conv1d/2d/3d``.
+        input_shape: one input without the batch dimension.
+        method: ``"auto"``, ``"fft"``, ``"dense"`` or ``"power"``.
+        n_iter: power iterations for each of ``sigma_max`` and ``sigma_min`` (default 100 and 1000).
+        tol: relative tolerance of the power iterations (default 1e-6 and 1e-9).
+        generator: random starts of the power iterations (a fresh seeded one when None).
+
+    Returns:
+        :class:`OperatorSpectrum`; every field NaN (``singular_values`` None) for non-finite weights.
+
+    Raises:
+        ValueError: bad arguments, or ``"fft"`` where it is not exact.
+
+    Example:
+        >>> spec = operator_spectrum(nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), (4, 8, 8))
+        >>> spec.method, spec.singular_values.numel()
+        ('fft', 256)
+    """
+    if method not in _SPECTRUM_METHODS:
+        raise ValueError(f"method={method!r}: expected one of {_SPECTRUM_METHODS}")
+    op = _linear_map(layer, input_shape)
+    plan = None
+    if method in ("auto", "fft"):
+        plan = _frequency_plan(op)
+        if method == "fft" and not plan.exact:
+            _operator_norm(op, "fft")  # raises the explanatory ValueError
+        if method == "auto":
+            if plan.exact:
+                method = "fft"
+            elif op.in_numel * op.out_numel <= _DENSE_LIMIT:
+                method = "dense"
+            else:
+                method = "power"
+    if not _is_finite(op):
+        nan = math.nan
+        return OperatorSpectrum(nan, nan, nan, nan, nan, None, method)
+    frobenius = math.sqrt(max(_frobenius_sq(op), 0.0))
+    injective_possible = op.out_numel >= op.in_numel
+    values = None
+    if method in ("fft", "dense"):
+        if method == "fft":
+            values = _block_singular_values(plan, op)
+        else:
+            eye = torch.eye(op.in_numel, dtype=torch.float64, device=op.weight.device)
+            dense = op.apply(eye.reshape(op.in_numel, *op.input_shape), op.weight.to(torch.float64))
+            values = torch.linalg.svdvals(dense.reshape(op.in_numel, -1).T)
+        sigma_max = float(values[0])
+        sigma_min = float(values[-1]) if injective_possible else 0.0
+    else:
+        n_max = 100 if n_iter is None else n_iter
+        tol_max = 1e-6 if tol is None else tol
+        sigma_max, _, _ = _power_iteration(op, n_max, tol_max, None, generator, torch.float64)
+        if injective_possible:
+            n_min = 1000 if n_iter is None else n_iter
+            tol_min = 1e-9 if tol is None else tol
+            sigma_min, _, _ = _power_iteration(
+                op, n_min, tol_min, None, generator, torch.float64, smallest_shift=sigma_max
+            )
+        else:
+            sigma_min = 0.0
+    if sigma_max == 0.0:
+        condition, stable_rank = math.nan, math.nan
+    else:
+        condition = math.inf if sigma_min == 0.0 else sigma_max / sigma_min
+        stable_rank = frobenius**2 / sigma_max**2
+    return OperatorSpectrum(sigma_max, sigma_min, condition, frobenius, stable_rank, values, method)
+
+
+def batchnorm_lipschitz(bn: nn.Module) -> float:
+    """Lipschitz constant of an eval-mode batch normalisation: ``max_c |gamma_c| / sqrt(var_c + eps)``.
+
+    In eval mode ``y = gamma (x - running_mean) / sqrt(running_var + eps) + beta`` is a diagonal affine
+    map; ``gamma = 1`` when ``affine=False``.
+
+    Args:
+        bn: ``nn.BatchNorm1d/2d/3d`` or ``nn.SyncBatchNorm``.
+
+    Returns:
+        The constant as a float (NaN if a statistic or gamma is NaN).
+
+    Raises:
+        TypeError: ``bn`` is not a batch normalisation layer.
+        ValueError: ``track_running_stats=False``: eval mode then normalises with batch statistics,
+            which is not an affine map of one example.
+
+    Example:
+        >>> bn = nn.BatchNorm2d(3).eval()
+        >>> round(batchnorm_lipschitz(bn), 6)  # 1 / sqrt(1 + 1e-5)
+        0.999995
+    """
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"expected a batch normalisation layer, got {type(bn).__name__}")
+    if bn.running_var is None:
+        raise ValueError(
+            f"{bn} has track_running_stats=False: in eval mode it normalises with batch statistics, "
+            "which is not an affine map and has no Lipschitz constant of this form"
+        )
+    scale = torch.rsqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight.detach().to(torch.float64).abs() * scale
+    return float(scale.max())
+
+
+def _layer_input_shapes(model: nn.Module, input_shape: Sequence[int], types: tuple) -> dict[str, list]:
+    """Input shapes (batch dimension dropped) of every call of the modules of ``types`` in one eval
+    forward pass on zeros of shape ``(1, *input_shape)``; train flags are restored afterwards."""
+    shapes: dict[str, list] = {}
+    handles = []
+    flags = {m: m.training for m in model.modules()}
+    for name, module in model.named_modules():
+        if isinstance(module, types):
+
+            def hook(mod, args, name=name):
+                shapes.setdefault(name, []).append(tuple(args[0].shape[1:]))
+
+            handles.append(module.register_forward_pre_hook(hook))
+    reference = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
+    device = reference.device if reference is not None else torch.device("cpu")
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), dtype=dtype, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags.items():
+            module.training = flag
+    return shapes
+
+
+def spectral_complexity(
+    model: nn.Module,
+    reference: nn.Module | Mapping[str, Tensor],
+    input_shape: Sequence[int] | None = None,
+    method: str = "auto",
+) -> SpectralComplexity:
+    """Spectral complexity ``R_A`` of Bartlett, Foster & Telgarsky (NeurIPS 2017).
+
+    ``R_A = (prod_i ||A_i||_sigma) * (sum_i ||A_i^T - M_i^T||_{2,1}^{2/3} / ||A_i||_sigma^{2/3})^{3/2}``
+    over every ``nn.Linear`` / ``nn.ConvNd`` module ``i`` of ``model`` (``named_modules`` order; biases,
+    batch normalisation and activations are not counted, activations are taken 1-Lipschitz).
+    ``M_i`` is the same layer's weight in ``reference`` (usually the initial weights).
+
+    * ``||A_i||_sigma``: for Linear the largest singular value of the weight; for a convolution the
+      operator norm of the layer on the input shape it receives when the model runs on ``input_shape``
+      (:func:`operator_norm` with ``method``; ``"auto"`` = exact FFT where it applies, else power
+      iteration).
+    * ``||A^T - M^T||_{2,1}`` is the sum over the columns of ``(A - M)^T``, i.e. over the rows of
+      ``A - M`` (one per output unit), of their l2 norms. For a convolution ``A`` and ``M`` are the
+      kernels reshaped to ``(c_out, c_in/groups * prod(kernel_size))``: the sum over output channels of
+      the l2 norm of the filter change. (This is the kernel matrix, not the full operator; for circular
+      padding the operator's (2,1) norm is the number of output positions times this.)
+
+    Args:
+        model: the network.
+        reference: a model of the same architecture or a state dict holding ``"<layer>.weight"``.
+        input_shape: one input without batch dimension; required when the model has convolutions.
+        method: passed to :func:`operator_norm` for convolutions.
+
+    Returns:
+        :class:`SpectralComplexity` ``(value, spectral_norms, l21_distances)``; NaN where a weight is
+        non-finite or a spectral norm is 0.
+
+    Raises:
+        ValueError: no Linear/Conv layer, missing or mis-shaped reference weight, no ``input_shape`` for
+            a convolutional model, or a convolution not called on ``input_shape``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> init = {k: v.clone() for k, v in net.state_dict().items()}
+        >>> spectral_complexity(net, init).value  # at initialisation the distances vanish
+        0.0
+    """
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, *_CONV_TYPES))]
+    if not layers:
+        raise ValueError("spectral_complexity found no nn.Linear or nn.Conv1d/2d/3d layer in the model")
+    state = reference.state_dict() if isinstance(reference, nn.Module) else reference
+    has_conv = any(isinstance(m, _CONV_TYPES) for _, m in layers)
+    if has_conv and input_shape is None:
+        raise ValueError("input_shape is required for the operator norms of convolutional layers")
+    shapes = _layer_input_shapes(model, input_shape, _CONV_TYPES) if has_conv else {}
+    norms: dict[str, float] = {}
+    distances: dict[str, float] = {}
+    for name, module in layers:
+        key = f"{name}.weight"
+        if key not in state:
+            raise ValueError(f"reference has no entry {key!r}")
+        a = module.weight.detach().to(torch.float64)
+        m = state[key].detach().to(device=a.device, dtype=torch.float64)
+        if m.shape != a.shape:
+            raise ValueError(f"reference {key!r} has shape {tuple(m.shape)}, the model {tuple(a.shape)}")
+        diff = (a - m).reshape(a.shape[0], -1)
+        distances[name] = float(diff.norm(dim=1).sum())
+        if isinstance(module, nn.Linear):
+            norms[name] = float(torch.linalg.matrix_norm(a, ord=2)) if torch.isfinite(a).all() else math.nan
+        else:
+            if name not in shapes:
+                raise ValueError(f"convolution {name!r} is not called when the model runs on {input_shape}")
+            norms[name] = max(operator_norm(module, s, method=method).sigma_max for s in shapes[name])
+    product = math.prod(norms.values())
+    try:
+        total = sum((distances[n] / norms[n]) ** (2.0 / 3.0) for n in norms)
+        value = product * total**1.5
+    except ZeroDivisionError:
+        value = math.nan
+    return SpectralComplexity(value, norms, distances)
+
+
+def normalized_margins(
+    logits: Tensor, targets: Tensor, complexity: float | SpectralComplexity, inputs: Tensor
+) -> Tensor:
+    """Margins normalised by the spectral complexity (Bartlett, Foster & Telgarsky, 2017).
+
+    ``margin(x, y) = f(x)_y - max_{j != y} f(x)_j``, divided by ``R_A * ||X||_F / n`` where ``X`` is the
+    ``n x d`` matrix of the flattened inputs.
+
+    Args:
+        logits: ``(n, classes)`` network outputs, ``classes >= 2``.
+        targets: ``(n,)`` integer labels.
+        complexity: ``R_A`` as a float or a :class:`SpectralComplexity`.
+        inputs: the ``n`` inputs (any shape with ``n`` first).
+
+    Returns:
+        ``(n,)`` tensor of normalised margins (negative for misclassified examples).
+
+    Raises:
+        ValueError: mismatched sizes or fewer than two classes.
+
+    Example:
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+        >>> normalized_margins(logits, torch.tensor([0, 0]), 1.0, torch.ones(2, 2))  # R ||X||_F / n = 1
+        tensor([ 2., -1.])
+    """
+    if isinstance(complexity, SpectralComplexity):
+        complexity = complexity.value
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must have shape (n, classes >= 2), got {tuple(logits.shape)}")
+    n = logits.shape[0]
+    if targets.shape != (n,) or inputs.shape[0] != n:
+        raise ValueError("logits, targets and inputs must hold the same number of examples")
+    targets = targets.long().to(logits.device)
+    true = logits.gather(1, targets[:, None]).squeeze(1)
+    others = logits.scatter(1, targets[:, None], float("-inf"))
+    margin = true - others.max(dim=1).values
+    scale = float(complexity) * float(inputs.reshape(n, -1).to(torch.float64).norm()) / n
+    return margin / scale
