@@ -1,0 +1,125 @@
+"""The classification module's optimisers and schedules, and the recipe CLI's errors and links."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from contract_setup import make_trainer
+
+from lt_theory.cli import main
+from lt_theory.data import SyntheticCIFARDataModule
+from lt_theory.models import MLP
+from lt_theory.module import ClassificationModule
+
+CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+QUICKSTART = str(CONFIGS / "quickstart.yaml")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"schedule": "linear"}, "schedule"),
+        ({"lr": 0.0}, "lr"),
+        ({"milestones": (120, 80)}, "milestones"),
+        ({"num_classes": 1}, "num_classes"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        ClassificationModule(MLP(), **kwargs)
+
+
+def _lrs_over_training(tmp_path, **module_args) -> list[float]:
+    module = ClassificationModule(MLP(hidden=(8,)), **module_args)
+    data = SyntheticCIFARDataModule(num_train=64, num_test=16, batch_size=16)  # 4 steps per epoch
+    seen = []
+    trainer = make_trainer(tmp_path, max_epochs=5, num_sanity_val_steps=0)
+    original_step = module.training_step
+
+    def training_step(batch, batch_idx):
+        seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+        return original_step(batch, batch_idx)
+
+    module.training_step = training_step
+    trainer.fit(module, datamodule=data)
+    return seen
+
+
+def test_step_schedule_multiplies_by_gamma_at_epoch_milestones(tmp_path):
+    lrs = _lrs_over_training(tmp_path, lr=0.1, schedule="step", milestones=(2, 4), gamma=0.1)
+    expected = [0.1] * 8 + [0.01] * 8 + [0.001] * 4
+    assert lrs == pytest.approx(expected, rel=1e-12)
+
+
+def test_cosine_schedule_follows_the_closed_form_per_step(tmp_path):
+    lrs = _lrs_over_training(tmp_path, lr=0.1, schedule="cosine")
+    total = 20
+    expected = [0.05 * (1 + math.cos(math.pi * t / total)) for t in range(total)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+
+
+def test_adam_with_constant_schedule(tmp_path):
+    lrs = _lrs_over_training(tmp_path, optimizer="adam", lr=1e-3, schedule="constant")
+    assert lrs == [1e-3] * 20
+
+
+def test_net_with_the_wrong_number_of_classes_is_explained(tmp_path):
+    module = ClassificationModule(MLP(num_classes=10), num_classes=100)
+    data = SyntheticCIFARDataModule(num_train=32, num_test=16, batch_size=16, num_classes=100)
+    with pytest.raises(ValueError, match="num_classes: 100"):
+        make_trainer(tmp_path, max_epochs=1).fit(module, datamodule=data)
+
+
+def test_cli_rejects_an_unknown_key_with_its_own_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--model.learning_rate", "0.1"])
+    assert exit_info.value.code != 0
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def test_cli_rejects_a_wrong_type_with_its_own_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--trainer.max_epochs", "many"])
+    assert exit_info.value.code != 0
+    assert "max_epochs" in capsys.readouterr().err
+
+
+def test_cli_links_the_data_class_count_into_the_model(tmp_path):
+    cli = main(
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            "--trainer.fast_dev_run",
+            "1",
+            "--trainer.callbacks",
+            "[]",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--model.net",
+            "lt_theory.models.MLP",
+            "--model.net.init_args.hidden",
+            "[8]",
+            "--model.net.init_args.num_classes",
+            "100",
+            "--data.init_args.num_classes",
+            "100",
+            "--data.init_args.num_train",
+            "200",
+            "--data.init_args.num_test",
+            "50",
+        ]
+    )
+    assert cli.model.num_classes == 100
+    assert cli.trainer.global_step == 1
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "class_path: lt_theory" in capsys.readouterr().out
