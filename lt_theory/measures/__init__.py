@@ -1,21 +1,25 @@
-"""Pure-PyTorch mathematics of lt_theory: functions on modules, tensors, state dicts and data loaders."""
+"""Pure-PyTorch mathematics of lt_theory: functions on modules, tensors, state dicts and data loaders.
 
-from lt_theory.measures.lipschitz import (  # noqa: F401 (re-exports)
-    JacobianNormResult,
-    LipschitzBound,
-    UnsupportedModelError,
-    jacobian_lipschitz_lower_bound,
-    lipschitz_upper_bound,
-    naive_lipschitz_product,
-)
-from lt_theory.measures.spectral import (  # noqa: F401 (re-exports)
-    OperatorNormResult,
-    OperatorSpectrum,
-    SpectralComplexity,
-    batchnorm_lipschitz,
-    dense_operator,
-    normalized_margins,
-    operator_norm,
-    operator_spectrum,
-    spectral_complexity,
-)
+No Lightning here: every function can be used, tested and benchmarked without a Trainer.
+
+- :mod:`~lt_theory.measures.spectral`: operator norms of linear layers, spectra, spectral complexity, margins.
+- :mod:`~lt_theory.measures.lipschitz`: certified graph-aware Lipschitz bounds and the Jacobian lower bound.
+- :mod:`~lt_theory.measures.ntk`: the empirical neural tangent kernel and kernel metrics.
+- :mod:`~lt_theory.measures.interpolation`: linear paths between weights, error barriers, BatchNorm reset.
+- :mod:`~lt_theory.measures.pruning`: magnitude and random pruning masks, their enforcement.
+"""
+
+from lt_theory.measures import interpolation, lipschitz, ntk, pruning, spectral
+from lt_theory.measures.interpolation import *  # noqa: F403
+from lt_theory.measures.lipschitz import *  # noqa: F403
+from lt_theory.measures.ntk import *  # noqa: F403
+from lt_theory.measures.pruning import *  # noqa: F403
+from lt_theory.measures.spectral import *  # noqa: F403
+
+__all__ = [
+    *interpolation.__all__,
+    *lipschitz.__all__,
+    *ntk.__all__,
+    *pruning.__all__,
+    *spectral.__all__,
+]
