@@ -7,13 +7,15 @@ No Lightning here: every function can be used, tested and benchmarked without a 
 - :mod:`~lt_theory.measures.ntk`: the empirical neural tangent kernel and kernel metrics.
 - :mod:`~lt_theory.measures.interpolation`: linear paths between weights, error barriers, BatchNorm reset.
 - :mod:`~lt_theory.measures.pruning`: magnitude and random pruning masks, their enforcement.
+- :mod:`~lt_theory.measures.risk`: memorisation of noisy labels, interpolation threshold, peaks, bias-variance.
 """
 
-from lt_theory.measures import interpolation, lipschitz, ntk, pruning, spectral
+from lt_theory.measures import interpolation, lipschitz, ntk, pruning, risk, spectral
 from lt_theory.measures.interpolation import *  # noqa: F403
 from lt_theory.measures.lipschitz import *  # noqa: F403
 from lt_theory.measures.ntk import *  # noqa: F403
 from lt_theory.measures.pruning import *  # noqa: F403
+from lt_theory.measures.risk import *  # noqa: F403
 from lt_theory.measures.spectral import *  # noqa: F403
 
 __all__ = [
@@ -21,5 +23,6 @@ __all__ = [
     *lipschitz.__all__,
     *ntk.__all__,
     *pruning.__all__,
+    *risk.__all__,
     *spectral.__all__,
 ]
