@@ -7,10 +7,11 @@ is in :mod:`lt_theory.measures` (pure PyTorch), the callbacks in :mod:`lt_theory
 models for the recipes in :mod:`lt_theory.data` and :mod:`lt_theory.models`.
 """
 
+from lt_theory.callbacks.double_descent import DoubleDescentProbe
 from lt_theory.callbacks.ntk import NTKDrift
 from lt_theory.callbacks.spectral import SpectralNormMonitor
 from lt_theory.module import ClassificationModule
 
 __version__ = "0.1.0"
 
-__all__ = ["ClassificationModule", "NTKDrift", "SpectralNormMonitor", "__version__"]
+__all__ = ["ClassificationModule", "DoubleDescentProbe", "NTKDrift", "SpectralNormMonitor", "__version__"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from contract_monitor import ParameterNormMonitor
 from lightning.pytorch import Callback
 
+from lt_theory.callbacks.double_descent import DoubleDescentProbe
 from lt_theory.callbacks.ntk import NTKDrift
 from lt_theory.callbacks.spectral import SpectralNormMonitor
 
@@ -58,6 +59,17 @@ REGISTRY: list[ContractCase] = [
             (lambda: SpectralNormMonitor(power_iterations=0), "power_iterations"),
             (lambda: SpectralNormMonitor(layers="net.fc"), "layers"),
             (lambda: SpectralNormMonitor(probe_split="all"), "probe_split"),
+        ],
+    ),
+    ContractCase(
+        name="double_descent_probe",
+        make_callback=lambda: DoubleDescentProbe(every_n_epochs=1, train_subset_size=48, eval_batch_size=20),
+        prefix="dd",
+        bad_arguments=[
+            (lambda: DoubleDescentProbe(every_n_epochs=0), "every_n_epochs"),
+            (lambda: DoubleDescentProbe(train_subset_size=-3), "train_subset_size"),
+            (lambda: DoubleDescentProbe(eval_batch_size=0), "eval_batch_size"),
+            (lambda: DoubleDescentProbe(interpolation_epsilon=1.5), "interpolation_epsilon"),
         ],
     ),
 ]

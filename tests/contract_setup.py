@@ -14,7 +14,9 @@ STEPS_PER_EPOCH = 6
 def make_module_and_data(seed: int = 0) -> tuple[ClassificationModule, SyntheticCIFARDataModule]:
     seed_everything(seed, verbose=False)
     module = ClassificationModule(CIFARResNet(depth=8), lr=0.05, schedule="constant")
-    data = SyntheticCIFARDataModule(num_train=16 * STEPS_PER_EPOCH, num_test=32, batch_size=16, seed=seed)
+    data = SyntheticCIFARDataModule(
+        num_train=16 * STEPS_PER_EPOCH, num_test=32, batch_size=16, seed=seed, label_noise=0.25
+    )
     return module, data
 
 

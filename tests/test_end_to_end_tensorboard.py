@@ -44,11 +44,18 @@ EXPECTED_SCALARS = {
     "spectral/condition/net.layer1.0.conv2",
     "spectral/stable_rank/net.fc",
     "spectral/margin_normalized/p50",
+    "dd/train_error",
+    "dd/train_error_clean",
+    "dd/test_error",
+    "dd/test_loss",
 }
-EXPECTED_IMAGES = {"ntk/eigenspectrum", "spectral/sigma_max_by_depth"}
+EXPECTED_IMAGES = {"ntk/eigenspectrum", "spectral/sigma_max_by_depth", "dd/curves"}
 EXPECTED_HISTOGRAMS = {"spectral/margins_normalized"}
-EXPECTED_TEXT = {"ntk/verdict/text_summary"}  # torch's add_text appends /text_summary
-EXPECTED_LAYOUT_CATEGORIES = {"training", "ntk", "spectral"}
+EXPECTED_TEXT = {
+    "ntk/verdict/text_summary",
+    "dd/summary/text_summary",
+}  # torch's add_text appends /text_summary
+EXPECTED_LAYOUT_CATEGORIES = {"training", "ntk", "spectral", "dd"}
 
 
 def _free_port() -> int:
@@ -66,10 +73,10 @@ def _get_json(url: str):
 def quickstart_logs(tmp_path_factory) -> tuple[Path, str]:
     save_dir = tmp_path_factory.mktemp("runs")
     config = yaml.safe_load((REPO / "recipes/configs/quickstart.yaml").read_text())
-    for callback in config["trainer"]["callbacks"]:  # measure at every step of this short run
-        for cadence in ("every_n_steps", "bound_every_n_steps"):
+    for callback in config["trainer"]["callbacks"]:  # measure often in this short run
+        for cadence, value in (("every_n_steps", 2), ("bound_every_n_steps", 2), ("every_n_epochs", 1)):
             if cadence in callback.get("init_args", {}):
-                callback["init_args"][cadence] = 2
+                callback["init_args"][cadence] = value
     config_file = save_dir.parent / "quickstart_short.yaml"
     config_file.write_text(yaml.safe_dump(config))
     command = [

@@ -1,7 +1,8 @@
 """Lightning callbacks, one file each; they call :mod:`lt_theory.measures` and never re-implement it."""
 
 from lt_theory.callbacks.base import TheoryCallback
+from lt_theory.callbacks.double_descent import DoubleDescentProbe
 from lt_theory.callbacks.ntk import NTKDrift
 from lt_theory.callbacks.spectral import SpectralNormMonitor
 
-__all__ = ["NTKDrift", "SpectralNormMonitor", "TheoryCallback"]
+__all__ = ["DoubleDescentProbe", "NTKDrift", "SpectralNormMonitor", "TheoryCallback"]
