@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lt_theory.callbacks.base import check_positive_int
@@ -64,7 +65,16 @@ class Probe:
             return True
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and callable(getattr(datamodule, "probe", None)):
-            self.inputs, self.targets, _ = datamodule.probe(self.size, split=self.split, seed=self.seed)
+            try:
+                self.inputs, self.targets, _ = datamodule.probe(self.size, split=self.split, seed=self.seed)
+            except ValueError as error:  # say it in the callback's terms when the probe is too large
+                dataset = getattr(datamodule, f"{self.split}_dataset", None)
+                if not hasattr(dataset, "__len__") or self.size <= len(dataset):
+                    raise
+                raise ValueError(
+                    f"`probe_size` must be at most the {len(dataset)} examples of the {self.split!r} split of "
+                    f"{type(datamodule).__name__}, got {self.size}"
+                ) from error
         return self.ready
 
     def capture(self, batch) -> None:
@@ -72,6 +82,12 @@ class Probe:
         if self.ready:
             return
         inputs, targets = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)
+        if inputs.shape[0] < self.size:
+            rank_zero_warn(
+                f"`probe_size` is {self.size} but the first training batch has {inputs.shape[0]} examples: the "
+                f"probe is those {inputs.shape[0]}. Give `probe_inputs`, or a smaller `probe_size`.",
+                category=UserWarning,
+            )
         self.inputs = inputs[: self.size].detach().clone()
         is_label = isinstance(targets, Tensor) and targets.dim() == 1 and not targets.is_floating_point()
         self.targets = targets[: self.size].detach().clone() if is_label else None

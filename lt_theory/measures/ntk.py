@@ -38,19 +38,28 @@ on the other examples of the batch (the training-mode kernel does, through the b
 is off. The modules' train/eval flags are restored afterwards, ``.grad`` is never written, BatchNorm
 statistics are not updated and the global RNG state is left as it was (``torch.random.fork_rng``).
 
-Memory is bounded by working on chunks of ``c`` examples: the kernel is filled block by block,
-:math:`K[r, s] = J_r J_s^\top`, with at most two Jacobian chunks alive at once,
+Memory is bounded by a budget of :math:`H` per-example Jacobians alive at once (``memory_budget`` bytes
+divided by :math:`O' P b`, with :math:`O' = O` for the full and trace kernels and 1 for the pNTK, :math:`P`
+the number of trainable parameters and :math:`b = 4` or 8 bytes in float32 or float64). Jacobians are
+computed ``c`` examples per vectorised call (``chunk_size``). The kernel is filled block by block,
+:math:`K[r, s] = \sum_{\text{parameters}} J_r J_s^\top` (accumulated in place, parameter by parameter): a
+*panel* of :math:`H - c` examples of one side is computed once and kept while the other side's examples
+stream past it ``c`` at a time, so that
 
 .. math::
-    \text{memory} \approx 2\, c\, O' P\, b \text{ bytes},
-    \quad O' = O \text{ (full, trace) or } 1 \text{ (pNTK)},\ b = 4 \text{ (float32) or } 8 \text{ (float64)},
+    \text{memory} \approx H\, O' P\, b \le \texttt{memory\_budget} \text{ bytes}
+    \quad (\text{at least } 2\, c\, O' P\, b),
 
-plus the activations of ``c * O'`` backward passes and the kernel itself (:math:`N_1 N_2 O^2` or
-:math:`N_1 N_2` numbers). A chunk's Jacobian is recomputed for each chunk it is paired with: about
-:math:`N_1 + \lceil N_1 / c\rceil N_2` per-example Jacobians for a cross kernel and
-:math:`N (1 + (\lceil N/c \rceil - 1)/2)` for a symmetric one (only blocks on and above the diagonal are
-computed; the others are their transposes). ResNet-18 (11M parameters) with :math:`O = 10` in float32 needs
-440 MB per example for the full kernel and 44 MB for the pNTK.
+plus the activations of :math:`c\,O'` backward passes and the kernel itself (:math:`N_1 N_2 O^2` or
+:math:`N_1 N_2` numbers). With panels of :math:`w = H - c` examples, a symmetric kernel costs about
+:math:`N/2 + N^2 / (2 w)` per-example Jacobians, and only :math:`N` when :math:`N \le w` (only blocks on and
+above the diagonal are computed, the others are their transposes); a cross kernel costs
+:math:`N_1 + \lceil N_1 / w \rceil N_2` with panels of :math:`x_1`, or the same with the roles swapped,
+whichever is fewer. The contraction itself costs :math:`N_1 N_2 P` multiply-adds times :math:`O^2` (full),
+:math:`O` (trace) or 1 (pNTK), about half of it for a symmetric kernel. ResNet-20 (0.27M parameters) with
+:math:`O = 10` in float32 needs 10.8 MB per example for the full kernel, so the default budget of 256 MiB
+keeps 24 examples; ResNet-18 (11M parameters) needs 440 MB per example for the full kernel and 44 MB for the
+pNTK (raise ``memory_budget`` on a large GPU: below two examples' worth, each block recomputes Jacobians).
 
 **Comparing kernels.**
 
@@ -99,8 +108,13 @@ __all__ = [
 KERNEL_KINDS = ("full", "trace", "pntk")
 """The kernels :func:`empirical_ntk` computes."""
 
-DEFAULT_MEMORY_BUDGET = 1 << 30
-"""Bytes of Jacobian that :func:`empirical_ntk` keeps alive at once when ``chunk_size`` is None (1 GiB)."""
+DEFAULT_MEMORY_BUDGET = 1 << 28
+"""Bytes of per-example Jacobians that :func:`empirical_ntk` keeps alive at once by default (256 MiB)."""
+
+BACKWARD_PASSES_PER_CHUNK = 64
+"""Backward passes (examples times Jacobian rows) that one vectorised Jacobian call makes by default: enough
+to keep the arithmetic efficient, few enough that the activations stay small (measured on ResNet-20 on a CPU:
+the time per example is flat from 32 to 128 passes and grows beyond)."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -163,24 +177,24 @@ def empirical_ntk(
     ``mean_a K[i, j, a, a]`` and ``"pntk"`` is ``sum_{a, b} K[i, j, a, b] / O`` (see the module docstring).
     The model is evaluated in eval mode, one example at a time, and left exactly as it was: train/eval
     flags (restored even on error), parameters, ``.grad``, buffers (BatchNorm running statistics) and the
-    global RNG state are untouched. The model's output for a batch of ``n`` inputs must have ``n`` rows; the
-    output of one example is flattened to its ``O`` numbers.
+    global RNG state are untouched. The model must map ``n`` inputs to an output of shape ``(n, O)``, or
+    ``(n,)`` for a single output (``O = 1``).
 
-    Memory: at most two chunks of ``chunk_size`` examples' Jacobians exist at once,
-    ``2 * chunk_size * O' * P * bytes_per_element`` with ``O' = O`` for ``"full"`` and ``"trace"`` and
-    ``O' = 1`` for ``"pntk"``, ``P`` the number of trainable parameters. Smaller chunks bound memory at the
-    price of recomputing Jacobians (module docstring).
+    Memory: the per-example Jacobians alive at once, ``O' * P * bytes_per_element`` each (``O' = O`` for
+    ``"full"`` and ``"trace"``, ``O' = 1`` for ``"pntk"``, ``P`` the number of trainable parameters), stay
+    within ``memory_budget`` bytes, or two chunks of ``chunk_size`` examples if that is more. Jacobians
+    that do not fit are recomputed (module docstring).
 
     Args:
         model: the network; its parameters and buffers determine the device and dtype. Inputs are moved to
             that device; they must have a dtype the model accepts (float64 inputs for a float64 model).
         x1: inputs of shape ``(N1, *input_shape)``.
         x2: inputs of shape ``(N2, *input_shape)``, or None (or ``x1`` itself) for the symmetric kernel of
-            ``x1`` with itself, computed once for each pair of chunks and mirrored.
+            ``x1`` with itself, of which only the blocks on and above the diagonal are computed.
         kind: ``"full"``, ``"trace"`` or ``"pntk"``.
-        chunk_size: examples whose Jacobians are materialised at once; None chooses the largest chunk that
-            keeps the Jacobians within ``memory_budget`` bytes (at least 1).
-        memory_budget: bytes of Jacobian allowed at once when ``chunk_size`` is None.
+        chunk_size: examples whose Jacobians one vectorised call computes; None picks about
+            ``64 / O'`` (64 backward passes per call, at most a fourth of ``memory_budget``).
+        memory_budget: bytes of Jacobian kept alive at once (default 256 MiB).
 
     Returns:
         The kernel in the parameters' dtype and device: shape ``(N1, N2, O, O)`` for ``"full"``,
@@ -190,7 +204,8 @@ def empirical_ntk(
         ValueError: if ``kind`` is not one of ``"full"``, ``"trace"``, ``"pntk"``; ``chunk_size`` or
             ``memory_budget`` is not a positive int; ``x1`` or ``x2`` is not a tensor with a batch dimension
             of at least one example; the shapes of ``x1`` and ``x2`` differ past the first dimension; the
-            model has no trainable parameter; or its output is not a tensor with one row per input.
+            model has no trainable parameter; or its output is not a tensor of shape ``(n, O)`` or ``(n,)``
+            for ``n`` inputs (the message gives the shape it got).
         RuntimeError: from ``torch.func.vmap`` if the model draws random numbers in eval mode (its NTK is
             not defined); the global RNG state is still left as it was.
 
@@ -234,7 +249,7 @@ def empirical_ntk(
     x2 = x1 if symmetric else x2.detach().to(device)
 
     def output(p: dict[str, Tensor], x: Tensor) -> Tensor:
-        """The flattened output of the model on one example."""
+        """The output of the model on one example, as a vector of its ``O`` numbers."""
         return functional_call(model, (p, constants), (x.unsqueeze(0),)).reshape(-1)
 
     flags = [(module, module.training) for module in model.modules()]
@@ -244,19 +259,10 @@ def empirical_ntk(
     try:
         model.eval()
         with torch.random.fork_rng(devices=rng_devices):
-            with torch.no_grad():
-                probe = functional_call(model, (params, constants), (x1[:1],))
-            if not isinstance(probe, Tensor) or probe.ndim < 1 or probe.shape[0] != 1:
-                shape = tuple(probe.shape) if isinstance(probe, Tensor) else type(probe).__name__
-                raise ValueError(
-                    "`model` must return a tensor with one row per input (shape (n, ...) for n inputs), "
-                    f"got {shape} for one input"
-                )
-            num_outputs = probe[0].numel()
+            num_outputs = _num_outputs(model, params, constants, x1[:2])
             rows = 1 if kind == "pntk" else num_outputs
-            if chunk_size is None:
-                per_example = rows * sum(p.numel() for p in params.values()) * first.element_size()
-                chunk_size = _auto_chunk_size(per_example, memory_budget, x1.shape[0], x2.shape[0], symmetric)
+            per_example = rows * sum(p.numel() for p in params.values()) * first.element_size()
+            chunk, held = _plan(per_example, memory_budget, chunk_size, rows, max(x1.shape[0], x2.shape[0]))
 
             if kind == "pntk":
                 per_example_jacobian = vmap(grad(lambda p, x: output(p, x).sum()), in_dims=(None, 0))
@@ -268,7 +274,7 @@ def empirical_ntk(
                 jac = per_example_jacobian(params, x)
                 return [j.reshape(x.shape[0], rows, -1) for j in jac.values()]
 
-            kernel = _blockwise_kernel(jacobian, x1, x2, symmetric, kind, num_outputs, chunk_size)
+            kernel = _blockwise_kernel(jacobian, x1, x2, symmetric, kind, num_outputs, chunk, held)
     finally:
         for module, training in flags:
             module.training = training
@@ -277,34 +283,73 @@ def empirical_ntk(
     return kernel
 
 
-def _auto_chunk_size(per_example: int, budget: int, n1: int, n2: int, symmetric: bool) -> int:
-    """Largest chunk whose Jacobians (one chunk if symmetric and whole, else two) fit in ``budget`` bytes."""
-    if symmetric and n1 * per_example <= budget:
-        return n1
-    return max(1, min(max(n1, n2), budget // (2 * max(per_example, 1))))
+def _num_outputs(model: nn.Module, params: dict, constants: dict, x: Tensor) -> int:
+    """``O`` for a model whose output on ``n`` inputs has shape ``(n, O)`` or ``(n,)``; else ``ValueError``."""
+    with torch.no_grad():
+        out = functional_call(model, (params, constants), (x,))
+    n = x.shape[0]
+    if not isinstance(out, Tensor) or out.ndim not in (1, 2) or out.shape[0] != n:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+        raise ValueError(
+            f"`model` must return a tensor of shape (n, O) (or (n,) for one output) for n inputs, got {got} "
+            f"for {n} input{'s' if n > 1 else ''} of shape {tuple(x.shape[1:])}"
+        )
+    return 1 if out.ndim == 1 else out.shape[1]
+
+
+def _plan(per_example: int, budget: int, chunk_size: int | None, rows: int, n: int) -> tuple[int, int]:
+    """``(chunk, held)``: examples per vectorised Jacobian call, and per-example Jacobians kept at once.
+
+    ``held`` is what fits in ``budget`` bytes, and at least two chunks; ``chunk`` is ``chunk_size`` or, when
+    None, about ``BACKWARD_PASSES_PER_CHUNK / rows`` examples, at most a fourth of ``held``.
+    """
+    fit = budget // max(per_example, 1)
+    if chunk_size is None:
+        chunk_size = max(1, min(BACKWARD_PASSES_PER_CHUNK // rows, fit // 4))
+    chunk = min(chunk_size, n)
+    return chunk, max(2 * chunk, fit)
 
 
 def _contract(left: list[Tensor], right: list[Tensor], kind: str) -> Tensor:
-    """Sum over parameters of the products of two chunks' Jacobians, as a (c1, c2[, O, O]) kernel block."""
-    block = None
+    """Sum over parameters of the products of two Jacobian blocks, as a (c1, c2[, O, O]) kernel block.
+
+    Each list holds per-parameter tensors of shape (c, rows, numel); products are accumulated in place in
+    one matrix (``addmm_``), so the only allocation is the block itself.
+    """
+    c1, rows = left[0].shape[:2]
+    c2 = right[0].shape[0]
+    if kind == "full":
+        block = left[0].new_zeros(c1 * rows, c2 * rows)
+        for a, b in zip(left, right):
+            block.addmm_(a.reshape(c1 * rows, -1), b.reshape(c2 * rows, -1).T)
+        return block.reshape(c1, rows, c2, rows).permute(0, 2, 1, 3)
+    block = left[0].new_zeros(c1, c2)
     for a, b in zip(left, right):
-        if kind == "full":
-            c1, o, _ = a.shape
-            c2 = b.shape[0]
-            part = (a.reshape(c1 * o, -1) @ b.reshape(c2 * o, -1).T).reshape(c1, o, c2, o).permute(0, 2, 1, 3)
-        elif kind == "trace":
-            part = torch.einsum("iap,jap->ij", a, b)
-        else:
-            part = a[:, 0] @ b[:, 0].T
-        block = part if block is None else block + part
-    if kind == "trace":
-        block = block / left[0].shape[1]
-    return block
+        for o in range(rows):  # the diagonal blocks only: "trace" needs K[i, j, o, o]; pntk has one row
+            block.addmm_(a[:, o], b[:, o].T)
+    return block / rows if kind == "trace" else block
 
 
 def _transpose(block: Tensor) -> Tensor:
     """The block of the (j, i) pair from that of (i, j): K[j, i, b, a] = K[i, j, a, b]."""
     return block.permute(1, 0, 3, 2) if block.ndim == 4 else block.T
+
+
+def _slices(start: int, stop: int, size: int) -> list[slice]:
+    return [slice(s, min(s + size, stop)) for s in range(start, stop, size)]
+
+
+def _panel(jacobian: Callable[[Tensor], list[Tensor]], x: Tensor, chunk: int) -> list[Tensor]:
+    """Jacobians of all of ``x``, computed ``chunk`` examples at a time into preallocated tensors."""
+    panel = None
+    for part in _slices(0, x.shape[0], chunk):
+        jac = jacobian(x[part])
+        if panel is None:
+            panel = [j.new_empty((x.shape[0], *j.shape[1:])) for j in jac]
+        for k in range(len(jac)):
+            panel[k][part] = jac[k]
+        del jac  # no reference to a chunk survives its copy into the panel
+    return panel
 
 
 def _blockwise_kernel(
@@ -314,31 +359,71 @@ def _blockwise_kernel(
     symmetric: bool,
     kind: str,
     num_outputs: int,
-    chunk_size: int,
+    chunk: int,
+    held: int,
 ) -> Tensor:
-    """Fill the kernel block by block, keeping at most two chunks of Jacobians alive."""
+    """Fill the kernel with at most ``held`` per-example Jacobians alive: panels and streamed chunks.
+
+    A panel of ``held - chunk`` examples of one side is computed once and kept; the other side's examples
+    are streamed past it ``chunk`` at a time. Symmetric kernels compute the blocks on and above the diagonal
+    only (within a panel in blocks of about a quarter of it) and mirror them. If one side fits whole
+    (together with a chunk of the other), every Jacobian is computed once.
+    """
     n1, n2 = x1.shape[0], x2.shape[0]
-    rows = [slice(start, min(start + chunk_size, n1)) for start in range(0, n1, chunk_size)]
-    cols = rows if symmetric else [slice(s, min(s + chunk_size, n2)) for s in range(0, n2, chunk_size)]
     shape = (n1, n2, num_outputs, num_outputs) if kind == "full" else (n1, n2)
     kernel = None
-    cached = jacobian(x2[cols[0]]) if not symmetric and len(cols) == 1 else None
-    for r, row in enumerate(rows):
-        left = jacobian(x1[row])
-        if symmetric:
-            block = _contract(left, left, kind)
-            kernel = kernel if kernel is not None else block.new_empty(shape)
-            kernel[row, row] = (block + _transpose(block)) / 2
-            for col in rows[r + 1 :]:
-                block = _contract(left, jacobian(x1[col]), kind)
-                kernel[row, col] = block
-                kernel[col, row] = _transpose(block)
+
+    def put(rows: slice, cols: slice, block: Tensor, mirror: bool) -> None:
+        nonlocal kernel
+        if kernel is None:
+            kernel = block.new_empty(shape)
+        if mirror:
+            kernel[cols, rows] = _transpose(block)
         else:
-            for col in cols:
-                block = _contract(left, cached if cached is not None else jacobian(x2[col]), kind)
-                kernel = kernel if kernel is not None else block.new_empty(shape)
-                kernel[row, col] = block
-        del left
+            kernel[rows, cols] = block
+
+    if symmetric:
+        width = max(1, held - chunk)
+        for panel_rows in _slices(0, n1, width):
+            panel = _panel(jacobian, x1[panel_rows], chunk)
+            start = panel_rows.start
+            # blocks within the panel, upper triangle, in about four parts per side
+            part = max(chunk, -(-(panel_rows.stop - start) // 4))
+            parts = _slices(0, panel_rows.stop - start, part)
+            for u, r in enumerate(parts):
+                for c in parts[u:]:
+                    block = _contract([p[r] for p in panel], [p[c] for p in panel], kind)
+                    rows, cols = (
+                        slice(start + r.start, start + r.stop),
+                        slice(start + c.start, start + c.stop),
+                    )
+                    if r == c:
+                        put(rows, cols, (block + _transpose(block)) / 2, mirror=False)
+                    else:
+                        put(rows, cols, block, mirror=False)
+                        put(rows, cols, block, mirror=True)
+            for cols in _slices(panel_rows.stop, n1, chunk):
+                block = _contract(panel, jacobian(x1[cols]), kind)
+                put(panel_rows, cols, block, mirror=False)
+                put(panel_rows, cols, block, mirror=True)
+            del panel
+        return kernel
+
+    # Cross kernel: keep panels of the side that needs fewer Jacobian evaluations, stream the other.
+    width = max(1, held - chunk)
+    cost_1 = n1 + -(-n1 // width) * n2  # panels of x1, x2 streamed
+    cost_2 = n2 + -(-n2 // width) * n1
+    swap = cost_2 < cost_1
+    panel_x, stream_x = (x2, x1) if swap else (x1, x2)
+    for panel_rows in _slices(0, panel_x.shape[0], width):
+        panel = _panel(jacobian, panel_x[panel_rows], chunk)
+        for cols in _slices(0, stream_x.shape[0], chunk):
+            block = _contract(panel, jacobian(stream_x[cols]), kind)
+            if swap:  # block = K(x2[panel_rows], x1[cols])
+                put(panel_rows, cols, block, mirror=True)
+            else:
+                put(panel_rows, cols, block, mirror=False)
+        del panel
     return kernel
 
 
