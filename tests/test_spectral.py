@@ -26,6 +26,8 @@ from lt_theory.measures import (
     operator_spectrum,
     spectral_complexity,
 )
+from lt_theory.measures.spectral import _linear_map
+from lt_theory.models import resnet20
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths"),  # PyTorch's own note
@@ -154,6 +156,66 @@ def test_power_iteration_warm_start_converges_in_a_few_iterations():
     assert one_step.sigma_max == pytest.approx(true, rel=1e-5)
 
 
+@pytest.mark.parametrize("name", list(_CASES))
+def test_adjoint_is_the_transpose_of_the_dense_operator(name):
+    layer, shape = make(name)
+    op = _linear_map(layer, shape)
+    if not op.has_direct_adjoint:  # circular/reflect padding: the power iteration uses the VJP instead
+        return
+    y = torch.randn((3, *op.output_shape), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected = (dense_operator(layer, shape).T @ y.reshape(3, -1).T).T.reshape(3, *shape)
+    torch.testing.assert_close(op.apply_adjoint(y, op.weight), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(_CASES))
+def test_lanczos_matches_dense_svd(name):
+    layer, shape = make(name)
+    true = dense_svd(layer, shape)[0].item()
+    result = operator_norm(layer, shape, method="lanczos", n_iter=400, tol=0.0)  # Krylov space = all
+    assert result.guarantee == "lower"
+    assert result.sigma_max == pytest.approx(true, rel=1e-10)
+    assert result.sigma_max <= true * (1 + 1e-12)
+    assert result.vector.shape == shape
+    applied = dense_operator(layer, shape) @ result.vector.reshape(-1)
+    assert applied.norm().item() == pytest.approx(result.sigma_max, rel=1e-12)
+
+
+def test_lanczos_converges_faster_than_power_iteration_and_warm_starts_it():
+    layer = nn.Conv2d(8, 8, 3, padding=1, bias=False).double()  # zero padding: clustered top values
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(3)))
+    shape = (8, 10, 10)  # 800 unknowns, more than the steps below
+    true = dense_svd(layer, shape)[0].item()
+    lanczos = operator_norm(layer, shape, method="lanczos", n_iter=60, tol=0.0)
+    power = operator_norm(layer, shape, method="power", n_iter=60, tol=0.0)  # the same 60 products
+    assert lanczos.sigma_max <= true * (1 + 1e-12) and power.sigma_max <= true * (1 + 1e-12)
+    assert true - lanczos.sigma_max < 0.01 * (true - power.sigma_max)
+    assert lanczos.sigma_max == pytest.approx(true, rel=1e-6)
+    warm = operator_norm(layer, shape, method="power", n_iter=1, init=lanczos.vector)
+    assert warm.sigma_max == pytest.approx(true, rel=1e-6)
+    lanczos32 = operator_norm(layer.float(), shape, method="lanczos")  # default: 100 steps, tol 1e-7
+    assert lanczos32.vector.dtype == torch.float32
+    assert lanczos32.sigma_max == pytest.approx(true, rel=1e-5)
+
+
+def test_reshaped_kernel_norm_warm_start():
+    layer, shape = make("conv2d-s1-p1")
+    exact = operator_norm(layer, shape, method="reshape")
+    matrix = layer.weight.detach().reshape(layer.out_channels, -1)
+    assert exact.vector.shape == (matrix.shape[1],)
+    assert (matrix @ exact.vector).norm().item() == pytest.approx(exact.sigma_max, rel=1e-12)
+    with torch.no_grad():
+        layer.weight.mul_(1.5)
+    warm = operator_norm(layer, shape, method="reshape", init=exact.vector, n_iter=1)
+    assert warm.iterations == 1
+    assert warm.sigma_max == pytest.approx(1.5 * exact.sigma_max, rel=1e-12)  # same singular vector
+    with torch.no_grad():
+        layer.weight.add_(0.05 * torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(4)))
+    true = torch.linalg.matrix_norm(layer.weight.reshape(layer.out_channels, -1), ord=2).item()
+    warm = operator_norm(layer, shape, method="reshape", init=exact.vector, n_iter=200, tol=0.0)
+    assert warm.sigma_max == pytest.approx(true, rel=1e-10) and warm.sigma_max <= true * (1 + 1e-12)
+
+
 @pytest.mark.parametrize("name", EXACT_CASES)
 def test_fft_gives_every_singular_value(name):
     layer, shape = make(name)
@@ -253,7 +315,7 @@ def test_linear_methods_agree_with_the_svd():
 def test_operator_norm_rejects_bad_arguments():
     layer, shape = make("conv2d-s1-p1")
     with pytest.raises(ValueError, match="method"):
-        operator_norm(layer, shape, method="lanczos")
+        operator_norm(layer, shape, method="arnoldi")
     with pytest.raises(ValueError, match="input_shape"):
         operator_norm(layer, (3, 6))
     with pytest.raises(ValueError, match="channels"):
@@ -320,6 +382,31 @@ def test_spectrum_by_power_iteration_matches_dense():
     assert spectrum.sigma_min == pytest.approx(values[-1].item(), rel=1e-3)
     wide, wide_shape = make("conv2d-s2-p1")  # stride 2: fewer outputs than inputs
     assert operator_spectrum(wide, wide_shape, method="power").condition_number == math.inf
+
+
+@pytest.mark.parametrize("name", ["conv2d-s1-p1", "conv1d-same-even", "conv2d-reflect", "conv2d-groups2"])
+def test_spectrum_by_lanczos_matches_dense(name):
+    layer, shape = make(name)
+    values = dense_svd(layer, shape)
+    spectrum = operator_spectrum(layer, shape, method="lanczos", n_iter=400, tol=0.0)  # whole space
+    assert spectrum.method == "lanczos"
+    assert spectrum.sigma_max == pytest.approx(values[0].item(), rel=1e-10)
+    assert spectrum.sigma_min == pytest.approx(values[-1].item(), rel=1e-6)
+
+
+def test_spectrum_by_lanczos_brackets_and_beats_power_iteration():
+    layer = nn.Conv2d(8, 8, 3, padding=1, bias=False).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(3)))
+    shape = (8, 10, 10)
+    values = dense_svd(layer, shape)
+    lanczos = operator_spectrum(layer, shape, method="lanczos", n_iter=150)
+    power = operator_spectrum(layer, shape, method="power", n_iter=150)
+    assert lanczos.sigma_max <= values[0].item() * (1 + 1e-12)
+    assert lanczos.sigma_min >= values[-1].item() * (1 - 1e-9)  # Cauchy interlacing: from above
+    assert lanczos.sigma_min - values[-1].item() < 0.5 * (power.sigma_min - values[-1].item())
+    big = nn.Conv2d(16, 16, 3, padding=1)  # 16384 x 16384: too big for the dense SVD
+    assert operator_spectrum(big, (16, 32, 32), n_iter=20).method == "lanczos"
 
 
 def test_linear_spectrum_is_the_svd_of_the_weight():
@@ -471,6 +558,20 @@ def test_resnet_bound_is_above_the_empirical_lower_bound_and_follows_the_graph()
     for name in ("stem", "block2.conv1", "block3.conv2", "block2.short_conv", "fc"):
         module = model.get_submodule(name)
         assert n[name] >= dense_svd(module, _input_shape(model, name, shape))[0].item() * (1 - 1e-12)
+
+
+def test_resnet20_bound_is_above_the_empirical_lower_bound():
+    torch.manual_seed(0)
+    model = _prepared(resnet20()).eval()  # BatchNorm statistics away from the identity, float64
+    shape = (3, 16, 16)  # the CIFAR architecture on smaller images: a quarter of the Gram work of 32 x 32
+    bound = lipschitz_upper_bound(model, shape)
+    assert bound.graph_aware
+    inputs = torch.randn((4, *shape), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    jacobians = torch.func.vmap(torch.func.jacrev(lambda x: model(x[None])[0]))(inputs)  # (4, 10, *shape)
+    exact = torch.linalg.matrix_norm(jacobians.reshape(4, 10, -1), ord=2).max().item()
+    lower = jacobian_lipschitz_lower_bound(model, inputs, n_iter=3)
+    assert lower.value <= exact * (1 + 1e-9)
+    assert exact <= bound.value
 
 
 def _input_shape(model, name, shape):

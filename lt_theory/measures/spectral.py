@@ -15,9 +15,18 @@ Quantities
 Methods for ``sigma_max``
 -------------------------
 * ``"power"``: power iteration on ``A^T A``, with ``A`` applied by the layer's own convolution and
-  ``A^T`` by its vector-Jacobian product (exact for every padding mode). Every iterate
-  ``sigma = ||A v||`` (``||v|| = 1``) is a LOWER bound of ``||A||_2``; it converges to it at the rate
-  ``(sigma_2 / sigma_1)^(2k)``. The final right singular vector is returned to warm-start the next call.
+  ``A^T`` by the transposed convolution (zero padding, Linear) or the vector-Jacobian product of the
+  forward (circular/reflect/replicate padding). Every iterate ``sigma = ||A v||`` (``||v|| = 1``) is a
+  LOWER bound of ``||A||_2``; it converges to it at the rate ``(sigma_2 / sigma_1)^(2k)``. The final
+  right singular vector is returned to warm-start the next call. From a warm start ``v`` whose squared
+  sine to the top singular vector is ``s``, ``k`` iterations leave a relative error of at most about
+  ``s * max_x (1 - x) x^(2k) <= s / (e (2k + 1))`` (``x = (sigma_i / sigma_1)^2``): components along
+  nearly-equal singular values do not decay, but cost nearly nothing.
+* ``"lanczos"``: Lanczos on ``A^T A`` with full reorthogonalisation (the same products as ``"power"``).
+  ``||A y||`` for the Ritz vector ``y`` of the largest Ritz value is a LOWER bound too, and converges
+  much faster where the top singular values cluster (zero-padded convolutions: 50 steps reach 1e-5 where
+  100 power iterations leave 1e-3); it keeps ``n_iter + 1`` vectors of the input size. The Ritz vector is
+  returned to warm-start ``"power"``.
 * ``"fft"`` (Sedghi, Gupta & Long, ICLR 2019, "The singular values of convolutional layers"): a
   convolution with circular padding that keeps the input size (total padding ``dilation*(k-1)`` per
   dimension) and stride 1 is block-circulant, so it is unitarily equivalent to the block-diagonal matrix
@@ -56,6 +65,10 @@ Methods for ``sigma_max``
   unit-modulus phases), and ``reshape <= ||A||_2`` when ``groups == 1`` and some output reads a full
   in-bounds window of distinct input entries (apply ``A^T`` to one output position). With groups the
   reshaped matrix stacks the groups' filters on the same columns and may exceed ``||A||_2``.
+  Computed exactly (float64, from the top eigenpair of the smaller Gram matrix of the reshaped kernel),
+  or, when ``init`` is given, by power iteration on the reshaped kernel warm-started from ``init`` (a
+  lower bound of it; what a monitor uses between two measurements). Both return the right singular
+  vector, of shape ``(c_in / groups * prod k,)``.
 * ``"auto"``: the exact SVD for ``nn.Linear``, ``"fft"`` where it is exact, else ``"power"``.
 
 Frobenius norm (exact, any padding):
@@ -80,7 +93,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -102,10 +115,11 @@ __all__ = [
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_NORM_METHODS = ("power", "fft", "gram", "reshape", "auto")
-_SPECTRUM_METHODS = ("auto", "fft", "dense", "power")
-_DEFAULT_ITERATIONS = {"power": 100, "gram": 20}
-_DEFAULT_TOLERANCE = {"power": 1e-6, "gram": 1e-7}
+_CONV_TRANSPOSE_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_NORM_METHODS = ("power", "lanczos", "fft", "gram", "reshape", "auto")
+_SPECTRUM_METHODS = ("auto", "fft", "dense", "lanczos", "power")
+_DEFAULT_ITERATIONS = {"power": 100, "gram": 20, "lanczos": 100}
+_DEFAULT_TOLERANCE = {"power": 1e-6, "gram": 1e-7, "lanczos": 1e-7}
 # "auto" in operator_spectrum builds the dense matrix below this many entries (32 MiB in float64).
 _DENSE_LIMIT = 1 << 22
 
@@ -115,10 +129,12 @@ class OperatorNormResult(NamedTuple):
 
     Attributes:
         sigma_max: the norm (or its bound or estimate) as a Python float; NaN for non-finite weights.
-        vector: for ``"power"``, the final unit right singular vector, of shape ``input_shape`` (pass it
-            as ``init`` to the next call); ``None`` for the other methods.
-        iterations: power or Gram iterations done (0 for the closed forms).
-        guarantee: ``"lower"`` (power iteration: never above the norm), ``"exact"`` (SVD / FFT),
+        vector: for ``"power"`` and ``"lanczos"``, the final unit right singular (Ritz) vector, of shape
+            ``input_shape`` (pass it as ``init`` to the next call); for ``"reshape"``, that of the
+            reshaped kernel, of shape ``(c_in / groups * prod(kernel_size),)`` (``None`` for a zero
+            kernel); ``None`` for the other methods.
+        iterations: power, Lanczos or Gram iterations done (0 for the closed forms).
+        guarantee: ``"lower"`` (power iteration, Lanczos: never above the norm), ``"exact"`` (SVD / FFT),
             ``"upper"`` (Gram iteration: certified, never below) or ``"none"`` (``"reshape"``).
     """
 
@@ -135,7 +151,7 @@ class OperatorSpectrum(NamedTuple):
         sigma_max: largest singular value.
         sigma_min: ``min_{||x||=1} ||A x||``, the smallest singular value of ``A`` as a map on its
             whole input space; exactly 0 when the output has fewer entries than the input (then ``A``
-            is not injective). With ``method="power"`` it is an estimate from above.
+            is not injective). With ``"lanczos"`` and ``"power"`` it is an estimate from above.
         condition_number: ``sigma_max / sigma_min``; ``inf`` when ``sigma_min == 0`` (not injective),
             NaN when ``A == 0``.
         frobenius_norm: ``||A||_F`` of the operator, exact for every method and padding.
@@ -228,6 +244,37 @@ class _LinearMap:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, flat, mode=mode)
         return conv(x, weight, None, self.stride, 0, self.dilation, self.groups)
+
+    @property
+    def has_direct_adjoint(self) -> bool:
+        return self.is_linear or self.padding_mode == "zeros"
+
+    def apply_adjoint(self, y: Tensor, weight: Tensor) -> Tensor:
+        """``A^T y`` for a batch ``y`` of shape ``(B, *output_shape)`` by one transposed convolution (or
+        matrix product). Only where :attr:`has_direct_adjoint`: the adjoint of circular/reflect/replicate
+        padding folds the padded border back, for which the VJP of :meth:`apply` is used instead."""
+        if self.is_linear:
+            return torch.matmul(y, weight)
+        if self.padding_mode != "zeros":
+            raise NotImplementedError("the adjoint of a non-zero padding is taken by VJP")
+        symmetric = all(left == right for left, right in self.pads)
+        pads = [left if symmetric else 0 for left, _ in self.pads]
+        sizes = [
+            n if symmetric else n + left + right for n, (left, right) in zip(self.input_shape[1:], self.pads)
+        ]
+        extra = [
+            n - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
+            for n, o, s, p, d, k in zip(
+                sizes, self.output_shape[1:], self.stride, pads, self.dilation, self.kernel_size
+            )
+        ]  # input entries past the last window: transposed-convolution output_padding
+        transpose = _CONV_TRANSPOSE_FUNCTIONS[self.nd]
+        x = transpose(y, weight, None, self.stride, pads, extra, self.groups, self.dilation)
+        if not symmetric:
+            crop = [slice(None), slice(None)]
+            crop += [slice(left, left + n) for n, (left, _) in zip(self.input_shape[1:], self.pads)]
+            x = x[tuple(crop)]
+        return x
 
 
 def _ntuple(value, n: int, name: str) -> tuple[int, ...]:
@@ -487,6 +534,17 @@ def _block_singular_values(plan: _FrequencyPlan, op: _LinearMap) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def _adjoint(op: _LinearMap, weight: Tensor) -> Callable[[Tensor], Tensor]:
+    """``y -> A^T y`` for batches of one: a transposed convolution (zero padding, Linear), else the
+    pull-back of the forward's VJP, taken once at 0 (``A`` is linear, so it is ``A^T`` everywhere)."""
+    if op.has_direct_adjoint:
+        return lambda y: op.apply_adjoint(y, weight)
+    zero = torch.zeros((1, *op.input_shape), dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():  # the pull-back then records no graph of its own
+        _, pullback = torch.func.vjp(lambda x: op.apply(x, weight), zero)
+    return lambda y: pullback(y)[0]
+
+
 def _power_iteration(
     op: _LinearMap,
     n_iter: int,
@@ -507,9 +565,9 @@ def _power_iteration(
     def forward(x: Tensor) -> Tensor:
         return op.apply(x, weight)
 
+    adjoint = _adjoint(op, weight)
+
     with torch.no_grad():
-        zero = torch.zeros((1, *op.input_shape), dtype=cdtype, device=device)
-        _, adjoint = torch.func.vjp(forward, zero)  # A is linear: its VJP at any point is A^T
         if init is not None:
             if init.numel() != op.in_numel:
                 raise ValueError(
@@ -536,9 +594,9 @@ def _power_iteration(
                 break
             previous = sigma
             if smallest_shift is None:
-                w = adjoint(u / sigma)[0]
+                w = adjoint(u / sigma)
             else:
-                w = smallest_shift * smallest_shift * v - adjoint(u)[0]
+                w = smallest_shift * smallest_shift * v - adjoint(u)
             norm = float(w.norm())
             if norm == 0.0 or not math.isfinite(norm):
                 break
@@ -546,13 +604,119 @@ def _power_iteration(
         return sigma, v[0], it
 
 
+def _lanczos(
+    op: _LinearMap,
+    n_iter: int,
+    tol: float,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    smallest: bool = False,
+    init: Tensor | None = None,
+) -> tuple[float, float, Tensor, int]:
+    """Extreme Ritz values of ``A^T A`` by Lanczos with full reorthogonalisation.
+
+    Returns ``(sigma_max, sigma_min, vector, steps)``: ``sigma_max = ||A y||`` for the unit Ritz vector
+    ``y`` (shape ``input_shape``) of the largest Ritz value, a lower bound of ``||A||_2``;
+    ``sigma_min = sqrt(theta_min)``, an upper bound of ``min_{||x||=1} ||A x||`` (Cauchy interlacing puts
+    every Ritz value in ``[lambda_min, lambda_max]`` of ``A^T A``); both converge much faster than power
+    iterations (on ``A^T A`` and on ``c I - A^T A``) do. Stops after ``n_iter`` steps, at an invariant
+    subspace, or when the residual ``||A^T A y - theta y||`` of the largest (and, with ``smallest``, the
+    smallest) Ritz pair is at most ``tol * theta`` (checked every 10 steps; an eigenvalue of ``A^T A`` then
+    lies within ``tol * theta`` of ``theta``). Starts from ``init`` when it is given and usable, else from
+    a random vector. Keeps ``n_iter + 1`` vectors of the input's size.
+    """
+    weight = op.weight.to(dtype)
+    device, n = weight.device, op.in_numel
+    steps = min(n_iter, n)
+    basis = torch.empty(steps + 1, n, dtype=dtype, device=device)
+    start = None if init is None else init.detach().to(device=device, dtype=dtype).reshape(-1)
+    if start is not None and start.numel() != n:
+        raise ValueError(f"init has {start.numel()} entries, input_shape={op.input_shape} has {n}")
+    if start is None or not bool(torch.isfinite(start).all()) or float(start.norm()) == 0.0:
+        start = _random_unit((n,), dtype, device, generator)
+    basis[0] = start / start.norm()
+
+    adjoint = _adjoint(op, weight)
+
+    def forward(x: Tensor) -> Tensor:
+        return op.apply(x.reshape(1, *op.input_shape), weight)
+
+    def gram(x: Tensor) -> Tensor:  # A^T A x
+        return adjoint(forward(x)).reshape(-1)
+
+    def tridiagonal() -> Tensor:
+        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if len(alphas) > 1:
+            off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+            t = t + torch.diag(off, 1) + torch.diag(off, -1)
+        return t
+
+    alphas: list[float] = []
+    betas: list[float] = []
+    with torch.no_grad():
+        for j in range(steps):
+            w = gram(basis[j])
+            alpha = float(w @ basis[j])
+            alphas.append(alpha)
+            w = w - alpha * basis[j]
+            if j > 0:
+                w = w - betas[-1] * basis[j - 1]
+            before = float(w.norm())
+            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)  # full reorthogonalisation
+            beta = float(w.norm())
+            if beta < 0.7 * before:  # cancellation: a second pass ("twice is enough", Kahan/Parlett)
+                w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+                beta = float(w.norm())
+            if not (math.isfinite(alpha) and math.isfinite(beta)):
+                return math.nan, math.nan, basis[0].reshape(op.input_shape), j + 1
+            if j + 1 == steps or beta <= 1e-13 * max(abs(a) for a in alphas):  # breakdown: exact
+                break
+            if (j + 1) % 10 == 0:
+                # the residual ||A^T A y - theta y|| of a Ritz pair is beta * |last entry of its
+                # eigenvector of T|, and some eigenvalue lies within it of theta
+                values, vectors = torch.linalg.eigh(tridiagonal())
+                ends = (-1, 0) if smallest else (-1,)
+                if all(beta * abs(float(vectors[-1, i])) <= tol * abs(float(values[i])) for i in ends):
+                    break
+            betas.append(beta)
+            basis[j + 1] = w / beta
+        values, vectors = torch.linalg.eigh(tridiagonal())
+        k = len(alphas)
+        ritz = basis[:k].T @ vectors[:, -1].to(dtype=dtype, device=device)
+        ritz = ritz / ritz.norm()
+        sigma_max = float(forward(ritz).norm())
+        sigma_min = math.sqrt(max(float(values[0]), 0.0))
+    return sigma_max, sigma_min, ritz.reshape(op.input_shape), k
+
+
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
 
 
+def _top_singular_pair(matrix: Tensor) -> tuple[float, Tensor | None]:
+    """Exact ``sigma_max`` of a float64 matrix and its unit right singular vector (None when the matrix is
+    0), from the top eigenpair of the smaller Gram matrix: several times faster than an SVD of a wide
+    kernel matrix (512 x 4608: 70 ms against 540 ms on one CPU thread), and as accurate for ``sigma_max``."""
+    rows, columns = matrix.shape
+    if rows < columns:
+        values, vectors = torch.linalg.eigh(matrix @ matrix.T)
+        right = matrix.T @ vectors[:, -1]
+    else:
+        values, vectors = torch.linalg.eigh(matrix.T @ matrix)
+        right = vectors[:, -1]
+    sigma = math.sqrt(max(float(values[-1]), 0.0))
+    norm = float(right.norm())
+    return sigma, (right / norm if norm > 0 else None)
+
+
 def _is_finite(op: _LinearMap) -> bool:
-    return bool(torch.isfinite(op.weight).all())
+    """No NaN/Inf in the weight: NaN propagates through min/max and an Inf is the min or max. One pass,
+    about ten times faster than ``torch.isfinite(w).all()`` (which checks twice and allocates)."""
+    if op.weight.numel() == 0:
+        return True
+    low, high = torch.aminmax(op.weight)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def _operator_norm(
@@ -575,7 +739,9 @@ def _operator_norm(
             method = "power"
     if n_iter is not None and n_iter < (0 if method == "gram" else 1):
         raise ValueError(f"n_iter={n_iter}: expected a positive integer (or 0 Gram steps for 'gram')")
-    guarantee = {"power": "lower", "fft": "exact", "gram": "upper", "reshape": "none"}[method]
+    guarantee = {"power": "lower", "lanczos": "lower", "fft": "exact", "gram": "upper", "reshape": "none"}[
+        method
+    ]
     if method == "fft":
         plan = _frequency_plan(op)
         if not plan.exact:
@@ -589,9 +755,15 @@ def _operator_norm(
     if not _is_finite(op):
         return OperatorNormResult(math.nan, None, 0, guarantee)
     if method == "reshape":
-        w = op.weight.to(torch.float64)
-        value = float(torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2))
-        return OperatorNormResult(value, None, 0, guarantee)
+        matrix = op.weight.reshape(op.weight.shape[0], -1)
+        if init is None:
+            value, vector = _top_singular_pair(matrix.to(torch.float64))
+            return OperatorNormResult(value, vector, 0, guarantee)
+        n_iter = _DEFAULT_ITERATIONS["power"] if n_iter is None else n_iter
+        tol = _DEFAULT_TOLERANCE["power"] if tol is None else tol
+        kernel_map = _LinearMap(matrix, (matrix.shape[1],))
+        sigma, vector, iterations = _power_iteration(kernel_map, n_iter, tol, init, generator, dtype)
+        return OperatorNormResult(sigma, vector, iterations, guarantee)
     if method == "fft":
         value = float(torch.linalg.svdvals(plan.blocks).max())
         return OperatorNormResult(value, None, 0, guarantee)
@@ -601,6 +773,10 @@ def _operator_norm(
         plan = _frequency_plan(op)
         bound, steps = _gram_upper_bound(plan.blocks, n_iter, tol)
         return OperatorNormResult(bound * plan.factor, None, steps, guarantee)
+    if method == "lanczos":
+        cdtype = _compute_dtype(op.weight, dtype)
+        sigma, _, vector, steps = _lanczos(op, n_iter, tol, generator, cdtype, init=init)
+        return OperatorNormResult(sigma, vector, steps, guarantee)
     sigma, vector, iterations = _power_iteration(op, n_iter, tol, init, generator, dtype)
     return OperatorNormResult(sigma, vector, iterations, guarantee)
 
@@ -621,21 +797,25 @@ def operator_norm(
         layer: ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (any stride, padding, padding_mode, dilation, groups).
         input_shape: one input without the batch dimension: ``(features,)`` (or ``(..., features)``) for
             Linear, ``(C, L)``, ``(C, H, W)``, ``(C, D, H, W)`` for convolutions.
-        method: ``"power"`` (lower bound converging to the norm, warm-startable), ``"fft"`` (exact,
-            Sedghi et al.; circular size-keeping padding or padding-free 1x1 kernels), ``"gram"``
+        method: ``"power"`` (lower bound converging to the norm, warm-startable), ``"lanczos"`` (lower
+            bound, converging faster, memory ``n_iter`` input vectors), ``"fft"`` (exact, Sedghi et
+            al.; circular size-keeping padding or padding-free 1x1 kernels), ``"gram"``
             (certified upper bound, Delattre et al.), ``"reshape"`` (norm of the reshaped kernel, for
             comparison) or ``"auto"`` (exact where possible, else power). See the module docstring.
-        n_iter: maximum iterations (power: 100 by default, at least 1; gram: 20 Gram steps by default,
-            0 gives the Frobenius norm).
+        n_iter: maximum iterations (power: 100 by default, at least 1; lanczos: 100 steps; gram: 20 Gram
+            steps by default, 0 gives the Frobenius norm).
         tol: stop when the relative change between two iterates is at most ``tol`` (power: 1e-6, gram:
-            1e-7); ``0`` runs all ``n_iter`` iterations. For power iteration this bounds the change, not
-            the error: with clustered top singular values (zero-padded convolutions: ratios
-            ``sigma_2 / sigma_1`` of 0.999 are common) the error can be a hundred times ``tol``.
-        init: power iteration start (e.g. ``vector`` of the previous result); random if None.
+            1e-7), or the relative Ritz residual is (lanczos: 1e-7); ``0`` runs all ``n_iter``
+            iterations. For power iteration this bounds the change, not the error: with clustered top
+            singular values (zero-padded convolutions: ratios ``sigma_2 / sigma_1`` of 0.999 are common)
+            the error can be a hundred times ``tol``.
+        init: power iteration (or Lanczos) start (e.g. ``vector`` of the previous result); random if
+            None. With ``"reshape"``, a given ``init`` switches from the exact value to power iteration
+            on the reshaped kernel from ``init`` (``n_iter``, ``tol`` as for ``"power"``).
         generator: source of the random start; a fresh ``torch.Generator`` seeded 0 when None. The
             global RNG is never used.
-        dtype: power-iteration dtype (default: the weight's, float32 for half types). The closed forms
-            and the Gram iteration always compute in float64.
+        dtype: power-iteration and Lanczos dtype (default: the weight's, float32 for half types). The
+            closed forms and the Gram iteration always compute in float64.
 
     Returns:
         :class:`OperatorNormResult` ``(sigma_max, vector, iterations, guarantee)``; ``sigma_max`` is NaN
@@ -711,9 +891,12 @@ def operator_spectrum(
 
     Methods: ``"fft"`` (all singular values, exact where :func:`operator_norm`'s ``"fft"`` is, and for
     ``nn.Linear`` the SVD of the weight), ``"dense"`` (SVD of the explicit matrix, float64),
-    ``"power"`` (``sigma_max`` by power iteration; ``sigma_min = ||A v||`` for ``v`` from power iteration
-    on ``sigma_max^2 I - A^T A``, an estimate from above that converges slowly when the smallest singular
-    values cluster), ``"auto"``: fft where exact, else dense up to 2^22 matrix entries, else power.
+    ``"lanczos"`` (both from the extreme Ritz values of ``A^T A`` after Lanczos steps with full
+    reorthogonalisation, float64: ``sigma_max`` from below, ``sigma_min`` from above (Cauchy
+    interlacing); it stores ``n_iter`` vectors of the input size), ``"power"`` (``sigma_max`` by power
+    iteration; ``sigma_min = ||A v||`` for ``v`` from power iteration on ``sigma_max^2 I - A^T A``, an
+    estimate from above that converges far more slowly than Lanczos when the smallest singular values
+    cluster), ``"auto"``: fft where exact, else dense up to 2^22 matrix entries, else lanczos.
 
     ``sigma_min`` is ``min_{||x||=1} ||A x||``: 0 when the output has fewer entries than the input
     (``A`` is not injective), and then the condition number is ``inf``. The Frobenius norm is exact for
@@ -722,10 +905,12 @@ def operator_spectrum(
     Args:
         layer: ``nn.Linear`` or ``nn.Conv1d/2d/3d``.
         input_shape: one input without the batch dimension.
-        method: ``"auto"``, ``"fft"``, ``"dense"`` or ``"power"``.
-        n_iter: power iterations for each of ``sigma_max`` and ``sigma_min`` (default 100 and 1000).
-        tol: relative tolerance of the power iterations (default 1e-6 and 1e-9).
-        generator: random starts of the power iterations (a fresh seeded one when None).
+        method: ``"auto"``, ``"fft"``, ``"dense"``, ``"lanczos"`` or ``"power"``.
+        n_iter: Lanczos steps (default 200), or power iterations for each of ``sigma_max`` and
+            ``sigma_min`` (default 100 and 1000).
+        tol: relative tolerance of the Lanczos Ritz residuals (default 1e-9), or of the power
+            iterations (default 1e-6 and 1e-9).
+        generator: random starts of the iterations (a fresh seeded one when None).
 
     Returns:
         :class:`OperatorSpectrum`; every field NaN (``singular_values`` None) for non-finite weights.
@@ -752,7 +937,7 @@ def operator_spectrum(
             elif op.in_numel * op.out_numel <= _DENSE_LIMIT:
                 method = "dense"
             else:
-                method = "power"
+                method = "lanczos"
     if not _is_finite(op):
         nan = math.nan
         return OperatorSpectrum(nan, nan, nan, nan, nan, None, method)
@@ -768,6 +953,12 @@ def operator_spectrum(
             values = torch.linalg.svdvals(dense.reshape(op.in_numel, -1).T)
         sigma_max = float(values[0])
         sigma_min = float(values[-1]) if injective_possible else 0.0
+    elif method == "lanczos":
+        steps = 200 if n_iter is None else n_iter
+        tol_lanczos = 1e-9 if tol is None else tol
+        sigma_max, sigma_min, _, _ = _lanczos(op, steps, tol_lanczos, generator, torch.float64, smallest=True)
+        if not injective_possible:
+            sigma_min = 0.0
     else:
         n_max = 100 if n_iter is None else n_iter
         tol_max = 1e-6 if tol is None else tol
