@@ -453,6 +453,40 @@ def test_train_validation_split_sizes_disjointness_and_clean_validation_labels()
     assert no_split.val_dataset is no_split.test_dataset and len(no_split.train_dataset) == 300
 
 
+def test_train_split_gives_disjoint_equal_parts_of_one_noisy_training_set():
+    full = _synthetic(val_size=20, label_noise=0.25)
+    parts = [_synthetic(val_size=20, label_noise=0.25, train_split=(i, 3)) for i in range(3)]
+    sources = [part.train_dataset.source_indices for part in parts]
+    assert [len(s) for s in sources] == [280 // 3] * 3
+    assert len(set(torch.cat(sources).tolist())) == 3 * (280 // 3)  # disjoint
+    assert set(torch.cat(sources).tolist()) <= set(full.train_dataset.source_indices.tolist())
+    position = {int(s): i for i, s in enumerate(full.train_dataset.source_indices)}
+    noisy_in_full = set(full.train_dataset.noisy_indices.tolist())
+    for part in parts:
+        train = part.train_dataset
+        rows = torch.tensor([position[int(s)] for s in train.source_indices])
+        # the same images, noisy labels and clean labels as the full data module, and the noise records follow
+        assert torch.equal(train.images, full.train_dataset.images[rows])
+        assert torch.equal(train.labels, full.train_dataset.labels[rows])
+        assert torch.equal(train.clean_labels, full.train_dataset.clean_labels[rows])
+        expected = [i for i, row in enumerate(rows.tolist()) if row in noisy_in_full]
+        assert train.noisy_indices.tolist() == expected
+        assert torch.equal(part.test_dataset.labels, full.test_dataset.labels)
+        assert torch.equal(part.val_dataset.source_indices, full.val_dataset.source_indices)
+    again = _synthetic(val_size=20, label_noise=0.25, train_split=(1, 3))
+    assert torch.equal(again.train_dataset.source_indices, sources[1])
+    other_seed = _synthetic(val_size=20, label_noise=0.25, train_split=(1, 3), seed=1)
+    assert not torch.equal(other_seed.train_dataset.source_indices, sources[1])
+
+
+@pytest.mark.parametrize("value", [(0, 1), (3, 3), (-1, 2), (0,), (0.0, 2), "0,2", (True, 2)])
+def test_bad_train_split_raises_naming_the_argument(value):
+    with pytest.raises(ValueError, match="`train_split`"):
+        SyntheticCIFARDataModule(train_split=value)
+    with pytest.raises(ValueError, match="`train_split`.*at most 300"):
+        _synthetic(train_split=(0, 301))
+
+
 def test_setup_is_idempotent():
     datamodule = _synthetic(val_size=20)
     datasets = (datamodule.train_dataset, datamodule.val_dataset, datamodule.test_dataset)

@@ -13,11 +13,17 @@ and the whole test set, and logs
 
 with the interpolation epoch (first epoch with train error <= epsilon) and the peaks of the test error
 found by :func:`lt_theory.measures.risk.find_peaks`. The mathematics is in :mod:`lt_theory.measures.risk`.
+
+The clean/noisy split needs the label-noise records of an lt_theory data module; on any other
+``LightningDataModule`` the probe measures the train error (on the labels the dataset yields), the test error
+and the test loss, and says once that the noisy-label metrics are off. The model-wise curve (over widths)
+is drawn by :mod:`lt_theory.sweep` from one such probe per run.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sized
 
 import matplotlib
 
@@ -26,7 +32,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
+from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
 from torch import Tensor  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset, Subset  # noqa: E402
 
 from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int  # noqa: E402
 from lt_theory.measures.risk import (  # noqa: E402
@@ -38,24 +46,95 @@ from lt_theory.measures.risk import (  # noqa: E402
 
 __all__ = ["DoubleDescentProbe"]
 
-_REQUIRED = (
-    "`train_dataset` (with `images`, `labels`, `clean_labels`, `noisy_indices`), `test_dataset` and `preprocess`"
-)
+_NOISE_RECORDS = ("images", "labels", "clean_labels", "noisy_indices")
+_NOISY_TAGS = "`dd/train_error_clean`, `dd/train_error_noisy` and `dd/memorized_fraction`"
+
+
+def _has_noise_records(datamodule) -> bool:
+    """Whether ``datamodule`` is an lt_theory data module: in-memory splits with label-noise records."""
+    train = getattr(datamodule, "train_dataset", None)
+    test = getattr(datamodule, "test_dataset", None)
+    return (
+        callable(getattr(datamodule, "preprocess", None))
+        and all(hasattr(train, name) for name in _NOISE_RECORDS)
+        and hasattr(test, "images")
+        and hasattr(test, "labels")
+    )
+
+
+class _TensorSet:
+    """An evaluation set held as tensors (an lt_theory split): ``images`` go through ``transform``."""
+
+    def __init__(self, images: Tensor, labels: Tensor, batch_size: int) -> None:
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, rank: int, world: int):
+        images, labels = (self.images, self.labels) if world == 1 else self._shard(rank, world)
+        for start in range(0, len(labels), self.batch_size):
+            yield images[start : start + self.batch_size], labels[start : start + self.batch_size]
+
+    def _shard(self, rank: int, world: int) -> tuple[Tensor, Tensor]:
+        shard = torch.arange(rank, len(self.labels), world)
+        return self.images[shard], self.labels[shard]
+
+
+class _DatasetSet:
+    """An evaluation set held as a map-style dataset (any data module), read by a sequential DataLoader.
+
+    The loader is built once per rank over ``Subset(dataset, indices[rank::world])`` with the collate function
+    and worker count of the loader the dataset came from; it never touches that loader or its sampler.
+    """
+
+    def __init__(self, dataset, indices: Tensor, like: DataLoader, batch_size: int) -> None:
+        self.dataset, self.indices, self.like, self.batch_size = dataset, indices, like, batch_size
+        self._loader: DataLoader | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batches(self, rank: int, world: int):
+        if self._loader is None:
+            workers = self.like.num_workers
+            self._loader = DataLoader(
+                Subset(self.dataset, self.indices[rank::world].tolist()),
+                batch_size=self.batch_size,
+                shuffle=False,
+                collate_fn=self.like.collate_fn,
+                num_workers=workers,
+                persistent_workers=workers > 0,
+                generator=torch.Generator().manual_seed(0),  # workers' base seed: not the global RNG
+            )
+        return self._loader
 
 
 class DoubleDescentProbe(TheoryCallback):
     """Watch epoch-wise double descent: clean/noisy train error, memorisation, test error and its peaks.
 
-    Needs an lt_theory data module (:class:`lt_theory.data.CIFARDataModule` and its subclasses), whose
-    training set records the clean labels and the noisy indices (``label_noise=p``). Under DDP each rank
-    evaluates an interleaved shard and the predictions are gathered, so the work is done once.
+    The clean/noisy metrics need an lt_theory data module (:class:`lt_theory.data.CIFARDataModule` and its
+    subclasses), whose training set records the clean labels and the noisy indices (``label_noise=p``). Any
+    other ``LightningDataModule`` works too: the probe evaluates, with a sequential loader of its own (the
+    training loader is never iterated, so its shuffling is not perturbed), ``train_subset_size`` examples of
+    ``train_dataloader().dataset`` (a map-style dataset; note that transforms inside the dataset, e.g.
+    augmentation, are applied as they are) and the whole test set (``test_dataloader()``, else
+    ``val_dataloader()``), and logs the train error, the test error and the test loss; it warns once that
+    the noisy-label metrics are off, as it does for an lt_theory data module with ``label_noise=0``. The
+    data module's ``preprocess``, if it has one, is applied to the inputs on the device. Under DDP each rank
+    evaluates an interleaved shard and the predictions are gathered, so the work is done once (each rank
+    evaluates with its own BatchNorm running statistics, which under DDP differ from rank zero's by the last
+    batch's update unless SyncBatchNorm is used).
 
-    Cost: an evaluation pass (forward only) over ``train_subset_size`` training and all test examples; with
-    the defaults on CIFAR-10 (10,000 + 10,000 examples every 5 epochs) about 3% of training time.
+    Cost: one evaluation pass (forward only) over ``train_subset_size`` training and all test examples; with
+    the defaults on CIFAR-10 (10,000 + 10,000 examples every 5 epochs) about 3% of training time. The pass
+    costs at most 1.1 times a bare forward pass over the same examples (``benchmarks/bench_double_descent.py``).
 
     Logged tags: ``dd/train_error``, ``dd/train_error_clean``, ``dd/train_error_noisy``,
     ``dd/memorized_fraction``, ``dd/test_error``, ``dd/test_loss`` (at the step ending the epoch);
-    ``dd/interpolation_epoch`` once, when the train error first reaches ``interpolation_epsilon``;
+    (``dd/train_error_clean`` and the next two need label-noise records; ``dd/test_*`` a test or
+    validation set); ``dd/interpolation_epoch`` once, when the train error first reaches
+    ``interpolation_epsilon``;
     ``dd/peak_epoch`` and ``dd/peak_test_error`` for each test-error peak found (at fit end); the text
     ``dd/summary`` and the image ``dd/curves`` at fit end; a custom-scalars panel ``dd``.
 
@@ -65,9 +144,18 @@ class DoubleDescentProbe(TheoryCallback):
         eval_batch_size: batch size of the evaluation passes.
         interpolation_epsilon: the train error at or below which the training set counts as interpolated.
         seed: seed of the training subset.
+        measure_on_train_end: also measure when training ends, if the last epoch trained was not measured
+            (``max_epochs`` not a multiple of ``every_n_epochs``, ``max_steps`` or a stop in mid-epoch), so
+            that ``history[-1]`` describes the final model (the sweep of :mod:`lt_theory.sweep` uses it).
+
+    Attributes:
+        history: one dict per measurement: ``epoch``, ``step`` and the measured quantities.
+        last_test_logits, last_test_labels: the test logits ``(N, C)`` and labels of the last measurement,
+            on the CPU (None before the first one or without a test set); the bias-variance decomposition of
+            :mod:`lt_theory.sweep` reads them.
 
     Raises:
-        ValueError: for a bad argument, naming it; at setup, for a data module without what it needs.
+        ValueError: for a bad argument, naming it; at setup, when the trainer has no data module.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -85,37 +173,54 @@ class DoubleDescentProbe(TheoryCallback):
         eval_batch_size: int = 512,
         interpolation_epsilon: float = 0.01,
         seed: int = 0,
+        measure_on_train_end: bool = False,
     ) -> None:
         super().__init__()
         check_positive_int("every_n_epochs", every_n_epochs)
         check_positive_int("train_subset_size", train_subset_size, allow_none=True)
         check_positive_int("eval_batch_size", eval_batch_size)
         check_fraction("interpolation_epsilon", interpolation_epsilon, high_open=True)
+        if not isinstance(measure_on_train_end, bool):
+            raise ValueError(f"`measure_on_train_end` must be True or False, got {measure_on_train_end!r}")
         self.every_n_epochs, self.train_subset_size = every_n_epochs, train_subset_size
         self.eval_batch_size, self.interpolation_epsilon, self.seed = (
             eval_batch_size,
             interpolation_epsilon,
             seed,
         )
+        self.measure_on_train_end = measure_on_train_end
         self.history: list[dict[str, float]] = []
         self.interpolation_epoch: int | None = None
+        self.last_test_logits: Tensor | None = None
+        self.last_test_labels: Tensor | None = None
+        self._sets: dict[str, object] | None = None
 
     # -- setup ------------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         datamodule = trainer.datamodule
-        train = getattr(datamodule, "train_dataset", None)
-        needed = ("images", "labels", "clean_labels", "noisy_indices")
-        if (
-            datamodule is None
-            or not callable(getattr(datamodule, "preprocess", None))
-            or getattr(datamodule, "test_dataset", None) is None
-            or not all(hasattr(train, name) for name in needed)
-        ):
+        if datamodule is None:
             raise ValueError(
-                f"DoubleDescentProbe needs a data module with {_REQUIRED}, as the lt_theory data modules have "
-                f"(e.g. `SyntheticCIFARDataModule(label_noise=0.15)`); got {type(datamodule).__name__}."
+                "DoubleDescentProbe needs a data module (`trainer.fit(module, datamodule=...)`): it evaluates "
+                "the training set and the test set of `trainer.datamodule`, and found none. Any "
+                "LightningDataModule works; an lt_theory one (e.g. `SyntheticCIFARDataModule(label_noise=0.15)`) "
+                "also gives the clean/noisy split."
+            )
+        self._sets = None  # resolved at the first measurement, once the loaders exist
+        if not _has_noise_records(datamodule):
+            self.warn_once(
+                "noisy-metrics-off",
+                f"{type(datamodule).__name__} has no label-noise records (`train_dataset` with "
+                f"{', '.join(f'`{name}`' for name in _NOISE_RECORDS)}, as the lt_theory data modules have), "
+                f"so {_NOISY_TAGS} are off; the train error, test error and test loss are logged.",
+            )
+        elif len(datamodule.train_dataset.noisy_indices) == 0:
+            self.warn_once(
+                "noisy-metrics-off",
+                f"{type(datamodule).__name__} has `label_noise=0`, so no label is noisy and "
+                "`dd/train_error_noisy` and `dd/memorized_fraction` are off; give it `label_noise > 0` "
+                "(e.g. 0.15, as Nakkiran et al.) to watch memorisation.",
             )
 
     def _train_subset(self, size: int) -> Tensor:
@@ -124,55 +229,120 @@ class DoubleDescentProbe(TheoryCallback):
         generator = torch.Generator().manual_seed(self.seed)
         return torch.randperm(size, generator=generator)[: self.train_subset_size].sort().values
 
+    # -- evaluation sets --------------------------------------------------------------------------
+
+    def _evaluation_sets(self, trainer: Trainer) -> dict[str, object]:
+        """``{"train": ..., "test": ...}`` (either may be missing), and the noise records of the subset."""
+        if self._sets is not None:
+            return self._sets
+        datamodule = trainer.datamodule
+        sets: dict[str, object] = {}
+        if _has_noise_records(datamodule):
+            train, test = datamodule.train_dataset, datamodule.test_dataset
+            subset = self._train_subset(len(train.labels))
+            everything = len(subset) == len(train.labels)
+            images, labels = (
+                (train.images, train.labels) if everything else (train.images[subset], train.labels[subset])
+            )
+            is_noisy = torch.zeros(len(train.labels), dtype=torch.bool)
+            is_noisy[train.noisy_indices] = True
+            sets["train"] = _TensorSet(images, labels, self.eval_batch_size)
+            sets["clean_labels"] = train.clean_labels[subset]
+            sets["is_noisy"] = is_noisy[subset]
+            sets["test"] = _TensorSet(test.images, test.labels, self.eval_batch_size)
+            sets["transform"] = datamodule.preprocess
+        else:
+            sets["transform"] = (
+                getattr(datamodule, "preprocess", None)
+                if callable(getattr(datamodule, "preprocess", None))
+                else None
+            )
+            loader = trainer.train_dataloader
+            if not isinstance(loader, DataLoader):
+                loader = datamodule.train_dataloader()
+            train = self._dataset_set(loader, "train_dataloader()", subset=True)
+            if train is not None:
+                sets["train"] = train
+            for hook in ("test_dataloader", "val_dataloader"):
+                if is_overridden(hook, datamodule):
+                    test = self._dataset_set(getattr(datamodule, hook)(), f"{hook}()", subset=False)
+                    if test is not None:
+                        sets["test"] = test
+                        break
+            else:
+                self.warn_once(
+                    "no-test-set",
+                    f"{type(datamodule).__name__} has no `test_dataloader` or `val_dataloader`, so "
+                    "`dd/test_error` and `dd/test_loss` are off.",
+                )
+        self._sets = sets
+        return sets
+
+    def _dataset_set(self, loader, source: str, subset: bool) -> _DatasetSet | None:
+        dataset = getattr(loader, "dataset", None)
+        if (
+            not isinstance(loader, DataLoader)
+            or isinstance(dataset, IterableDataset)
+            or not isinstance(dataset, Sized)
+        ):
+            self.warn_once(
+                f"unsized:{source}",
+                f"`{source}` is not a DataLoader over a map-style dataset with a length, so the examples "
+                "it holds cannot be evaluated in a fixed order; the metrics on it are off.",
+            )
+            return None
+        indices = self._train_subset(len(dataset)) if subset else torch.arange(len(dataset))
+        return _DatasetSet(dataset, indices, loader, self.eval_batch_size)
+
     # -- evaluation -------------------------------------------------------------------------------
 
-    def _batches(self, images: Tensor, labels: Tensor):
-        for start in range(0, len(labels), self.eval_batch_size):
-            yield images[start : start + self.eval_batch_size], labels[start : start + self.eval_batch_size]
-
-    def _logits_everywhere(
-        self, trainer: Trainer, pl_module: LightningModule, images: Tensor, labels: Tensor
-    ):
-        """Logits of every example, each rank evaluating ``rank::world_size`` and all of them gathered."""
-        world, rank, n = trainer.world_size, trainer.global_rank, len(labels)
-        shard = torch.arange(rank, n, world)
-        result = evaluate_classifier(
-            pl_module, self._batches(images[shard], labels[shard]), transform=trainer.datamodule.preprocess
-        )
+    def _evaluate_everywhere(self, trainer: Trainer, pl_module: LightningModule, examples, transform):
+        """Logits and labels of every example, each rank evaluating ``rank::world_size``, all gathered."""
+        world, rank, n = trainer.world_size, trainer.global_rank, len(examples)
+        result = evaluate_classifier(pl_module, examples.batches(rank, world), transform=transform)
         if world == 1:
-            return result.logits
-        per_rank = math.ceil(n / world)
-        padded = torch.full((per_rank, result.logits.shape[1]), math.nan, device=result.logits.device)
-        padded[: len(shard)] = result.logits
-        gathered = trainer.strategy.all_gather(padded)  # (world, per_rank, C)
-        logits = torch.empty((n, padded.shape[1]), device=padded.device)
-        for r in range(world):
-            count = len(range(r, n, world))
-            logits[r::world] = gathered[r, :count]
-        return logits
+            return result.logits, result.labels
+        return _gather_rows(trainer, result.logits, n, math.nan), _gather_rows(trainer, result.labels, n, -1)
 
     def _measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
-        train, test = trainer.datamodule.train_dataset, trainer.datamodule.test_dataset
-        subset = self._train_subset(len(train.labels))
-        logits = self._logits_everywhere(trainer, pl_module, train.images[subset], train.labels[subset])
-        is_noisy = torch.zeros(len(train.labels), dtype=torch.bool)
-        is_noisy[train.noisy_indices] = True
-        device = logits.device
-        errors = noisy_label_errors(
-            logits,
-            train.labels[subset].to(device),
-            train.clean_labels[subset].to(device),
-            is_noisy[subset].to(device),
-        )
-        test_logits = self._logits_everywhere(trainer, pl_module, test.images, test.labels)
-        test_labels = test.labels.to(test_logits.device)
-        record = {"train_error": errors.train_error, "train_error_clean": errors.train_error_clean}
-        if errors.num_noisy > 0:  # undefined without label noise: not logged rather than NaN
-            record["train_error_noisy"] = errors.train_error_noisy
-            record["memorized_fraction"] = errors.memorized_fraction
-        record["test_error"] = float((test_logits.argmax(1) != test_labels).double().mean())
-        record["test_loss"] = float(torch.nn.functional.cross_entropy(test_logits, test_labels))
+        sets = self._evaluation_sets(trainer)
+        record: dict[str, float] = {}
+        if "train" in sets:
+            logits, labels = self._evaluate_everywhere(trainer, pl_module, sets["train"], sets["transform"])
+            if "clean_labels" in sets:
+                device = logits.device
+                errors = noisy_label_errors(
+                    logits, labels, sets["clean_labels"].to(device), sets["is_noisy"].to(device)
+                )
+                record["train_error"] = errors.train_error
+                record["train_error_clean"] = errors.train_error_clean
+                if errors.num_noisy > 0:  # undefined without label noise: not logged rather than NaN
+                    record["train_error_noisy"] = errors.train_error_noisy
+                    record["memorized_fraction"] = errors.memorized_fraction
+            else:
+                record["train_error"] = _error(logits, labels)
+        if "test" in sets:
+            test_logits, test_labels = self._evaluate_everywhere(
+                trainer, pl_module, sets["test"], sets["transform"]
+            )
+            record["test_error"] = _error(test_logits, test_labels)
+            record["test_loss"] = float(torch.nn.functional.cross_entropy(test_logits.float(), test_labels))
+            self.last_test_logits, self.last_test_labels = test_logits.cpu(), test_labels.cpu()
         return record
+
+    def _record(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
+        record = self._measure(trainer, pl_module)
+        self.history.append({"epoch": epoch, "step": trainer.global_step, **record})
+        scalars = dict(record)
+        if self.interpolation_epoch is None and "train_error" in record:
+            self.interpolation_epoch = interpolation_threshold(
+                [h["epoch"] for h in self.history],
+                [h.get("train_error", math.nan) for h in self.history],
+                self.interpolation_epsilon,
+            )
+            if self.interpolation_epoch is not None:
+                scalars["interpolation_epoch"] = self.interpolation_epoch
+        self.log_scalars(trainer, scalars)
 
     # -- hooks ------------------------------------------------------------------------------------
 
@@ -190,18 +360,16 @@ class DoubleDescentProbe(TheoryCallback):
         epoch = trainer.current_epoch + 1  # epochs completed
         if epoch % self.every_n_epochs != 0 or (self.history and self.history[-1]["epoch"] == epoch):
             return
-        record = self._measure(trainer, pl_module)
-        self.history.append({"epoch": epoch, "step": trainer.global_step, **record})
-        scalars = dict(record)
-        if self.interpolation_epoch is None:
-            self.interpolation_epoch = interpolation_threshold(
-                [h["epoch"] for h in self.history],
-                [h["train_error"] for h in self.history],
-                self.interpolation_epsilon,
-            )
-            if self.interpolation_epoch is not None:
-                scalars["interpolation_epoch"] = self.interpolation_epoch
-        self.log_scalars(trainer, scalars)
+        self._record(trainer, pl_module, epoch)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.measure_on_train_end or trainer.global_step == 0:
+            return
+        if self.history and self.history[-1]["step"] == trainer.global_step:
+            return  # the final model was measured at the end of its epoch
+        epochs = trainer.fit_loop.epoch_progress.current
+        partial = epochs.processed > epochs.completed  # stopped in mid-epoch: count the epoch begun
+        self._record(trainer, pl_module, epochs.completed + int(partial))
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero or not self.history:
@@ -219,18 +387,20 @@ class DoubleDescentProbe(TheoryCallback):
 
     def peaks(self):
         """Peaks of the test error over the epochs measured (see :func:`lt_theory.measures.risk.find_peaks`)."""
-        return find_peaks([h["test_error"] for h in self.history], [h["epoch"] for h in self.history])
+        return find_peaks(
+            [h.get("test_error", math.nan) for h in self.history], [h["epoch"] for h in self.history]
+        )
 
     def summary(self) -> str:
         """A short reading of the curves: interpolation, memorisation and test-error peaks."""
         last = self.history[-1]
-        parts = [f"After {last['epoch']} epochs: train error {last['train_error']:.3g}"]
+        parts = [f"After {last['epoch']} epochs: train error {last.get('train_error', math.nan):.3g}"]
         if "memorized_fraction" in last:
             parts[0] += (
                 f" (clean {last['train_error_clean']:.3g}, noisy {last['train_error_noisy']:.3g}), "
                 f"{last['memorized_fraction']:.3g} of the noisy labels memorised,"
             )
-        parts[0] += f" test error {last['test_error']:.3g}."
+        parts[0] += f" test error {last.get('test_error', math.nan):.3g}."
         if self.interpolation_epoch is None:
             parts.append(
                 f"The training set is not interpolated yet (train error > {self.interpolation_epsilon:g})."
@@ -250,7 +420,7 @@ class DoubleDescentProbe(TheoryCallback):
         figure, axis = plt.subplots(figsize=(6, 4))
         for key, style in (("train_error", "-"), ("train_error_clean", "--"), ("train_error_noisy", ":")):
             axis.plot(epochs, [h.get(key, math.nan) for h in self.history], style, label=key)
-        axis.plot(epochs, [h["test_error"] for h in self.history], "o-", label="test_error")
+        axis.plot(epochs, [h.get("test_error", math.nan) for h in self.history], "o-", label="test_error")
         if self.interpolation_epoch is not None:
             axis.axvline(self.interpolation_epoch, color="grey", linestyle="--", label="interpolation")
         for peak in peaks:
@@ -269,3 +439,22 @@ class DoubleDescentProbe(TheoryCallback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = [dict(h) for h in state_dict["history"]]
         self.interpolation_epoch = state_dict["interpolation_epoch"]
+
+
+def _error(logits: Tensor, labels: Tensor) -> float:
+    """Fraction of rows whose argmax differs from the label (a row with NaN counts as wrong)."""
+    wrong = (logits.argmax(dim=1) != labels) | torch.isnan(logits).any(dim=1)
+    return float(wrong.double().mean())
+
+
+def _gather_rows(trainer: Trainer, rows: Tensor, n: int, fill: float) -> Tensor:
+    """All ranks' rows, rank ``r`` holding rows ``r::world_size`` of ``n``, back in their order."""
+    world = trainer.world_size
+    per_rank = math.ceil(n / world)
+    padded = torch.full((per_rank, *rows.shape[1:]), fill, dtype=rows.dtype, device=rows.device)
+    padded[: len(rows)] = rows
+    gathered = trainer.strategy.all_gather(padded)  # (world, per_rank, ...)
+    out = torch.empty((n, *rows.shape[1:]), dtype=rows.dtype, device=padded.device)
+    for r in range(world):
+        out[r::world] = gathered[r, : len(range(r, n, world))]
+    return out

@@ -13,7 +13,8 @@ the synthetic data, the images themselves depend on a separate ``data_seed``, so
 
 What the callbacks use: ``train_dataset.clean_labels`` / ``.labels`` (the labels in use) /
 ``.noisy_indices`` for double descent, ``preprocess`` (the evaluation transform) and ``probe`` (a fixed,
-seeded subset of a split, already normalised).
+seeded subset of a split, already normalised). ``train_split=(i, m)`` trains on the ``i``-th of ``m``
+disjoint parts of the (noisy) training set, for the bias-variance estimate of Yang et al. (2020).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from lt_theory.data.cifar_files import (
 )
 from lt_theory.data.label_noise import apply_label_noise
 from lt_theory.data.synthetic import make_synthetic_cifar
+from lt_theory.measures.risk import disjoint_splits
 
 CROP_PADDING = 4
 _SPLITS = ("train", "val", "test")
@@ -137,6 +139,11 @@ class CIFARDataModule(LightningDataModule):
             uniformly random class (see ``apply_label_noise``), in [0, 1].
         augment: random crop (4-pixel zero padding) and horizontal flip of training batches.
         seed: non-negative integer fixing the split, the noise, the training order and the augmentation.
+        train_split: ``(i, m)`` to train on the ``i``-th of ``m`` disjoint, equal parts of the training set
+            (``disjoint_splits`` of :mod:`lt_theory.measures.risk`, drawn from ``seed``; the ``N % m``
+            examples left over are in no part), taken after the validation split and the label noise, so that
+            the ``m`` data modules that differ only in ``i`` share one noisy training set; None (default)
+            trains on all of it. ``m >= 2`` and ``0 <= i < m``.
 
     Raises:
         ValueError: naming the argument and what it accepts, for any invalid value.
@@ -161,6 +168,7 @@ class CIFARDataModule(LightningDataModule):
         label_noise: float = 0.0,
         augment: bool = True,
         seed: int = 0,
+        train_split: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         _check_integer("num_classes", num_classes, minimum=2)
@@ -173,6 +181,7 @@ class CIFARDataModule(LightningDataModule):
         if not isinstance(augment, bool):
             raise ValueError(f"`augment` must be True or False, got {augment!r}")
         _check_integer("seed", seed, minimum=0)
+        self.train_split = _check_train_split(train_split)
         self.num_classes = num_classes
         self.batch_size = batch_size
         self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
@@ -231,6 +240,19 @@ class CIFARDataModule(LightningDataModule):
         noisy_labels, noisy_indices = apply_label_noise(
             train_labels, self.label_noise, self.num_classes, seed=derived_seed("label_noise", self.seed)
         )
+        if self.train_split is not None:
+            part, parts = self.train_split
+            if parts > len(train_labels):
+                raise ValueError(
+                    f"`train_split` must have at most {len(train_labels)} parts (the training examples), "
+                    f"got {parts}"
+                )
+            keep = disjoint_splits(len(train_labels), parts, derived_seed("train_split", self.seed))[part]
+            is_noisy = torch.zeros(len(train_labels), dtype=torch.bool)
+            is_noisy[noisy_indices] = True
+            noisy_indices = torch.nonzero(is_noisy[keep]).flatten()  # positions within the part
+            train_images, train_indices = train_images[keep], train_indices[keep]
+            noisy_labels, train_labels = noisy_labels[keep], train_labels[keep]
         self.train_dataset = LabeledImages(
             train_images, noisy_labels, train_labels, noisy_indices, source_indices=train_indices
         )
@@ -447,7 +469,7 @@ class CIFAR10DataModule(CIFARDataModule):
         download: fetch and check the official archive in ``prepare_data`` when it is missing.
         url: download from this mirror instead of ``CIFAR_ARCHIVES["cifar10"].url``.
         md5: expected md5 of the archive at ``url``; defaults to the official one.
-        batch_size, eval_batch_size, num_workers, val_size, label_noise, augment, seed: see
+        batch_size, eval_batch_size, num_workers, val_size, label_noise, augment, seed, train_split: see
             ``CIFARDataModule``.
 
     Raises:
@@ -480,9 +502,18 @@ class CIFAR10DataModule(CIFARDataModule):
         label_noise: float = 0.0,
         augment: bool = True,
         seed: int = 0,
+        train_split: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(
-            self.classes, batch_size, eval_batch_size, num_workers, val_size, label_noise, augment, seed
+            self.classes,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            val_size,
+            label_noise,
+            augment,
+            seed,
+            train_split,
         )
         if not isinstance(download, bool):
             raise ValueError(f"`download` must be True or False, got {download!r}")
@@ -540,7 +571,7 @@ class SyntheticCIFARDataModule(CIFARDataModule):
         num_classes: number of classes (>= 2).
         data_seed: seed of the images themselves; kept apart from ``seed`` so that runs with different
             ``seed`` share one data set.
-        batch_size, eval_batch_size, num_workers, val_size, label_noise, augment, seed: see
+        batch_size, eval_batch_size, num_workers, val_size, label_noise, augment, seed, train_split: see
             ``CIFARDataModule``.
 
     Raises:
@@ -566,9 +597,18 @@ class SyntheticCIFARDataModule(CIFARDataModule):
         label_noise: float = 0.0,
         augment: bool = True,
         seed: int = 0,
+        train_split: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(
-            num_classes, batch_size, eval_batch_size, num_workers, val_size, label_noise, augment, seed
+            num_classes,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            val_size,
+            label_noise,
+            augment,
+            seed,
+            train_split,
         )
         _check_integer("num_train", num_train, minimum=1)
         _check_integer("num_test", num_test, minimum=1)
@@ -616,6 +656,20 @@ def _check_integer(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"`{name}` must be {kind}, got {value!r}")
+
+
+def _check_train_split(value: Any) -> tuple[int, int] | None:
+    """``(i, m)`` as a tuple of ints with ``m >= 2`` and ``0 <= i < m``, or None."""
+    if value is None:
+        return None
+    ok = isinstance(value, (tuple, list)) and len(value) == 2
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok or value[1] < 2 or not 0 <= value[0] < value[1]:
+        raise ValueError(
+            "`train_split` must be None or a pair (i, m) of ints with m >= 2 disjoint parts and 0 <= i < m, "
+            f"got {value!r}"
+        )
+    return int(value[0]), int(value[1])
 
 
 def _check_fraction(name: str, value: Any) -> None:

@@ -1,0 +1,477 @@
+"""The width sweep: the model-wise machinery against theory (min-norm random features), the CLI on a tiny grid
+(hparams, final metrics, the aggregated curve, the data module reused, a SLURM task equal to its sequential
+run), the bias-variance mode, the verdict, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+import lt_theory.data.datamodule as datamodule_module
+from lt_theory.measures.risk import cross_entropy_bias_variance, mse_bias_variance
+from lt_theory.sweep import (
+    AGGREGATE_DIR,
+    AGGREGATE_FILE,
+    RESULT_FILE,
+    aggregate,
+    build_model,
+    check_splits,
+    check_widths,
+    main,
+    model_wise_curve,
+    sweep_tasks,
+)
+
+# --------------------------------------------------------------------------------------------------------
+# Theory: min-norm least squares on random ReLU features (Belkin, Hsu, Ma & Mandal, PNAS 2019)
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """LAPACK on one intra-op thread: on a busy 2-core machine, two threads waiting for each other made the
+    least-squares fits 60 times slower (2 s -> 130 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _random_features_runs(n: int, seeds: int = 4) -> list[dict]:
+    """Test and train MSE of the min-norm least-squares fit on p random ReLU features, p swept through n.
+
+    Data: x ~ N(0, I_10), y = <beta, x> + tanh(2 x_1) / 2 + 0.1 * noise, n >= 6 d so that the classical
+    regime p < n has its descent. Features relu(W x / sqrt(d)) with W ~ N(0, 1)^{p x d}, fitted by
+    torch.linalg.lstsq (gelsd: the minimum-norm solution when p > n), averaged over `seeds` draws of W. The
+    theory: the variance term diverges at p = n, where the feature matrix is square and its smallest singular
+    value goes to 0, and the test error falls again for p > n.
+    """
+    d, num_test = 10, 2000
+    generator = torch.Generator().manual_seed(n)
+    x = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    x_test = torch.randn(num_test, d, generator=generator, dtype=torch.float64)
+    beta = torch.randn(d, generator=generator, dtype=torch.float64) / math.sqrt(d)
+
+    def target(inputs):
+        return inputs @ beta + 0.5 * torch.tanh(2 * inputs[:, 0])
+
+    y = target(x) + 0.1 * torch.randn(n, generator=generator, dtype=torch.float64)
+    y_test = target(x_test)
+    ratios = (
+        0.1,
+        0.2,
+        0.3,
+        0.4,
+        0.5,
+        0.6,
+        0.7,
+        0.8,
+        0.9,
+        0.95,
+        1.0,
+        1.05,
+        1.1,
+        1.2,
+        1.4,
+        1.7,
+        2,
+        3,
+        5,
+        10,
+        20,
+    )
+    runs = []
+    for p in sorted({round(r * n) for r in ratios}):
+        train_mse = test_mse = 0.0
+        for seed in range(seeds):
+            weights = torch.randn(
+                p, d, generator=torch.Generator().manual_seed(1000 + seed), dtype=torch.float64
+            )
+            features = torch.relu(x @ weights.T / math.sqrt(d))
+            test_features = torch.relu(x_test @ weights.T / math.sqrt(d))
+            coefficients = torch.linalg.lstsq(features, y.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+            train_mse += float((features @ coefficients - y).pow(2).mean()) / seeds
+            test_mse += float((test_features @ coefficients - y_test).pow(2).mean()) / seeds
+        runs.append(
+            {"width": p, "num_parameters": p, "metrics": {"train_error": train_mse, "test_error": test_mse}}
+        )
+    return runs
+
+
+def _write_runs(directory: Path, runs: list[dict]) -> None:
+    for run in runs:
+        folder = directory / f"width_{run['width']:04d}"
+        folder.mkdir(parents=True)
+        (folder / RESULT_FILE).write_text(json.dumps(run))
+
+
+def test_lstsq_gives_the_minimum_norm_interpolant_above_the_threshold():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(10, 30, generator=generator, dtype=torch.float64)
+    y = torch.randn(10, 1, generator=generator, dtype=torch.float64)
+    solution = torch.linalg.lstsq(features, y, driver="gelsd").solution
+    assert torch.allclose(solution, torch.linalg.pinv(features) @ y, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [60, 120, 200])
+def test_min_norm_random_features_peak_at_p_equal_n_through_the_aggregation(tmp_path, n, one_thread):
+    """The same aggregation code as a sweep: result.json files in, the peak and the threshold out."""
+    _write_runs(tmp_path, _random_features_runs(n))
+    curve = aggregate(tmp_path, epsilon=1e-8)
+    assert curve.interpolation_width == n  # the first p whose training MSE is 0: p = n
+    assert [peak.position for peak in curve.peaks] == [n]  # exactly one peak, at p = n
+    test = dict(zip(curve.widths, curve.metrics["test_error"]))
+    assert test[n] > 5 * max(test[curve.widths[0]], test[curve.widths[-1]])
+    assert curve.peaks[0].left_base < n < curve.peaks[0].right_base == curve.widths[-1]
+    assert curve.wider_helps  # the widest model is within the tolerance of the best
+    assert "at the interpolation threshold, as double descent predicts" in curve.verdict
+    assert "Wider helps here" in curve.verdict
+    saved = json.loads((tmp_path / AGGREGATE_DIR / AGGREGATE_FILE).read_text())
+    assert saved["peaks"][0]["position"] == n and saved["interpolation_width"] == n
+
+
+# --------------------------------------------------------------------------------------------------------
+# The verdict on hand-made curves
+# --------------------------------------------------------------------------------------------------------
+
+
+def _runs(test_errors, train_errors, num_test=None):
+    return [
+        {
+            "width": w,
+            "num_parameters": 100 * w,
+            "num_test": num_test,
+            "metrics": {"train_error": tr, "test_error": te},
+        }
+        for w, te, tr in zip(range(1, len(test_errors) + 1), test_errors, train_errors)
+    ]
+
+
+def test_a_curve_rising_at_the_top_of_the_grid_says_wider_hurts():
+    curve = model_wise_curve(
+        _runs([0.5, 0.4, 0.3, 0.25, 0.3, 0.4, 0.45], [0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02], num_test=10_000)
+    )
+    assert curve.interpolation_width is None and curve.peaks == [] and not curve.wider_helps
+    assert curve.best_width == 4
+    assert curve.tolerance == pytest.approx(2 * math.sqrt(0.25 * 0.75 / 10_000))
+    assert "Wider hurts here: the test error rises from 0.25 at width 4 to 0.45 at width 7" in curve.verdict
+    assert "threshold lies beyond width 7" in curve.verdict
+
+
+def test_a_monotone_curve_has_no_peak_and_wider_helps():
+    curve = model_wise_curve(_runs([0.6, 0.5, 0.45, 0.4, 0.35, 0.3], [0.5, 0.3, 0.1, 0.0, 0.0, 0.0]))
+    assert curve.interpolation_width == 4 and curve.peaks == [] and curve.wider_helps
+    assert "No test-error peak" in curve.verdict and "Wider helps here" in curve.verdict
+
+
+def test_runs_of_one_width_are_averaged_and_mixed_noise_rates_are_refused():
+    runs = _runs([0.5, 0.4], [0.2, 0.1]) + _runs([0.3, 0.2], [0.0, 0.1])
+    curve = model_wise_curve(runs)
+    assert curve.runs == [2, 2]
+    assert curve.metrics["test_error"] == pytest.approx([0.4, 0.3])
+    assert curve.metrics["train_error"] == pytest.approx([0.1, 0.1])
+    mixed = [dict(r, label_noise=0.1) for r in _runs([0.5], [0.1])] + [
+        dict(r, label_noise=0.2) for r in _runs([0.5], [0.1])
+    ]
+    with pytest.raises(ValueError, match="different label-noise rates"):
+        model_wise_curve(mixed)
+    with pytest.raises(ValueError, match="empty"):
+        model_wise_curve([])
+
+
+# --------------------------------------------------------------------------------------------------------
+# The CLI on a tiny grid
+# --------------------------------------------------------------------------------------------------------
+
+TINY = [
+    "--model.class_path=lt_theory.models.MLP",
+    "--model.width_arg=hidden",
+    "--data=lt_theory.data.SyntheticCIFARDataModule",
+    "--data.num_train=48",
+    "--data.num_test=24",
+    "--data.batch_size=16",
+    "--data.label_noise=0.25",
+    "--module.optimizer=adam",
+    "--module.lr=0.01",
+    "--module.schedule=constant",
+    "--trainer.max_epochs=1",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.limit_val_batches=0",
+    "--trainer.log_every_n_steps=1",
+    "--name=tiny",
+]
+
+
+def _run(tmp_path, *extra):
+    return main(["run", *TINY, f"--logdir={tmp_path}", *extra])
+
+
+def _events(folder: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def _hparams(accumulator: EventAccumulator) -> dict:
+    content = accumulator.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    values = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    return {k: (v.number_value if v.HasField("number_value") else v.string_value) for k, v in values.items()}
+
+
+def test_tiny_sweep_logs_hparams_and_final_metrics_and_aggregates_exactly_those(tmp_path, monkeypatch):
+    generated = []
+    original = datamodule_module.make_synthetic_cifar
+    monkeypatch.setattr(
+        datamodule_module,
+        "make_synthetic_cifar",
+        lambda *a, **k: generated.append(a) or original(*a, **k),
+    )
+    curve = _run(tmp_path, "--widths=[4, 2]", "--seed=3")
+    assert len(generated) == 1  # one data module for the whole sweep
+    sweep = tmp_path / "tiny"
+    results = {w: json.loads((sweep / f"width_{w:04d}" / RESULT_FILE).read_text()) for w in (2, 4)}
+    for width, result in results.items():
+        events = _events(sweep / f"width_{width:04d}")
+        expected_parameters = 3 * 32 * 32 * width + width + 10 * width + 10  # MLP((3, 32, 32), (w,))
+        assert _hparams(events) == {
+            "width": width,
+            "seed": 3,
+            "num_parameters": expected_parameters,
+            "model": "lt_theory.models.MLP",
+            "label_noise": 0.25,
+        }
+        assert result["num_parameters"] == expected_parameters and result["epochs"] == 1
+        for name, value in result["metrics"].items():
+            logged = events.Scalars(f"dd/final_{name}")
+            assert [(e.step, e.value) for e in logged] == [(3, pytest.approx(value, rel=1e-6))]
+            assert events.Scalars(f"dd/{name}")[-1].value == pytest.approx(value, rel=1e-6)
+        assert set(result["metrics"]) == {
+            "train_error",
+            "train_error_clean",
+            "train_error_noisy",
+            "memorized_fraction",
+            "test_error",
+            "test_loss",
+        }
+    # the aggregated curve is made of exactly the runs' final metrics
+    assert curve.widths == [2, 4] and curve.runs == [1, 1]
+    for name in ("train_error", "test_error", "test_loss", "memorized_fraction"):
+        assert curve.metrics[name] == [results[2]["metrics"][name], results[4]["metrics"][name]]
+    aggregated = _events(sweep / AGGREGATE_DIR)
+    for name in ("train_error", "test_error"):
+        by_width = [(e.step, e.value) for e in aggregated.Scalars(f"dd/{name}_by_width")]
+        assert by_width == [(w, pytest.approx(results[w]["metrics"][name], rel=1e-6)) for w in (2, 4)]
+        by_params = [(e.step, e.value) for e in aggregated.Scalars(f"dd/{name}_by_params")]
+        assert [s for s, _ in by_params] == [results[w]["num_parameters"] for w in (2, 4)]
+    assert "dd/modelwise_curve" in aggregated.Tags()["images"]
+    assert "dd/modelwise_summary/text_summary" in aggregated.Tags()["tensors"]
+    saved = json.loads((sweep / AGGREGATE_DIR / AGGREGATE_FILE).read_text())
+    assert saved["metrics"]["test_error"] == curve.metrics["test_error"]
+    assert "Wider" in saved["verdict"]
+
+
+def test_a_slurm_task_trains_what_the_sequential_sweep_trained_and_done_runs_are_kept(tmp_path, monkeypatch):
+    _run(tmp_path / "sequential", "--widths=[2, 4]")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    results = _run(tmp_path / "array", "--widths=[2, 4]")  # task 1 = width 4, no aggregation
+    assert [r["width"] for r in results] == [4]
+    assert not (tmp_path / "array" / "tiny" / "width_0002").exists()
+    assert not (tmp_path / "array" / "tiny" / AGGREGATE_DIR).exists()
+    alone = json.loads((tmp_path / "array" / "tiny" / "width_0004" / RESULT_FILE).read_text())
+    in_sequence = json.loads((tmp_path / "sequential" / "tiny" / "width_0004" / RESULT_FILE).read_text())
+    assert alone["metrics"] == in_sequence["metrics"]  # the data module was reset between the runs
+    events_before = sorted((tmp_path / "array" / "tiny" / "width_0004").glob("events.*"))
+    again = _run(tmp_path / "array", "--widths=[2, 4]", "--task_index=1")
+    assert again[0]["metrics"] == alone["metrics"]
+    assert sorted((tmp_path / "array" / "tiny" / "width_0004").glob("events.*")) == events_before
+    curve = main(["aggregate", f"--logdir={tmp_path / 'array' / 'tiny'}"])
+    assert curve.widths == [4]
+
+
+def test_bias_variance_mode_decomposes_the_saved_test_predictions(tmp_path):
+    curve = _run(tmp_path, "--widths=[2, 4]", "--splits=2")
+    sweep = tmp_path / "tiny"
+    assert sorted(p.name for p in sweep.iterdir()) == [
+        AGGREGATE_DIR,
+        "width_0002_split_0",
+        "width_0002_split_1",
+        "width_0004_split_0",
+        "width_0004_split_1",
+    ]
+    for i, width in enumerate((2, 4)):
+        saved = [torch.load(sweep / f"width_{width:04d}_split_{s}" / "test_predictions.pt") for s in (0, 1)]
+        logits = torch.stack([p["logits"].double() for p in saved])
+        labels = saved[0]["labels"]
+        ce = cross_entropy_bias_variance(logits, labels)
+        mse = mse_bias_variance(torch.softmax(logits, dim=-1), labels)
+        assert curve.bias_variance["bias_squared"][i] == pytest.approx(float(ce.bias_squared), rel=1e-12)
+        assert curve.bias_variance["variance"][i] == pytest.approx(float(ce.variance), rel=1e-12)
+        assert curve.bias_variance["mse_variance"][i] == pytest.approx(float(mse.variance), rel=1e-12)
+        assert curve.bias_variance["mse_bias_squared"][i] == pytest.approx(float(mse.bias_squared), rel=1e-12)
+        assert curve.bias_variance["variance"][i] > 0  # two models on disjoint halves, two initialisations
+        hparams = [_hparams(_events(sweep / f"width_{width:04d}_split_{s}")) for s in (0, 1)]
+        assert [(h["split"], h["num_splits"]) for h in hparams] == [(0, 2), (1, 2)]
+        errors = [
+            json.loads((sweep / f"width_{width:04d}_split_{s}" / RESULT_FILE).read_text()) for s in (0, 1)
+        ]
+        assert curve.metrics["test_error"][i] == pytest.approx(
+            (errors[0]["metrics"]["test_error"] + errors[1]["metrics"]["test_error"]) / 2
+        )
+    aggregated = _events(sweep / AGGREGATE_DIR)
+    assert [e.step for e in aggregated.Scalars("dd/variance_by_width")] == [2, 4]
+    assert "dd/bias_variance" in aggregated.Tags()["images"]
+
+
+def test_print_tasks_lists_the_array(tmp_path, capsys):
+    assert _run(tmp_path, "--widths=[1, 3]", "--splits=2", "--print_tasks=true") is None
+    out = capsys.readouterr().out
+    assert "4 tasks; as a SLURM array: sbatch --array=0-3" in out
+    assert "task   3: width_0003_split_1" in out
+    assert not (tmp_path / "tiny").exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bad inputs
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "widths, match",
+    [
+        ([], "empty grid"),
+        ([0, 2], "ints >= 1"),
+        ([-1], "ints >= 1"),
+        ([2, 2], "repeat"),
+        ([1.5], "ints >= 1"),
+    ],
+)
+def test_bad_width_grids_raise_value_error(widths, match):
+    with pytest.raises(ValueError, match=match):
+        check_widths(widths)
+    with pytest.raises(ValueError, match="`widths`"):
+        sweep_tasks(widths)
+
+
+@pytest.mark.parametrize("splits", [1, 0, -2, True, 2.0])
+def test_fewer_than_two_splits_raise_value_error(splits):
+    with pytest.raises(ValueError, match="`splits`.*m >= 2"):
+        check_splits(splits)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--widths=[]"], "empty grid"),
+        (["--widths=[0, 4]"], "ints >= 1"),
+        (["--splits=1"], "m >= 2"),
+        (["--widths=[2, 4]", "--task_index=2"], r"`task_index` must be in \[0, 2\)"),
+        (["--model.width_arg=width"], "`model.width_arg` must name an argument"),
+        (["--model.init_args={'hidden': 8}"], "must not set the swept width argument"),
+        (["--model.class_path=lt_theory.models.NoSuchNet"], "`model.class_path`"),
+    ],
+)
+def test_bad_cli_arguments_are_usage_errors(tmp_path, capsys, extra, match):
+    with pytest.raises(SystemExit) as exit_info:
+        _run(tmp_path, *extra)
+    assert exit_info.value.code == 2
+    assert __import__("re").search(match, capsys.readouterr().err)
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_aggregate_of_an_empty_or_missing_folder_is_a_usage_error(tmp_path, capsys):
+    for folder in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(SystemExit):
+            main(["aggregate", f"--logdir={folder}"])
+    assert "no finished run" in capsys.readouterr().err
+
+
+def test_build_model_fills_sequence_width_arguments_and_passes_num_classes():
+    assert build_model("lt_theory.models.MLP", "hidden", 5, {"in_shape": [4]}, num_classes=3).hidden == (5,)
+    two = build_model("lt_theory.models.MLP", "hidden", 6, {"in_shape": [4], "hidden": [0, 0]})
+    assert list(two.hidden) == [6, 6]
+    net = build_model("lt_theory.models.PreActResNet18", "k", 2, num_classes=7)
+    assert net.k == 2 and net.fc.out_features == 7
+    with pytest.raises(ValueError, match="`model.width_arg`"):
+        build_model("lt_theory.models.PreActResNet18", "width", 2)
+    pooled = build_model("lt_theory.models.PreActResNet18", "k", 2, input_pool=2)
+    assert isinstance(pooled[0], torch.nn.AvgPool2d) and pooled[0].kernel_size == 2
+    plain = build_model("lt_theory.models.PreActResNet18", "k", 2)
+    assert sum(p.numel() for p in pooled.parameters()) == sum(p.numel() for p in plain.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(pooled(x), pooled[1](torch.nn.functional.avg_pool2d(x, 2)))
+    with pytest.raises(ValueError, match="`model.input_pool`"):
+        build_model("lt_theory.models.PreActResNet18", "k", 2, input_pool=0)
+
+
+TINY_CONFIG = """
+widths: [2, 4]
+logdir: {logdir}
+name: tiny
+model:
+  class_path: lt_theory.models.MLP
+  width_arg: hidden
+data:
+  class_path: lt_theory.data.SyntheticCIFARDataModule
+  init_args: {{num_train: 48, num_test: 24, batch_size: 16, label_noise: 0.25}}
+module: {{optimizer: adam, lr: 0.01, schedule: constant}}
+trainer:
+  max_epochs: 1
+  accelerator: cpu
+  enable_progress_bar: false
+  enable_model_summary: false
+  enable_checkpointing: false
+  limit_val_batches: 0
+"""
+
+
+def test_the_slurm_array_template_runs_its_task_of_a_sweep_config(tmp_path):
+    """recipes/slurm/sweep_array.sbatch --sweep CONFIG, with `srun` replaced by a pass-through."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG.format(logdir=tmp_path / "runs"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nexec "$@"\n')
+    (bin_dir / "srun").chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)
+    script = Path(__file__).parents[1] / "recipes" / "slurm" / "sweep_array.sbatch"
+    environment = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID="1")
+    done = subprocess.run(
+        ["bash", str(script), "--sweep", str(config), "--seed=2"],
+        env=environment,
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir())
+    assert runs == ["width_0004"]  # task 1 of widths [2, 4], no aggregation inside an array task
+    result = json.loads((tmp_path / "runs" / "tiny" / "width_0004" / RESULT_FILE).read_text())
+    assert result["width"] == 4 and result["seed"] == 2
+
+
+SWEEP_CONFIGS = sorted((Path(__file__).parents[1] / "recipes" / "configs" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", SWEEP_CONFIGS, ids=lambda p: p.name)
+def test_every_sweep_config_parses_and_lists_its_tasks(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "class_path: lt_theory" in capsys.readouterr().out
+    assert main(["run", "--config", str(config), "--print_tasks=true"]) is None
+    assert "tasks; as a SLURM array" in capsys.readouterr().out
