@@ -27,7 +27,9 @@ run ``<sweep>/aggregate``: scalars ``dd/<metric>_by_width`` (step = width) and `
 (step = parameter count), the figure ``dd/modelwise_curve``, and the text ``dd/modelwise_summary``. The
 interpolation threshold is the smallest width whose mean train error is at most ``epsilon``
 (:func:`lt_theory.measures.risk.interpolation_threshold`); the peaks are those of
-:func:`lt_theory.measures.risk.find_peaks` on the test error over the widths (logged as ``dd/peak_width``
+:func:`lt_theory.measures.risk.find_peaks` on the test error over the widths, unsmoothed, with the standard
+error of each point (binomial on the test set, or between runs of a width if larger) as the noise floor
+(logged as ``dd/peak_width``
 and ``dd/peak_test_error`` at the peak's width, and ``dd/interpolation_width``). The verdict says whether
 wider helps or hurts at the top of the grid: wider helps when the widest model's test error is within two
 binomial standard errors, :math:`2\sqrt{e(1-e)/N}` on :math:`N` test points, of the lowest test error of
@@ -66,6 +68,7 @@ import inspect
 import json
 import math
 import os
+import statistics
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -584,7 +587,7 @@ class ModelWiseCurve:
 def model_wise_curve(
     results: Sequence[Mapping[str, Any]],
     epsilon: float = 0.01,
-    smoothing: str | None = "median",
+    smoothing: str | None = None,
     window: int = 3,
     load_predictions: Callable[[Mapping[str, Any]], Mapping[str, torch.Tensor] | None] | None = None,
 ) -> ModelWiseCurve:
@@ -599,7 +602,9 @@ def model_wise_curve(
     Args:
         results: the run records.
         epsilon: the train error at or below which a width interpolates, in [0, 1).
-        smoothing, window: passed to :func:`lt_theory.measures.risk.find_peaks` (window counts widths).
+        smoothing, window: passed to :func:`lt_theory.measures.risk.find_peaks` (window counts widths). No
+            smoothing by default: a width grid is coarse, a peak can be one width wide, and the detector's
+            noise floor is the known standard error of the test error (``num_test`` in the records).
         load_predictions: reads a run's test predictions; None skips the bias-variance decomposition.
 
     Returns:
@@ -646,7 +651,8 @@ def model_wise_curve(
     test = metrics["test_error"]
     train = metrics.get("train_error", [math.nan] * len(widths))
     threshold = interpolation_threshold(widths, train, epsilon)
-    peaks = find_peaks(test, widths, smoothing=smoothing, window=window)
+    noise_level = _test_error_noise_level(by_width, widths, test)
+    peaks = find_peaks(test, widths, smoothing=smoothing, window=window, noise_level=noise_level)
     finite = [i for i, e in enumerate(test) if math.isfinite(e)]
     best = min(finite, key=lambda i: test[i]) if finite else len(widths) - 1
     sizes = [r.get("num_test") for r in results if r.get("num_test")]
@@ -672,6 +678,31 @@ def model_wise_curve(
         curve.bias_variance = _bias_variance(by_width, widths, load_predictions)
     curve.verdict = _verdict(curve, results[0].get("label_noise"))
     return curve
+
+
+def _test_error_noise_level(
+    by_width: Mapping[int, Sequence[Mapping[str, Any]]], widths: Sequence[int], test: Sequence[float]
+) -> float | None:
+    r"""The standard deviation of one point of the mean test-error curve, for the peak detector.
+
+    At each width, the larger of the binomial standard error of an error rate on ``num_test`` examples,
+    :math:`\sqrt{e(1-e)/(N r)}` over :math:`r` runs, and the standard error of the mean of the runs' test
+    errors when there are two or more; the largest over the widths. None when no run recorded ``num_test``
+    (then :func:`find_peaks` estimates the noise from the curve).
+    """
+    levels = []
+    for width, error in zip(widths, test):
+        runs = by_width[width]
+        sizes = [r["num_test"] for r in runs if r.get("num_test")]
+        if not sizes or not math.isfinite(error):
+            continue
+        e = min(max(error, 0.0), 1.0)
+        level = math.sqrt(e * (1 - e) / (min(sizes) * len(runs)))
+        errors = [float(r["metrics"]["test_error"]) for r in runs]
+        if len(errors) >= 2 and all(math.isfinite(x) for x in errors):
+            level = max(level, statistics.stdev(errors) / math.sqrt(len(errors)))
+        levels.append(level)
+    return max(levels) if levels else None
 
 
 def _mean(values) -> float:
@@ -789,7 +820,7 @@ def _load_predictions(record: Mapping[str, Any]) -> dict | None:
 def aggregate(
     logdir: str | os.PathLike,
     epsilon: float = 0.01,
-    smoothing: str | None = "median",
+    smoothing: str | None = None,
     window: int = 3,
 ) -> ModelWiseCurve:
     """Read every run of a sweep folder, draw the model-wise curve into TensorBoard and say what it shows.
@@ -989,7 +1020,7 @@ def _parser() -> ArgumentParser:
         "--logdir", type=str, required=True, help="the sweep folder: <run --logdir>/<run --name>"
     )
     agg.add_argument("--epsilon", type=float, default=0.01, help="train error counted as interpolation")
-    agg.add_argument("--smoothing", type=str | None, default="median", help=f"one of {SMOOTHING_METHODS}")
+    agg.add_argument("--smoothing", type=str | None, default=None, help=f"one of {SMOOTHING_METHODS}")
     agg.add_argument("--window", type=int, default=3, help="smoothing window, in widths (odd)")
     commands.add_subcommand("aggregate", agg, help="read the runs, draw the curve, find peak and threshold")
     return parser

@@ -361,6 +361,21 @@ def test_find_peaks_one_noisy_double_descent_peak():
         assert peaks[0].left_base < peaks[0].position < peaks[0].right_base
 
 
+def test_find_peaks_with_a_known_noise_level_uses_it_as_the_floor():
+    # Prominence exactly 0.03 (0.47 - 0.44), range 0.32; n = 10 points, sqrt(2 ln 10) = 2.1460.
+    curve = [0.62, 0.49, 0.44, 0.457, 0.47, 0.451, 0.41, 0.37, 0.32, 0.30]
+    floor = 1.25 * math.sqrt(2 * math.log(10))
+    (peak,) = find_peaks(curve, smoothing=None, noise_level=0.03 / floor - 1e-6)
+    assert (peak.index, peak.left_base, peak.right_base) == (4, 2, 9)
+    assert peak.prominence == pytest.approx(0.03, abs=1e-12)
+    assert find_peaks(curve, smoothing=None, noise_level=0.03 / floor + 1e-6) == []
+    # min_prominence still applies: 0.05 x 0.32 = 0.016 < 0.03 keeps it, 0.1 x 0.32 = 0.032 drops it.
+    assert len(find_peaks(curve, smoothing=None, noise_level=0.0, min_prominence=0.09)) == 1
+    assert find_peaks(curve, smoothing=None, noise_level=0.0, min_prominence=0.1) == []
+    with pytest.raises(ValueError, match="noise_level"):
+        find_peaks(curve, noise_level=-0.01)
+
+
 def test_find_peaks_none_on_a_monotone_noisy_curve():
     for seed in range(20):
         assert find_peaks(descending(GRID) + noise(seed, 0.02), GRID) == [], seed

@@ -156,6 +156,25 @@ def _runs(test_errors, train_errors, num_test=None):
     ]
 
 
+@pytest.mark.parametrize(("num_test", "found"), [(10_000, True), (500, False)])
+def test_the_model_wise_peak_must_stand_out_of_the_test_sets_standard_error(num_test, found):
+    # A 0.03 rise into width 48: 3.1 binomial standard errors sqrt(.47 x .53 / 10000) = 0.005 above the
+    # floor 1.25 x sqrt(2 ln 10) x 0.005 = 0.0134 on 10,000 test points; within it on 500 (floor 0.060).
+    test = [0.62, 0.49, 0.44, 0.457, 0.47, 0.451, 0.41, 0.37, 0.32, 0.30]
+    widths = [8, 16, 24, 32, 48, 64, 96, 128, 256, 512]
+    runs = [
+        {"width": w, "num_parameters": 10 * w, "num_test": num_test, "metrics": {"test_error": e}}
+        for w, e in zip(widths, test)
+    ]
+    curve = model_wise_curve(runs)
+    assert [p.position for p in curve.peaks] == ([48] if found else [])
+    # Two runs per width that disagree by 0.1: the standard error of their mean (0.05) is the floor.
+    spread = [
+        {**r, "metrics": {"test_error": r["metrics"]["test_error"] + d}} for r in runs for d in (-0.05, 0.05)
+    ]
+    assert model_wise_curve(spread).peaks == []
+
+
 def test_a_curve_rising_at_the_top_of_the_grid_says_wider_hurts():
     curve = model_wise_curve(
         _runs([0.5, 0.4, 0.3, 0.25, 0.3, 0.4, 0.45], [0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02], num_test=10_000)

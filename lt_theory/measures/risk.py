@@ -651,6 +651,7 @@ def find_peaks(
     min_prominence: float = 0.05,
     noise_factor: float = 1.25,
     require_descent_before: bool = True,
+    noise_level: float | None = None,
 ) -> list[Peak]:
     r"""Peaks of descent-ascent-descent in a noisy curve, such as test error over epochs or widths.
 
@@ -668,11 +669,14 @@ def find_peaks(
     5. A candidate is kept if its prominence is at least the threshold
        :math:`\max(\text{min\_prominence} \cdot (\max s - \min s),\
        \text{noise\_factor} \cdot \hat\sigma \sqrt{2 \ln n})`, with :math:`n` the number of finite points
-       and :math:`\hat\sigma` the noise level of the raw curve estimated from the MAD of its second
-       differences (module docstring), and, with ``require_descent_before``, if the curve descends into its
-       left valley by at least the threshold (and by more than 0): :math:`\max_{i \le L} s_i - s_L \ge`
-       threshold, :math:`L` the left base (the *first* descent of double descent; a curve that starts in the
-       valley, rises and falls has no such peak).
+       and :math:`\hat\sigma` the noise level of the raw curve: ``noise_level`` when it is known, else
+       estimated from the MAD of its second differences (module docstring), and, with
+       ``require_descent_before``, if the curve descends into its left valley by more than 0 and by at least
+       the noise floor :math:`\text{noise\_factor} \cdot \hat\sigma \sqrt{2 \ln n}`:
+       :math:`\max_{i \le L} s_i - s_L`, :math:`L` the left base (the *first* descent of double descent; a
+       curve that starts in the valley, rises and falls has no such peak). The descent is held to the noise
+       floor only: the range-relative part of the threshold would be set by the peak itself, which can be
+       far higher than the first descent (the divergence at :math:`p = n` of min-norm least squares).
 
     Args:
         values: the curve, 1-D (list, tensor, NumPy array).
@@ -683,6 +687,9 @@ def find_peaks(
         noise_factor: the least prominence as a multiple of the universal threshold
             ``noise_level * sqrt(2 ln n)``, >= 0 (0 turns the noise floor off).
         require_descent_before: keep only peaks preceded by a descent.
+        noise_level: the standard deviation of one point's noise when it is known, e.g. the binomial
+            standard error :math:`\sqrt{e(1-e)/N}` of an error rate measured on :math:`N` examples; None
+            estimates it from the curve, which needs more points than a coarse width grid has.
 
     Returns:
         The peaks, by increasing position, as :class:`Peak`; empty when fewer than three finite points
@@ -691,7 +698,7 @@ def find_peaks(
     Raises:
         ValueError: if ``values`` is not 1-D numbers, ``positions`` does not have one strictly increasing
             finite entry per value, ``smoothing`` is unknown, ``window`` is not an odd int >= 1, or
-            ``min_prominence`` or ``noise_factor`` is negative or not finite.
+            ``min_prominence``, ``noise_factor`` or ``noise_level`` is negative or not finite.
 
     Example:
         >>> curve = [5.0, 4.0, 3.0, 2.0, 3.0, 4.0, 3.0, 2.0, 1.0, 0.0]
@@ -712,6 +719,8 @@ def find_peaks(
         raise ValueError(f"`window` must be odd (a centred window), got {window}")
     min_prominence = _check_nonnegative(min_prominence, "min_prominence")
     noise_factor = _check_nonnegative(noise_factor, "noise_factor")
+    if noise_level is not None:
+        noise_level = _check_nonnegative(noise_level, "noise_level")
     if not isinstance(require_descent_before, bool):
         raise ValueError(f"`require_descent_before` must be a bool, got {require_descent_before!r}")
 
@@ -723,9 +732,9 @@ def find_peaks(
     spread = max(s) - min(s)
     if not spread > 0:
         return []
-    threshold = max(
-        min_prominence * spread, noise_factor * _noise_level(curve) * math.sqrt(2 * math.log(len(curve)))
-    )
+    sigma = _noise_level(curve) if noise_level is None else noise_level
+    noise_floor = noise_factor * sigma * math.sqrt(2 * math.log(len(curve)))
+    threshold = max(min_prominence * spread, noise_floor)
     peaks = []
     for first, last in _local_maxima(s):
         height = s[first]
@@ -735,7 +744,7 @@ def find_peaks(
         if prominence < threshold or prominence <= 0:
             continue
         descent = max(s[: left + 1]) - s[left]
-        if require_descent_before and (descent < threshold or descent <= 0):
+        if require_descent_before and (descent < noise_floor or descent <= 0):
             continue
         top = max(range(first, last + 1), key=lambda k: curve[k])
         peaks.append(
