@@ -127,17 +127,28 @@ class TheoryCallback(Callback):
     def _tag(self, name: str) -> str:
         return f"{self.prefix}/{name}"
 
-    def log_scalars(self, trainer: Trainer, scalars: Mapping[str, float | torch.Tensor], step=None) -> None:
-        """Log ``{name: value}`` as ``<prefix>/<name>``; non-finite values become NaN with one warning per tag."""
+    def log_scalars(
+        self,
+        trainer: Trainer,
+        scalars: Mapping[str, float | torch.Tensor],
+        step=None,
+        warn_nonfinite: bool = True,
+    ) -> None:
+        """Log ``{name: value}`` as ``<prefix>/<name>``; non-finite values become NaN with one warning per tag.
+
+        ``warn_nonfinite=False`` is for a caller that has already said, in one warning of its own, why the
+        values are not finite (e.g. a NaN kernel behind every ``ntk/`` scalar).
+        """
         values = {}
         for name, value in scalars.items():
             value = float(value.detach().cpu().item()) if isinstance(value, torch.Tensor) else float(value)
             if not math.isfinite(value):
-                self.warn_once(
-                    f"nonfinite:{name}",
-                    f"`{self._tag(name)}` is not finite (NaN/Inf in weights, activations or kernels); "
-                    "it is logged as NaN and training goes on.",
-                )
+                if warn_nonfinite:
+                    self.warn_once(
+                        f"nonfinite:{name}",
+                        f"`{self._tag(name)}` is not finite (NaN/Inf in weights, activations or kernels); "
+                        "it is logged as NaN and training goes on.",
+                    )
                 value = math.nan
             values[self._tag(name)] = value
         loggers.log_scalars(trainer, values, step)

@@ -140,15 +140,14 @@ class NTKDrift(TheoryCallback):
         scalars = dict(record)
         if velocity is not None:
             scalars["velocity"] = velocity
-        if not bool(torch.isfinite(kernel).all()):
+        finite = bool(torch.isfinite(kernel).all())
+        if not finite:
             self.warn_once(
                 "nonfinite:kernel",
                 f"the {self.kind} kernel on the probe is not finite at step {trainer.global_step} (NaN or Inf in "
                 "the weights or activations): the ntk/ measurements are logged as NaN and training goes on.",
             )
-            # this one warning stands for the per-tag warnings of TheoryCallback.log_scalars
-            self._warned.update(f"nonfinite:{name}" for name in (*record, "velocity"))
-        self.log_scalars(trainer, scalars)
+        self.log_scalars(trainer, scalars, warn_nonfinite=finite)
         self.history.append({"step": trainer.global_step, **record})
 
     def _ready(self, trainer: Trainer, pl_module: LightningModule, batch=None) -> bool:
