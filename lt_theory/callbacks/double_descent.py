@@ -398,7 +398,7 @@ class DoubleDescentProbe(TheoryCallback):
         if "memorized_fraction" in last:
             parts[0] += (
                 f" (clean {last['train_error_clean']:.3g}, noisy {last['train_error_noisy']:.3g}), "
-                f"{last['memorized_fraction']:.3g} of the noisy labels memorised,"
+                f"{last['memorized_fraction']:.1%} of the noisy labels memorised,"
             )
         parts[0] += f" test error {last.get('test_error', math.nan):.3g}."
         if self.interpolation_epoch is None:
