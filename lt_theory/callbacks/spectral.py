@@ -32,6 +32,7 @@ from lt_theory.measures.lipschitz import (  # noqa: E402
     lipschitz_upper_bound,
     naive_lipschitz_product,
 )
+from lt_theory.measures.modes import eval_mode  # noqa: E402
 from lt_theory.measures.spectral import (  # noqa: E402
     normalized_margins,
     operator_norm,
@@ -80,16 +81,12 @@ def _input_shapes(
         return hook
 
     hooks = [layer.register_forward_hook(record(name)) for name, layer in layers.items()]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example[:1])
     finally:
         for hook in hooks:
             hook.remove()
-        for module, training in modes.items():
-            module.training = training
     missing = [name for name in layers if name not in shapes]
     if missing:
         raise ValueError(f"`layers` {missing} are not called in the model's forward; they cannot be measured")
@@ -300,14 +297,8 @@ class SpectralNormMonitor(TheoryCallback):
 
     @staticmethod
     def _logits(pl_module: LightningModule, inputs: Tensor) -> Tensor:
-        modes = {m: m.training for m in pl_module.modules()}
-        try:
-            pl_module.eval()
-            with torch.no_grad():
-                return pl_module(inputs)
-        finally:
-            for module, training in modes.items():
-                module.training = training
+        with eval_mode(pl_module), torch.no_grad():
+            return pl_module(inputs)
 
     @staticmethod
     def _percentiles(margins: Tensor) -> dict[str, float]:

@@ -49,11 +49,10 @@ Empirical lower bound
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -62,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from lt_theory.measures.modes import eval_mode
 from lt_theory.measures.spectral import (
     _CONV_TYPES,
     _DEFAULT_ITERATIONS,
@@ -131,18 +131,6 @@ class JacobianNormResult(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each module's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def _reference_tensor(model: nn.Module) -> Tensor | None:
@@ -859,7 +847,7 @@ def lipschitz_upper_bound(
     """
     _check_common(method, fallback)
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             try:
                 gm = torch.fx.symbolic_trace(_traceable(model))
             except Exception as error:  # any tracing failure is reported the same way
@@ -961,7 +949,7 @@ def jacobian_lipschitz_lower_bound(
             pairs = [normal_gram(x[i], v[i]) for i in range(n)]
             return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         if init is not None:
             if init.shape != x.shape:
                 raise ValueError(f"init has shape {tuple(init.shape)}, inputs {tuple(x.shape)}")

@@ -94,6 +94,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from lt_theory.measures.modes import eval_mode, forked_rng
+
 __all__ = [
     "KERNEL_KINDS",
     "KernelSpectrum",
@@ -252,32 +254,23 @@ def empirical_ntk(
         """The output of the model on one example, as a vector of its ``O`` numbers."""
         return functional_call(model, (p, constants), (x.unsqueeze(0),)).reshape(-1)
 
-    flags = [(module, module.training) for module in model.modules()]
-    rng_devices = []  # fork the CPU generator, and the CUDA one of the model's device where there is one
-    if device.type == "cuda":
-        rng_devices.append(device.index if device.index is not None else torch.cuda.current_device())
-    try:
-        model.eval()
-        with torch.random.fork_rng(devices=rng_devices):
-            num_outputs = _num_outputs(model, params, constants, x1[:2])
-            rows = 1 if kind == "pntk" else num_outputs
-            per_example = rows * sum(p.numel() for p in params.values()) * first.element_size()
-            chunk, held = _plan(per_example, memory_budget, chunk_size, rows, max(x1.shape[0], x2.shape[0]))
+    with eval_mode(model), forked_rng(device):
+        num_outputs = _num_outputs(model, params, constants, x1[:2])
+        rows = 1 if kind == "pntk" else num_outputs
+        per_example = rows * sum(p.numel() for p in params.values()) * first.element_size()
+        chunk, held = _plan(per_example, memory_budget, chunk_size, rows, max(x1.shape[0], x2.shape[0]))
 
-            if kind == "pntk":
-                per_example_jacobian = vmap(grad(lambda p, x: output(p, x).sum()), in_dims=(None, 0))
-            else:
-                per_example_jacobian = vmap(jacrev(output), in_dims=(None, 0))
+        if kind == "pntk":
+            per_example_jacobian = vmap(grad(lambda p, x: output(p, x).sum()), in_dims=(None, 0))
+        else:
+            per_example_jacobian = vmap(jacrev(output), in_dims=(None, 0))
 
-            def jacobian(x: Tensor) -> list[Tensor]:
-                """Per-parameter Jacobians of a chunk, each of shape (c, rows, numel of the parameter)."""
-                jac = per_example_jacobian(params, x)
-                return [j.reshape(x.shape[0], rows, -1) for j in jac.values()]
+        def jacobian(x: Tensor) -> list[Tensor]:
+            """Per-parameter Jacobians of a chunk, each of shape (c, rows, numel of the parameter)."""
+            jac = per_example_jacobian(params, x)
+            return [j.reshape(x.shape[0], rows, -1) for j in jac.values()]
 
-            kernel = _blockwise_kernel(jacobian, x1, x2, symmetric, kind, num_outputs, chunk, held)
-    finally:
-        for module, training in flags:
-            module.training = training
+        kernel = _blockwise_kernel(jacobian, x1, x2, symmetric, kind, num_outputs, chunk, held)
     if kind == "pntk":
         kernel = kernel / num_outputs
     return kernel

@@ -121,6 +121,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lt_theory.measures.modes import eval_mode, forked_rng
+
 __all__ = [
     "CLASSIFIER_LOSSES",
     "SMOOTHING_METHODS",
@@ -419,45 +421,36 @@ def evaluate_classifier(
     if transform is not None and not callable(transform):
         raise ValueError(f"`transform` must be callable or None, got {type(transform).__name__}")
     device = _model_device(model) if device is None else torch.device(device)
-    rng_devices = []
-    if device.type == "cuda":
-        rng_devices.append(device.index if device.index is not None else torch.cuda.current_device())
-    flags = [(module, module.training) for module in model.modules()]
     all_logits: list[Tensor] = []
     all_labels: list[Tensor] = []
-    try:
-        model.eval()
-        with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
-            for batch in batches:
-                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                    got = f"length {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
-                    raise ValueError(f"`batches` must yield sequences (inputs, labels, ...), got {got}")
-                inputs = _check_tensor(batch[0], "inputs of a batch")
-                labels = _check_tensor(batch[1], "labels of a batch")
-                if labels.ndim != 1 or not _is_integer_tensor(labels):
-                    raise ValueError(
-                        "the labels of a batch must be a 1-D integer tensor, got dtype "
-                        f"{labels.dtype} and shape {tuple(labels.shape)}"
-                    )
-                inputs = inputs.to(device, non_blocking=True)
-                if transform is not None:
-                    inputs = transform(inputs)
-                logits = model(inputs)
-                if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
-                    shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-                    raise ValueError(
-                        f"`model` must return logits of shape (b, C) for a batch of b = {labels.shape[0]} "
-                        f"labels, got {shape}"
-                    )
-                if all_logits and logits.shape[1] != all_logits[0].shape[1]:
-                    raise ValueError(
-                        f"`model` returned {logits.shape[1]} classes for a batch after {all_logits[0].shape[1]}"
-                    )
-                all_logits.append(logits)
-                all_labels.append(labels.to(device, non_blocking=True).long())
-    finally:
-        for module, training in flags:
-            module.training = training
+    with eval_mode(model), forked_rng(device), torch.no_grad():
+        for batch in batches:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                got = f"length {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+                raise ValueError(f"`batches` must yield sequences (inputs, labels, ...), got {got}")
+            inputs = _check_tensor(batch[0], "inputs of a batch")
+            labels = _check_tensor(batch[1], "labels of a batch")
+            if labels.ndim != 1 or not _is_integer_tensor(labels):
+                raise ValueError(
+                    "the labels of a batch must be a 1-D integer tensor, got dtype "
+                    f"{labels.dtype} and shape {tuple(labels.shape)}"
+                )
+            inputs = inputs.to(device, non_blocking=True)
+            if transform is not None:
+                inputs = transform(inputs)
+            logits = model(inputs)
+            if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
+                shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+                raise ValueError(
+                    f"`model` must return logits of shape (b, C) for a batch of b = {labels.shape[0]} "
+                    f"labels, got {shape}"
+                )
+            if all_logits and logits.shape[1] != all_logits[0].shape[1]:
+                raise ValueError(
+                    f"`model` returned {logits.shape[1]} classes for a batch after {all_logits[0].shape[1]}"
+                )
+            all_logits.append(logits)
+            all_labels.append(labels.to(device, non_blocking=True).long())
     if not all_labels or sum(t.shape[0] for t in all_labels) == 0:
         raise ValueError("`batches` yielded no example to evaluate")
     logits = torch.cat(all_logits)

@@ -101,6 +101,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lt_theory.measures.modes import eval_mode
+
 __all__ = [
     "OperatorNormResult",
     "OperatorSpectrum",
@@ -1019,7 +1021,6 @@ def _layer_input_shapes(model: nn.Module, input_shape: Sequence[int], types: tup
     forward pass on zeros of shape ``(1, *input_shape)``; train flags are restored afterwards."""
     shapes: dict[str, list] = {}
     handles = []
-    flags = {m: m.training for m in model.modules()}
     for name, module in model.named_modules():
         if isinstance(module, types):
 
@@ -1031,14 +1032,11 @@ def _layer_input_shapes(model: nn.Module, input_shape: Sequence[int], types: tup
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
     device = reference.device if reference is not None else torch.device("cpu")
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros((1, *input_shape), dtype=dtype, device=device))
     finally:
         for handle in handles:
             handle.remove()
-        for module, flag in flags.items():
-            module.training = flag
     return shapes
 
 
