@@ -8,10 +8,18 @@ models for the recipes in :mod:`lt_theory.data` and :mod:`lt_theory.models`.
 """
 
 from lt_theory.callbacks.double_descent import DoubleDescentProbe
+from lt_theory.callbacks.imp import IMPPruner
 from lt_theory.callbacks.ntk import NTKDrift
 from lt_theory.callbacks.spectral import SpectralNormMonitor
 from lt_theory.module import ClassificationModule
 
 __version__ = "0.1.0"
 
-__all__ = ["ClassificationModule", "DoubleDescentProbe", "NTKDrift", "SpectralNormMonitor", "__version__"]
+__all__ = [
+    "ClassificationModule",
+    "DoubleDescentProbe",
+    "IMPPruner",
+    "NTKDrift",
+    "SpectralNormMonitor",
+    "__version__",
+]

@@ -14,6 +14,7 @@ from contract_monitor import ParameterNormMonitor
 from lightning.pytorch import Callback
 
 from lt_theory.callbacks.double_descent import DoubleDescentProbe
+from lt_theory.callbacks.imp import IMPPruner
 from lt_theory.callbacks.ntk import NTKDrift
 from lt_theory.callbacks.spectral import SpectralNormMonitor
 
@@ -71,6 +72,19 @@ REGISTRY: list[ContractCase] = [
             (lambda: DoubleDescentProbe(eval_batch_size=0), "eval_batch_size"),
             (lambda: DoubleDescentProbe(interpolation_epsilon=1.5), "interpolation_epsilon"),
         ],
+    ),
+    ContractCase(
+        name="imp_pruner",
+        # levels end at steps 4, 7, 10 of the 12-step run; the half run stops in the middle of level 1
+        make_callback=lambda: IMPPruner(levels=2, fraction=0.5, rewind_step=1, steps_per_level=4),
+        prefix="imp",
+        bad_arguments=[
+            (lambda: IMPPruner(levels=2, fraction=1.0, steps_per_level=4), "fraction"),
+            (lambda: IMPPruner(levels=0, steps_per_level=4), "levels"),
+            (lambda: IMPPruner(levels=2, rewind_step=4, steps_per_level=4), "rewind_step"),
+            (lambda: IMPPruner(levels=2), "steps_per_level"),
+        ],
+        monitor=False,
     ),
 ]
 

@@ -21,6 +21,7 @@ from torch.nn.utils import prune
 
 from lt_theory.measures.pruning import (
     PRUNING_SCOPES,
+    MaskEnforcer,
     apply_masks,
     magnitude_masks,
     mask_gradients,
@@ -457,3 +458,31 @@ def test_bad_arguments_raise_naming_them():
         mask_optimizer_state(None, model, {})
     with pytest.raises(ValueError, match="`masks`"):
         sparsity_report([B(True)])
+
+
+def test_mask_enforcer_equals_apply_masks_through_sgd_steps():
+    """The fused enforcer and apply_masks give equal weights after every step; kept entries bit for bit."""
+    torch.manual_seed(0)
+    model = LeNet()
+    twin = copy.deepcopy(model)
+    masks = magnitude_masks(model, 0.6)
+    enforce = MaskEnforcer(model, masks)
+    inputs, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    optimizers = [
+        torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2) for m in (model, twin)
+    ]
+    for _ in range(3):
+        for net, optimizer in zip((model, twin), optimizers):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(inputs), labels).backward()
+            optimizer.step()
+        enforce()
+        apply_masks(twin, masks)
+        params, twin_params = dict(model.named_parameters()), dict(twin.named_parameters())
+        for name, param in params.items():
+            assert torch.equal(param, twin_params[name]), name  # -0.0 == 0.0
+            if name in masks:
+                assert int((param[~masks[name]] != 0).sum()) == 0
+                assert torch.equal(
+                    param[masks[name]].view(torch.int32), twin_params[name][masks[name]].view(torch.int32)
+                )

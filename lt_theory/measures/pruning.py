@@ -65,6 +65,9 @@ while the weight is zero. Three tools, to be combined as needed:
   builds up at pruned positions.
 - :func:`mask_optimizer_state`: zeroes the optimizer's per-parameter state (momentum buffers, Adam moments)
   at pruned positions, e.g. right after pruning when the optimizer is kept.
+
+:class:`MaskEnforcer` is :func:`apply_masks` for every step: the masks checked once, then one fused
+multi-tensor multiply per call (what the ``IMPPruner`` callback runs after each optimizer step).
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ from torch import Tensor, nn
 __all__ = [
     "PRUNABLE_MODULES",
     "PRUNING_SCOPES",
+    "MaskEnforcer",
     "SparsityReport",
     "apply_masks",
     "magnitude_masks",
@@ -433,6 +437,47 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
     with torch.no_grad():
         for param, mask in _masked_parameters(model, masks):
             param.masked_fill_(~mask.to(param.device), 0.0)
+
+
+class MaskEnforcer:
+    """:func:`apply_masks` for every optimizer step: the masks are checked once, then one fused pass per call.
+
+    :func:`apply_masks` looks the parameters up and checks the masks at every call and launches one kernel per
+    tensor; on a GPU that costs more than the work itself for a small network. An enforcer checks the masks
+    once, keeps them as ``0.0 / 1.0`` tensors of each parameter's dtype and device, and each call multiplies all
+    the masked parameters in place with one ``torch._foreach_mul_`` (the multi-tensor kernel of the
+    ``foreach`` optimizers). Kept entries are multiplied by ``1.0`` and so unchanged bit for bit; pruned
+    entries become ``0.0`` (``-0.0`` where the weight was negative: equal to ``0.0`` in every comparison and
+    product). Unlike :func:`apply_masks` it does not clear a NaN or infinite pruned entry (``nan * 0``
+    is NaN), which arises only when training diverges; use :func:`apply_masks` after pruning or rewinding.
+    It holds one mask per parameter in the parameter's dtype: as much memory as the masked weights.
+
+    Args:
+        model: the network; the enforcer keeps references to its parameter objects.
+        masks: parameter name -> bool mask of the parameter's shape (``True`` = kept).
+
+    Raises:
+        ValueError: as :func:`apply_masks`.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(3, 1, bias=False)
+        >>> enforce = MaskEnforcer(layer, {"weight": torch.tensor([[True, False, True]])})
+        >>> enforce()
+        >>> layer.weight[0, 1].item() == 0.0
+        True
+    """
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, Tensor]) -> None:
+        pairs = _masked_parameters(model, masks)
+        self.parameters = [param for param, _ in pairs]
+        self.keep = [mask.to(device=param.device, dtype=param.dtype) for param, mask in pairs]
+
+    def __call__(self) -> None:
+        """Multiply every masked parameter by its mask, in place."""
+        if self.parameters:
+            with torch.no_grad():
+                torch._foreach_mul_(self.parameters, self.keep)
 
 
 def mask_gradients(model: nn.Module, masks: Mapping[str, Tensor]) -> None:

@@ -1,0 +1,754 @@
+r"""IMPPruner: iterative magnitude pruning with rewinding to step k, inside one ``trainer.fit``.
+
+**The lottery ticket hypothesis** (Frankle & Carbin, ICLR 2019, "The Lottery Ticket Hypothesis: Finding
+Sparse, Trainable Neural Networks"): a dense network contains sparse subnetworks that, trained in isolation
+from the right starting weights, reach its accuracy. Iterative magnitude pruning (IMP) finds them. With
+:math:`\theta_k` the full training state after :math:`k` optimizer steps of the dense network, a level
+:math:`\ell` trains the masked network :math:`m_\ell \odot \theta` from :math:`\theta_k` to the end of the
+schedule :math:`T`, and the next mask keeps all but the fraction :math:`p` of the remaining weights of
+smallest magnitude:
+
+.. math::
+    m_{\ell+1} = \operatorname{top}_{(1-p) R_\ell}\bigl(|m_\ell \odot \theta^{(\ell)}_T|\bigr),
+    \qquad R_\ell = \textstyle\sum m_\ell \approx N (1 - p)^\ell .
+
+Rewinding to an early step :math:`k > 0` instead of to initialisation is what makes IMP work for deep
+networks (Frankle, Dziugaite, Roy & Carbin, ICML 2020, "Linear Mode Connectivity and the Lottery Ticket
+Hypothesis"): ResNet-20 on CIFAR-10 with :math:`k = 2000` keeps the dense accuracy down to about 13% of the
+weights. The masks, their counting rule and their enforcement are in :mod:`lt_theory.measures.pruning`.
+
+**One fit, level boundaries as steps.** Level 0 trains the dense network for :math:`T` optimizer steps
+(``steps_per_level``, or ``epochs_per_level`` times the optimizer steps of an epoch); every later level
+trains from step :math:`k` to :math:`T`, i.e. :math:`T - k` steps, as ``open_lth`` does. Level
+:math:`\ell` therefore ends at global step :math:`T + \ell (T - k)`, and the callback ends the fit itself
+(``trainer.should_stop``) when the last level ends. While the optimizers are configured it sets the trainer's
+``max_steps`` to :math:`T`, so that a schedule sized by ``trainer.estimated_stepping_batches`` (cosine) spans
+one level, and gives the Trainer its own ``max_steps`` back at fit start. At a boundary, in
+``on_train_batch_end``:
+evaluate, save the level's ticket, prune, rewind weights and all buffers to the step-:math:`k` snapshot,
+empty the optimizer state, load the LR schedulers' and the optimizer hyper-parameters' state of step
+:math:`k`, and go on with the next batch. Schedulers stepped per epoch see the trainer's epochs, which do not
+line up with the level's epochs when :math:`k` or :math:`T - k` is not a whole number of epochs: their
+milestones then fall up to one epoch late in the rewound levels (at most 0.6% of a 160-epoch level).
+
+Cost: pruned weights are set to zero after every optimizer step with one fused multi-tensor multiply
+(:class:`~lt_theory.measures.pruning.MaskEnforcer`; ``benchmarks/bench_imp.py`` measures it against a
+training step), and a level boundary costs one evaluation pass over the evaluation split and one copy of the
+weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Mapping
+from copy import deepcopy
+from numbers import Integral
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from lightning.fabric.utilities.apply_func import apply_to_collection  # noqa: E402
+from lightning.pytorch import LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int  # noqa: E402
+from lt_theory.measures.pruning import (  # noqa: E402
+    PRUNING_SCOPES,
+    MaskEnforcer,
+    apply_masks,
+    magnitude_masks,
+    mask_optimizer_state,
+    masks_from_state,
+    masks_to_state,
+    prunable_parameters,
+    random_masks_like,
+    sparsity_report,
+)
+from lt_theory.measures.risk import evaluate_classifier  # noqa: E402
+
+__all__ = ["IMP_CONTROLS", "IMPPruner", "accuracy_vs_remaining_figure", "load_ticket"]
+
+IMP_CONTROLS = ("random_reinit", "random_prune")
+"""The lottery-ticket controls of Frankle & Carbin (2019) that ``IMPPruner(control=...)`` runs."""
+
+_OPTIMIZER_STATES = ("reset", "rewind")
+_EVAL_SPLITS = ("val", "test")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tickets on disk.
+
+
+def load_ticket(path: str | os.PathLike, model: nn.Module) -> dict[str, Tensor]:
+    """Load a ticket saved by :class:`IMPPruner` into ``model``: its starting weights and buffers, then its masks.
+
+    The ticket of level :math:`\\ell` holds the masks :math:`m_\\ell` and the state the level was trained from
+    (the step-:math:`k` snapshot, or the fresh initialisation of ``control="random_reinit"``). Loading it and
+    training with the masks enforced (e.g. ``IMPPruner``'s :class:`~lt_theory.measures.pruning.MaskEnforcer`
+    after each step, with the LR schedule started at step :math:`k`) reproduces the sparse network.
+
+    Args:
+        path: a ``ticket_level<l>.pt`` file written by :class:`IMPPruner`.
+        model: a module with the structure of the one pruned (the ``LightningModule``, e.g. a
+            ``ClassificationModule`` with the same ``net``).
+
+    Returns:
+        The masks (parameter name -> bool tensor on the parameter's device, ``True`` = kept), already applied.
+
+    Raises:
+        ValueError: if the file is not an IMPPruner ticket or does not fit ``model``.
+
+    Example:
+        >>> # masks = load_ticket("runs/imp/version_0/imp/ticket_level03.pt", module)
+        >>> # trainer.fit(module, ...) with IMPPruner-style mask enforcement, or evaluate it directly
+    """
+    ticket = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ticket, Mapping) or "masks" not in ticket or "start_state" not in ticket:
+        raise ValueError(f"{str(path)!r} is not a ticket written by IMPPruner (no `masks` / `start_state`)")
+    model.load_state_dict(ticket["start_state"])
+    masks = masks_from_state(ticket["masks"], model)
+    apply_masks(model, masks)
+    return masks
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _save_atomically(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(obj, partial)
+    partial.replace(path)
+
+
+def _cpu_copy(obj):
+    """A copy of a nested collection with every tensor detached and copied to the CPU."""
+    return apply_to_collection(obj, Tensor, lambda t: t.detach().to("cpu", copy=True))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The figure.
+
+
+def accuracy_vs_remaining_figure(
+    curves: Mapping[str, list[tuple[float, float]]], dense_accuracy: float | None = None
+):
+    """Accuracy against the percentage of weights remaining (log x axis, decreasing to the right).
+
+    Args:
+        curves: label -> ``[(remaining_fraction, accuracy), ...]``, one curve per run (IMP and its controls;
+            e.g. ``{"IMP": pruner.curve(), "random reinit": control.curve()}``).
+        dense_accuracy: the dense network's accuracy, drawn as a horizontal line; None draws none.
+
+    Returns:
+        A matplotlib ``Figure``.
+
+    Example:
+        >>> figure = accuracy_vs_remaining_figure({"IMP": [(1.0, 0.9), (0.8, 0.91), (0.64, 0.9)]}, 0.9)
+    """
+    figure, axis = plt.subplots(figsize=(5.5, 3.8))
+    for label, points in curves.items():
+        points = [(r, a) for r, a in points if r > 0]
+        axis.plot([100 * r for r, _ in points], [100 * a for _, a in points], "o-", label=label)
+    if dense_accuracy is not None and math.isfinite(dense_accuracy):
+        axis.axhline(100 * dense_accuracy, color="gray", linestyle="--", label="dense")
+    axis.set_xscale("log")
+    axis.invert_xaxis()
+    axis.set_xlabel("weights remaining (%)")
+    axis.set_ylabel("accuracy (%)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The callback.
+
+
+class IMPPruner(TheoryCallback):
+    """Find lottery tickets by iterative magnitude pruning with rewinding to step k, in one ``trainer.fit``.
+
+    Level 0 trains the dense network for ``T`` optimizer steps and keeps the full training state of step
+    ``rewind_step`` (weights, buffers, optimizer state and hyper-parameters, LR schedulers). At the end of
+    each level the callback evaluates the network on the ``eval_split`` of the data module, saves the
+    level's ticket, prunes ``fraction`` of the *remaining* prunable weights by magnitude (one global ranking
+    by default; biases and normalisation layers never), sets the surviving weights and *all* buffers back to
+    their step-``k`` values, empties the optimizer state, puts the optimizer's hyper-parameters and the LR
+    schedulers back at step ``k``, and trains the next level for ``T - k`` steps. After ``levels`` prunings
+    about ``(1 - fraction) ** levels`` of the weights remain (exact counts:
+    :func:`lt_theory.measures.pruning.remaining_counts`). Pruned weights are set to zero after every
+    optimizer step, so they stay exactly zero under momentum and weight decay. The module docstring explains
+    how levels map to the trainer's steps.
+
+    The callback stops the fit when the last level ends; the Trainer's ``max_steps`` or ``max_epochs`` still
+    end it earlier if they are smaller (and a fit resumed from the checkpoint goes on), so give the Trainer
+    ``max_epochs=-1`` to let the IMP run to its end (a warning says when it would be cut). While the
+    optimizers are configured, ``max_steps`` is set to one level's length, so that a schedule sized by
+    ``trainer.estimated_stepping_batches`` (cosine) spans one level.
+
+    Controls (Frankle & Carbin 2019), one per run: ``control="random_reinit"`` keeps this run's magnitude
+    masks but trains each pruned level from a fresh initialisation (``reset_parameters`` of every module,
+    seeded with ``seed`` and the level; BatchNorm statistics reset) instead of the step-``k`` weights;
+    ``control="random_prune"`` replaces each level's magnitude masks by random masks with the same count in
+    every layer (drawn from the callback's own generator). Overlay the runs with
+    :func:`accuracy_vs_remaining_figure`.
+
+    State and files: the level, the masks, the history, the random generator and the step-``k`` snapshot are
+    in the callback's state, so a fit interrupted anywhere (mid-level included) and resumed from its
+    checkpoint ends with the masks and weights of an uninterrupted fit. When a ``ModelCheckpoint`` is
+    attached, the snapshot is written once to ``<its dirpath>/imp_rewind_step<k>.pt`` (rank zero) and the
+    checkpoint holds only its path and SHA-256; without one it is kept inside the checkpoint. At the end of
+    each level, rank zero writes the level's ticket to ``<ticket_dir>/ticket_level<l>.pt`` (default
+    ``<trainer.log_dir>/imp``): the masks, the state the level was trained from, the level's accuracy and the
+    history; :func:`load_ticket` puts it into a model. The last level's file is the final ticket.
+
+    Divergence: a non-finite training loss (checked at each epoch end and level end, on all ranks) or a
+    non-finite evaluation loss at a level end stops the IMP: ``imp/diverged_level`` is logged, a warning
+    names the level, the trainer stops, and the checkpoint and the tickets of the completed levels are kept.
+
+    DDP: every rank computes the masks on its (identical) weights and rank zero's are broadcast, so all ranks
+    end a level with identical masks; each rank evaluates the whole evaluation split (no collective inside).
+    Sharded strategies (FSDP, DeepSpeed) are refused at setup.
+
+    Cost: the per-step work is one fused multiply over the prunable weights and one addition on the device
+    (0.013% of a ResNet-20 training step at batch 128 on one CPU thread, ``benchmarks/bench_imp.py``); a
+    level boundary costs one evaluation pass over ``eval_split`` and a copy of the weights.
+
+    Logged tags: ``imp/level``, ``imp/remaining_fraction`` and ``imp/sparsity/<layer>`` (the fraction of
+    the layer's weights pruned; ``<layer>`` the module name) at each level's start; ``imp/accuracy`` and
+    ``imp/loss`` on ``eval_split`` at each level's end (at the global step of the boundary);
+    ``imp/accuracy_by_remaining_bp``: the same accuracy logged with the remaining weights in basis points
+    (``round(10000 * remaining_fraction)``) as its step, which draws accuracy against remaining weights in
+    TensorBoard (x decreasing over the levels); ``imp/diverged_level`` when a level diverges; the image
+    ``imp/accuracy_vs_remaining`` (log x axis, dense accuracy as a line) and the text ``imp/summary`` at each
+    level's end; a custom-scalars panel ``imp``.
+
+    Args:
+        levels: the number of pruning levels L (>= 1); the fit trains L + 1 times (dense, then L sparse levels).
+        fraction: the fraction of the remaining prunable weights pruned at each level, in (0, 1).
+        rewind_step: k, the optimizer step whose state every pruned level restarts from (0 rewinds to
+            initialisation, as Frankle & Carbin 2019); must be smaller than the level's length.
+        steps_per_level: T in optimizer steps; give this or ``epochs_per_level``.
+        epochs_per_level: T as a number of epochs (times the optimizer steps of one epoch).
+        scope: ``"global"`` (one ranking over all prunable weights, as Frankle et al. 2020) or ``"layerwise"``.
+        prune_output_layer: also prune the last prunable layer in the model's order (the classifier), as
+            ``open_lth`` does.
+        include: names of prunable parameters or modules to restrict pruning to (default: the ``weight`` of
+            every Linear and Conv layer).
+        exclude: names of prunable parameters or modules never pruned.
+        control: None (IMP), ``"random_reinit"`` or ``"random_prune"``.
+        optimizer_state: ``"reset"`` (empty, ``open_lth``'s fresh optimizer) or ``"rewind"`` (the step-k
+            state, with the pruned entries zeroed) at each rewind.
+        eval_split: ``"val"`` or ``"test"``: the data module's loader evaluated at each level's end.
+        ticket_dir: where tickets are written; None for ``<trainer.log_dir>/imp``.
+        seed: seed of the random controls (the callback's own generator; the global RNG is left alone).
+
+    Attributes:
+        level: the level being trained (0 = dense).
+        masks: parameter name -> bool mask of the level being trained (None at level 0).
+        history: one dict per completed level: ``level``, ``remaining_fraction``, ``accuracy``, ``loss``,
+            ``step``.
+        ticket_paths: the ticket files written by this fit (a resumed fit lists those it wrote; the files of
+            earlier levels stay where the interrupted fit wrote them).
+        stopped: the reason the IMP stopped early (divergence), else None.
+
+    Raises:
+        ValueError: for a bad argument, naming it (``fraction`` outside (0, 1), ``levels`` < 1,
+            ``rewind_step`` not smaller than the level's length, ...); at setup, for a model without a
+            prunable parameter (naming the layer types it looked for), a sharded strategy, or
+            ``epochs_per_level`` with a train loader of unknown length; at a resume, when the step-k snapshot
+            written next to the checkpoints is missing or was overwritten by another run.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> pruner = IMPPruner(levels=10, fraction=0.2, rewind_step=2000, epochs_per_level=160)
+        >>> trainer = Trainer(max_epochs=-1, callbacks=[pruner])
+        >>> # trainer.fit(module, datamodule=CIFAR10DataModule(...)); then load_ticket(pruner.ticket_paths[-1], module)
+    """
+
+    prefix = "imp"
+
+    def __init__(
+        self,
+        levels: int,
+        fraction: float = 0.2,
+        rewind_step: int = 0,
+        steps_per_level: int | None = None,
+        epochs_per_level: int | None = None,
+        scope: str = "global",
+        prune_output_layer: bool = True,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        control: str | None = None,
+        optimizer_state: str = "reset",
+        eval_split: str = "val",
+        ticket_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_positive_int("levels", levels)
+        check_fraction("fraction", fraction, low_open=True, high_open=True)
+        if isinstance(rewind_step, bool) or not isinstance(rewind_step, Integral) or rewind_step < 0:
+            raise ValueError(f"`rewind_step` must be an int >= 0, got {rewind_step!r}")
+        check_positive_int("steps_per_level", steps_per_level, allow_none=True)
+        check_positive_int("epochs_per_level", epochs_per_level, allow_none=True)
+        if (steps_per_level is None) == (epochs_per_level is None):
+            raise ValueError(
+                "give exactly one of `steps_per_level` and `epochs_per_level` (the length of a level), got "
+                f"steps_per_level={steps_per_level!r}, epochs_per_level={epochs_per_level!r}"
+            )
+        if steps_per_level is not None and rewind_step >= steps_per_level:
+            raise ValueError(
+                f"`rewind_step` must be smaller than the first level's length `steps_per_level`="
+                f"{steps_per_level}, got {rewind_step}"
+            )
+        _check_choice("scope", scope, PRUNING_SCOPES)
+        _check_choice("control", control, (None, *IMP_CONTROLS))
+        _check_choice("optimizer_state", optimizer_state, _OPTIMIZER_STATES)
+        _check_choice("eval_split", eval_split, _EVAL_SPLITS)
+        if not isinstance(prune_output_layer, bool):
+            raise ValueError(f"`prune_output_layer` must be True or False, got {prune_output_layer!r}")
+        for name, names in (("include", include), ("exclude", exclude)):
+            if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
+                raise ValueError(
+                    f"`{name}` must be a list of parameter or module names or None, got {names!r}"
+                )
+        if isinstance(seed, bool) or not isinstance(seed, Integral):
+            raise ValueError(f"`seed` must be an int, got {seed!r}")
+        self.levels, self.fraction, self.rewind_step = int(levels), float(fraction), int(rewind_step)
+        self.steps_per_level, self.epochs_per_level = steps_per_level, epochs_per_level
+        self.scope, self.prune_output_layer, self.control = scope, prune_output_layer, control
+        self.include = None if include is None else list(include)
+        self.exclude = None if exclude is None else list(exclude)
+        self.optimizer_state, self.eval_split, self.ticket_dir, self.seed = (
+            optimizer_state,
+            eval_split,
+            ticket_dir,
+            int(seed),
+        )
+        self.level = 0
+        self.masks: dict[str, Tensor] | None = None
+        self.history: list[dict[str, float]] = []
+        self.ticket_paths: list[str] = []
+        self.stopped: str | None = None
+        self.level_steps: int | None = None  # T, resolved at setup
+        self.pruned_names: list[str] = []
+        self._rewind: dict | None = None  # the step-k snapshot (CPU)
+        self._rewind_file: dict | None = None  # {"path", "sha256"} once written next to the checkpoints
+        self._reinit_state: dict | None = None  # random_reinit: the state the current level started from
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self._enforce: MaskEnforcer | None = None
+        self._loss_total: Tensor | None = None
+        self._user_max_steps: int | None = None
+        self._eval_loader = None
+
+    # -- schedule ---------------------------------------------------------------------------------
+
+    def level_end(self, level: int) -> int:
+        """The global step at which ``level`` ends: ``T + level * (T - k)``."""
+        return self.level_steps + level * (self.level_steps - self.rewind_step)
+
+    def _size_schedules_to_one_level(self, trainer: Trainer) -> None:
+        """``max_steps`` = T while the optimizers are configured: a cosine schedule then spans one level."""
+        end = self.level_steps
+        if self._user_max_steps not in (None, -1):
+            end = min(end, self._user_max_steps)
+        trainer.fit_loop.epoch_loop.max_steps = end
+
+    def _resolve_level_steps(self, trainer: Trainer) -> int:
+        if self.steps_per_level is not None:
+            return self.steps_per_level
+        loop = trainer.fit_loop
+        saved = loop.max_epochs, loop.max_steps
+        loop.max_epochs, loop.epoch_loop.max_steps = self.epochs_per_level, -1
+        try:
+            steps = trainer.estimated_stepping_batches
+        finally:
+            loop.max_epochs, loop.epoch_loop.max_steps = saved
+        if not math.isfinite(steps):
+            raise ValueError(
+                "IMPPruner(epochs_per_level=...) needs a train loader with a length to turn epochs into steps; "
+                "give `steps_per_level` for an iterable dataset"
+            )
+        if self.rewind_step >= steps:
+            raise ValueError(
+                f"`rewind_step`={self.rewind_step} must be smaller than the first level's length: "
+                f"`epochs_per_level`={self.epochs_per_level} epochs are {int(steps)} optimizer steps"
+            )
+        return int(steps)
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        self.pruned_names = self._prunable_names(pl_module)
+        self._user_max_steps = trainer.fit_loop.max_steps  # given back at fit start
+        self.level_steps = self._resolve_level_steps(trainer)
+        self._size_schedules_to_one_level(trainer)  # setup runs before configure_optimizers
+
+    def _prunable_names(self, pl_module: LightningModule) -> list[str]:
+        try:
+            every = list(prunable_parameters(pl_module))
+            exclude = list(self.exclude or [])
+            if not self.prune_output_layer:
+                exclude.append(every[-1])
+            return list(prunable_parameters(pl_module, self.include, exclude or None))
+        except ValueError as error:
+            raise ValueError(f"IMPPruner cannot prune {type(pl_module).__name__}: {error}") from error
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the optimizers are configured: give the Trainer its own max_steps back. The IMP ends the fit itself
+        # (`should_stop` at the last level's end); with a max_steps of its own, Lightning would resume the fit
+        # as iteration-based training, which draws the data order of the epoch after a resume differently.
+        trainer.fit_loop.epoch_loop.max_steps = self._user_max_steps
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._warn_if_cut(trainer)
+        if self.masks is not None:
+            self.masks = {name: mask.to(pl_module.device) for name, mask in self.masks.items()}
+            self._enforce = MaskEnforcer(pl_module, self.masks)
+            self._enforce()
+        if self.stopped is not None or len(self.history) == self.levels + 1:
+            if self.stopped is not None:
+                rank_zero_warn(f"IMPPruner: {self.stopped} Not training further.", category=UserWarning)
+            trainer.should_stop = True
+            return
+        if trainer.global_step == 0 and self.level == 0:
+            self.add_charts(
+                trainer,
+                {
+                    "Accuracy at level end": ["accuracy"],
+                    "Accuracy against remaining weights (step = basis points)": ["accuracy_by_remaining_bp"],
+                    "Remaining fraction": ["remaining_fraction"],
+                    "Sparsity per layer": ["sparsity/.*"],
+                },
+            )
+            self.log_scalars(trainer, self._level_scalars())
+        if self.level == 0 and self._rewind is None and self.rewind_step == 0:
+            self._snapshot(trainer, pl_module)
+
+    def _warn_if_cut(self, trainer: Trainer) -> None:
+        total = self.level_end(self.levels)
+        max_epochs, batches = trainer.fit_loop.max_epochs, trainer.num_training_batches
+        limits = []
+        if max_epochs not in (None, -1) and math.isfinite(batches):
+            steps = max_epochs * math.ceil(batches / trainer.accumulate_grad_batches)
+            limits.append((steps, f"max_epochs={max_epochs}", "`max_epochs=-1`"))
+        if self._user_max_steps not in (None, -1):
+            limits.append((self._user_max_steps, f"max_steps={self._user_max_steps}", "no `max_steps`"))
+        for steps, given, advice in limits:
+            if steps < total:
+                self.warn_once(
+                    "cut",
+                    f"the Trainer's {given} ends the fit after about {steps} optimizer steps, before the {total} "
+                    f"steps of the whole IMP ({self.levels} levels); the fit can be resumed from its checkpoint. "
+                    f"Pass {advice} to run the IMP to its end.",
+                )
+
+    # -- snapshot ---------------------------------------------------------------------------------
+
+    def _snapshot(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Keep the full training state of step k (CPU copies); write it next to the checkpoints."""
+        self._rewind = {
+            "step": trainer.global_step,
+            "model": _cpu_copy(pl_module.state_dict()),
+            "optimizers": [_cpu_copy(opt.state_dict()) for opt in trainer.optimizers],
+            "schedulers": [deepcopy(cfg.scheduler.state_dict()) for cfg in trainer.lr_scheduler_configs],
+        }
+        directory = self._checkpoint_dir(trainer)
+        if directory is None:
+            return
+        path = Path(directory) / f"imp_rewind_step{self.rewind_step}.pt"
+        digest = None
+        if trainer.is_global_zero:
+            _save_atomically(self._rewind, path)
+            digest = _file_digest(path)
+        self._rewind_file = {"path": str(path), "sha256": trainer.strategy.broadcast(digest, src=0)}
+
+    @staticmethod
+    def _checkpoint_dir(trainer: Trainer) -> str | None:
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                return callback.dirpath
+        return None
+
+    def _load_rewind_file(self) -> dict:
+        path = Path(self._rewind_file["path"])
+        if not path.is_file():
+            raise ValueError(
+                f"IMPPruner cannot resume: the step-{self.rewind_step} snapshot {str(path)!r}, written next to "
+                "the checkpoints, is missing; keep it beside the checkpoint (or restart the IMP)."
+            )
+        if _file_digest(path) != self._rewind_file["sha256"]:
+            raise ValueError(
+                f"IMPPruner cannot resume: {str(path)!r} is not the step-{self.rewind_step} snapshot of this run "
+                "(its SHA-256 differs from the one in the checkpoint); another run wrote over it."
+            )
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    # -- per step ---------------------------------------------------------------------------------
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.stopped is not None:
+            return
+        if self._enforce is not None:
+            self._enforce()
+        self._track_loss(outputs)
+        step = trainer.global_step
+        if self.level == 0 and self._rewind is None and step == self.rewind_step:
+            self._snapshot(trainer, pl_module)
+        if step == self.level_end(self.level) and len(self.history) == self.level:  # once per level, also
+            self._end_level(trainer, pl_module)  # when gradient accumulation keeps the step for a few batches
+
+    def _track_loss(self, outputs) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, Tensor):
+            loss = loss.detach().float()  # summed on the device: no synchronisation per step
+            self._loss_total = loss if self._loss_total is None else self._loss_total + loss
+
+    def _loss_diverged(self, trainer: Trainer) -> bool:
+        """Whether any rank saw a non-finite training loss since the last check (a collective)."""
+        local = self._loss_total is not None and not bool(torch.isfinite(self._loss_total))
+        self._loss_total = None
+        return bool(trainer.strategy.reduce_boolean_decision(local, all=False))
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.stopped is None and self._loss_diverged(trainer):
+            self._stop_diverged(trainer, "a non-finite training loss")
+
+    # -- level boundary ---------------------------------------------------------------------------
+
+    def _end_level(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        diverged = self._loss_diverged(trainer)
+        accuracy, loss = self._evaluate(trainer, pl_module)
+        evaluated = not math.isnan(accuracy)  # NaN only without an evaluation set
+        if diverged or (evaluated and not math.isfinite(loss)):
+            self._stop_diverged(
+                trainer, "a non-finite training loss" if diverged else "a non-finite eval loss"
+            )
+            return
+        record = {
+            "level": self.level,
+            "remaining_fraction": self.remaining_fraction(),
+            "accuracy": accuracy,
+            "loss": loss,
+            "step": trainer.global_step,
+        }
+        self.history.append(record)
+        self._save_ticket(trainer, pl_module)
+        scalars = {"accuracy": accuracy, "loss": loss}
+        if self.level < self.levels:
+            self._prune(trainer, pl_module)
+            self._rewind_training_state(trainer, pl_module)
+            self.level += 1
+            scalars.update(self._level_scalars())
+        else:
+            trainer.should_stop = True  # the IMP is complete
+        self.log_scalars(trainer, scalars)
+        self.log_scalars(
+            trainer,
+            {"accuracy_by_remaining_bp": accuracy},
+            step=round(10_000 * record["remaining_fraction"]),
+        )
+        self._log_level_report(trainer)
+
+    def _level_scalars(self) -> dict[str, float]:
+        scalars = {"level": self.level, "remaining_fraction": self.remaining_fraction()}
+        fractions = (
+            sparsity_report(self.masks).layer_remaining_fraction
+            if self.masks is not None
+            else dict.fromkeys(self.pruned_names, 1.0)
+        )
+        for name, kept in fractions.items():
+            scalars[f"sparsity/{name.removesuffix('.weight')}"] = 1.0 - kept
+        return scalars
+
+    def remaining_fraction(self) -> float:
+        """The fraction of the prunable weights kept by the masks of the level being trained."""
+        return 1.0 if self.masks is None else sparsity_report(self.masks).remaining_fraction
+
+    def _prune(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        params = dict(pl_module.named_parameters())
+        weights = {name: params[name] for name in self.pruned_names}
+        masks = magnitude_masks(weights, self.fraction, self.masks, self.scope)
+        if self.control == "random_prune":
+            masks = random_masks_like(masks, self._generator)
+        masks = trainer.strategy.broadcast(masks_to_state(masks), src=0)  # identical on every rank
+        self.masks = masks_from_state(masks, pl_module)
+
+    def _rewind_training_state(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Weights and buffers to step k (or a fresh init), optimizer emptied, schedulers back at step k."""
+        if self._rewind is None:  # cannot happen: rewind_step < T, so step k comes before level 0 ends
+            raise RuntimeError("IMPPruner: no step-k snapshot at a level's end")
+        if self.control == "random_reinit":
+            self._reinitialize(pl_module)
+        else:
+            pl_module.load_state_dict(self._rewind["model"])
+        apply_masks(pl_module, self.masks)
+        if self.control == "random_reinit":
+            self._reinit_state = _cpu_copy(pl_module.state_dict())
+        for optimizer, saved in zip(trainer.optimizers, self._rewind["optimizers"]):
+            if self.optimizer_state == "rewind":
+                optimizer.load_state_dict(deepcopy(saved))
+                mask_optimizer_state(optimizer, pl_module, self.masks)
+            else:
+                optimizer.state.clear()
+                for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+                    group.update({key: deepcopy(v) for key, v in saved_group.items() if key != "params"})
+        for config, saved in zip(trainer.lr_scheduler_configs, self._rewind["schedulers"]):
+            config.scheduler.load_state_dict(deepcopy(saved))
+        self._enforce = MaskEnforcer(pl_module, self.masks)
+
+    def _reinitialize(self, pl_module: LightningModule) -> None:
+        """Fresh weights and buffers from every module's ``reset_parameters``, the global RNG left as it was."""
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed * 1_000_003 + self.level + 1)  # the level about to start
+            for module in pl_module.modules():
+                if callable(getattr(module, "reset_parameters", None)):
+                    module.reset_parameters()
+
+    # -- evaluation, tickets, reports -------------------------------------------------------------
+
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> tuple[float, float]:
+        """Accuracy and mean cross-entropy on ``eval_split``; NaN for both without an evaluation set."""
+        loader = self._loader(trainer)
+        if loader is None:
+            return math.nan, math.nan
+        datamodule = trainer.datamodule
+        transform = getattr(datamodule, "preprocess", None)
+        result = evaluate_classifier(pl_module, loader, transform=transform if callable(transform) else None)
+        return 1.0 - result.error, result.loss
+
+    def _loader(self, trainer: Trainer):
+        if self._eval_loader is None:
+            datamodule = trainer.datamodule
+            hook = getattr(datamodule, f"{self.eval_split}_dataloader", None)
+            if datamodule is not None and callable(hook):
+                self._eval_loader = hook()
+            elif self.eval_split == "val" and trainer.val_dataloaders is not None:
+                self._eval_loader = trainer.val_dataloaders
+            else:
+                self.warn_once(
+                    "no-eval-set",
+                    f"no `{self.eval_split}_dataloader` (no data module with one), so `imp/accuracy` is NaN; "
+                    "fit with a data module to measure the tickets.",
+                )
+        return self._eval_loader
+
+    def _save_ticket(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        directory = Path(self.ticket_dir) if self.ticket_dir is not None else Path(trainer.log_dir) / "imp"
+        path = directory / f"ticket_level{self.level:02d}.pt"
+        if trainer.is_global_zero:
+            masks = self.masks or {n: torch.ones_like(p, dtype=torch.bool) for n, p in self._named(pl_module)}
+            _save_atomically(
+                {
+                    "level": self.level,
+                    "remaining_fraction": self.remaining_fraction(),
+                    "accuracy": self.history[-1]["accuracy"],
+                    "masks": masks_to_state(masks),
+                    "start_state": self._level_start_state(pl_module),
+                    "rewind_step": self.rewind_step,
+                    "fraction": self.fraction,
+                    "scope": self.scope,
+                    "control": self.control,
+                    "history": list(self.history),
+                },
+                path,
+            )
+        self.ticket_paths.append(str(path))
+
+    def _named(self, pl_module: LightningModule):
+        params = dict(pl_module.named_parameters())
+        return [(name, params[name]) for name in self.pruned_names]
+
+    def _level_start_state(self, pl_module: LightningModule) -> dict[str, Tensor]:
+        if self.control == "random_reinit" and self.level > 0:
+            return self._reinit_state
+        return self._rewind["model"] if self._rewind is not None else _cpu_copy(pl_module.state_dict())
+
+    def _stop_diverged(self, trainer: Trainer, what: str) -> None:
+        completed = len(self.history)
+        self.stopped = (
+            f"level {self.level} diverged ({what}); the IMP stops after {completed} completed level(s), whose "
+            f"tickets are in {self.ticket_paths[-1] if self.ticket_paths else 'no file yet'}."
+        )
+        self.log_scalars(trainer, {"diverged_level": self.level})
+        self.log_text(trainer, "summary", self.stopped)
+        rank_zero_warn(f"IMPPruner: {self.stopped} Lower the learning rate or the pruning fraction.")
+        trainer.should_stop = True
+
+    def curve(self) -> list[tuple[float, float]]:
+        """``[(remaining_fraction, accuracy), ...]`` of the completed levels (:func:`accuracy_vs_remaining_figure`)."""
+        return [(h["remaining_fraction"], h["accuracy"]) for h in self.history]
+
+    def summary(self) -> str:
+        """A markdown table of the completed levels: remaining weights and accuracy."""
+        rows = ["| level | weights remaining | accuracy |", "|---|---|---|"]
+        rows += [
+            f"| {h['level']} | {100 * h['remaining_fraction']:.2f}% | {100 * h['accuracy']:.2f}% |"
+            for h in self.history
+        ]
+        return "\n".join(rows)
+
+    def _log_level_report(self, trainer: Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        label = "IMP" if self.control is None else f"IMP, control: {self.control}"
+        dense = self.history[0]["accuracy"] if self.history else None
+        self.log_figure(
+            trainer, "accuracy_vs_remaining", accuracy_vs_remaining_figure({label: self.curve()}, dense)
+        )
+        self.log_text(trainer, "summary", self.summary())
+        last = self.history[-1]
+        rank_zero_info(
+            f"IMPPruner: level {last['level']} ended at step {last['step']}: "
+            f"{100 * last['remaining_fraction']:.2f}% of the weights, accuracy {100 * last['accuracy']:.2f}%"
+        )
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        in_file = self._rewind_file is not None
+        return {
+            "level": self.level,
+            "masks": None if self.masks is None else masks_to_state(self.masks),
+            "history": [dict(h) for h in self.history],
+            "stopped": self.stopped,
+            "level_steps": self.level_steps,
+            "generator": self._generator.get_state(),
+            "rewind": None if in_file else self._rewind,
+            "rewind_file": self._rewind_file,
+            "reinit_state": self._reinit_state,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.level = state_dict["level"]
+        self.masks = state_dict["masks"]
+        self.history = [dict(h) for h in state_dict["history"]]
+        self.stopped = state_dict["stopped"]
+        if state_dict["level_steps"] not in (None, self.level_steps) and self.level_steps is not None:
+            raise ValueError(
+                f"IMPPruner: the checkpoint's levels are {state_dict['level_steps']} steps long, this run's "
+                f"{self.level_steps}; resume with the same `steps_per_level` / `epochs_per_level` and data."
+            )
+        self._generator.set_state(state_dict["generator"])
+        self._rewind_file = state_dict["rewind_file"]
+        self._reinit_state = state_dict["reinit_state"]
+        self._rewind = self._load_rewind_file() if self._rewind_file is not None else state_dict["rewind"]
+
+
+def _check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
