@@ -9,6 +9,7 @@ models for the recipes in :mod:`lt_theory.data` and :mod:`lt_theory.models`.
 
 from lt_theory.callbacks.double_descent import DoubleDescentProbe
 from lt_theory.callbacks.imp import IMPPruner
+from lt_theory.callbacks.lmc import LinearModeConnectivity
 from lt_theory.callbacks.ntk import NTKDrift
 from lt_theory.callbacks.spectral import SpectralNormMonitor
 from lt_theory.module import ClassificationModule
@@ -19,6 +20,7 @@ __all__ = [
     "ClassificationModule",
     "DoubleDescentProbe",
     "IMPPruner",
+    "LinearModeConnectivity",
     "NTKDrift",
     "SpectralNormMonitor",
     "__version__",

@@ -7,6 +7,8 @@ is a monitor (training must stay bit-identical) or changes training on purpose.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,8 +17,14 @@ from lightning.pytorch import Callback
 
 from lt_theory.callbacks.double_descent import DoubleDescentProbe
 from lt_theory.callbacks.imp import IMPPruner
+from lt_theory.callbacks.lmc import LinearModeConnectivity
 from lt_theory.callbacks.ntk import NTKDrift
 from lt_theory.callbacks.spectral import SpectralNormMonitor
+
+# one directory per session, shared with the DDP processes (which inherit the environment)
+_LMC_DIRECTORY = os.environ.setdefault(
+    "LT_THEORY_LMC_CONTRACT_DIR", tempfile.mkdtemp(prefix="lt_theory_lmc_")
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,22 @@ REGISTRY: list[ContractCase] = [
             (lambda: DoubleDescentProbe(train_subset_size=-3), "train_subset_size"),
             (lambda: DoubleDescentProbe(eval_batch_size=0), "eval_batch_size"),
             (lambda: DoubleDescentProbe(interpolation_epsilon=1.5), "interpolation_epsilon"),
+        ],
+    ),
+    ContractCase(
+        # the parent run is a monitored run: bit-identical with or without the callback. One snapshot directory
+        # for the session, so that a resumed run finds the snapshots (and the state holds the same paths)
+        name="linear_mode_connectivity",
+        make_callback=lambda: LinearModeConnectivity(
+            spawn_steps=[2], num_alphas=3, train_subset_size=32, eval_batch_size=16, directory=_LMC_DIRECTORY
+        ),
+        prefix="lmc",
+        bad_arguments=[
+            (lambda: LinearModeConnectivity(spawn_steps=[-1]), "spawn_steps"),
+            (lambda: LinearModeConnectivity(spawn_steps=[3, 3]), "spawn_steps"),
+            (lambda: LinearModeConnectivity(mode="both"), "mode"),
+            (lambda: LinearModeConnectivity(bn="swap"), "bn"),
+            (lambda: LinearModeConnectivity(num_alphas=1), "num_alphas"),
         ],
     ),
     ContractCase(

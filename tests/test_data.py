@@ -659,3 +659,79 @@ def test_trainer_resume_continues_the_same_order_and_augmentation(tmp_path):
     assert len(full.seen) == 8 and len(resumed.seen) == 4
     assert resumed.seen == full.seen[4:]
     assert full.seen[:4] != full.seen[4:]
+
+
+class _CheckpointAt(pl.Callback):
+    """Writes a checkpoint after the optimizer step ``step`` (in mid-epoch), or before it (``at_start``)."""
+
+    def __init__(self, step, path, at_start=False):
+        self.step, self.path, self.at_start = step, path, at_start
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.at_start and trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.at_start and trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`")
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
+@pytest.mark.parametrize("step, at_start", [(2, False), (0, True), (5, True)])
+def test_trainer_resume_in_mid_epoch_continues_the_epoch(tmp_path, step, at_start):
+    """4 batches per epoch: the rest of the epoch, then the next ones, exactly as without the interruption
+    (the replayed permutation skips the examples done; a batch augmented but not trained on is augmented
+    again)."""
+    path = tmp_path / "mid.ckpt"
+    model = _RecordingModel()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        callbacks=[_CheckpointAt(step, path, at_start)],
+    )
+    trainer.fit(model, datamodule=SyntheticCIFARDataModule(num_train=64, num_test=16, batch_size=16))
+    resumed, _ = _fit(2, tmp_path, ckpt_path=path)
+    assert len(model.seen) == 8 and resumed.seen == model.seen[step:]
+
+
+def test_reseed_order_changes_only_the_order_and_the_augmentation():
+    training = SimpleNamespace(training=True, global_rank=0)
+    default, same, other = (_synthetic(label_noise=0.2) for _ in range(3))
+    same.reseed_order(0)  # the default streams
+    other.reseed_order(1)
+    for datamodule in (default, same, other):
+        datamodule.trainer = training
+    assert torch.equal(other.train_dataset.labels, default.train_dataset.labels)  # same split and noise
+    first = [_next_batch(datamodule) for datamodule in (default, same, other)]
+    assert torch.equal(first[0][0], first[1][0]) and torch.equal(first[0][1], first[1][1])
+    assert not torch.equal(first[0][1], first[2][1])
+    images = default.train_dataset.images[:8]
+    seed_one = _synthetic(label_noise=0.2, seed=1)
+    seed_one.transform_batch(images, training=True)  # its first augmented batch; `other` augmented one too
+    assert torch.equal(other.transform_batch(images, True), seed_one.transform_batch(images, True))
+    assert not torch.equal(other.transform_batch(images, True), default.transform_batch(images, True))
+    # a checkpoint of another stream keeps the re-seeded order; of the same stream, it is continued
+    state = _first_epoch_then_state(default)
+    reseeded = _synthetic(label_noise=0.2)
+    reseeded.trainer = training
+    reseeded.reseed_order(1)
+    reseeded.load_state_dict(state)
+    assert reseeded.state_dict()["augmented_batches"] == state["augmented_batches"]
+    fresh = _synthetic(label_noise=0.2)
+    fresh.trainer = training
+    fresh.reseed_order(1)
+    assert torch.equal(_next_batch(reseeded)[1], _next_batch(fresh)[1])
+    continued = _synthetic(label_noise=0.2)
+    continued.trainer = training
+    continued.reseed_order(0)
+    continued.load_state_dict(state)
+    assert torch.equal(_next_batch(continued)[1], _next_batch(default)[1])
+    with pytest.raises(ValueError, match="order_seed"):
+        default.reseed_order(-1)

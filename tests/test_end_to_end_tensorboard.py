@@ -48,14 +48,25 @@ EXPECTED_SCALARS = {
     "dd/train_error_clean",
     "dd/test_error",
     "dd/test_loss",
+    "lmc/test_error_barrier",
+    "lmc/train_error_barrier",
+    "lmc/test_loss_barrier",
+    "lmc/train_loss_barrier",
 }
-EXPECTED_IMAGES = {"ntk/eigenspectrum", "spectral/sigma_max_by_depth", "dd/curves"}
+EXPECTED_IMAGES = {
+    "ntk/eigenspectrum",
+    "spectral/sigma_max_by_depth",
+    "dd/curves",
+    "lmc/error_along_path",
+    "lmc/stability",
+}
 EXPECTED_HISTOGRAMS = {"spectral/margins_normalized"}
 EXPECTED_TEXT = {
     "ntk/verdict/text_summary",
     "dd/summary/text_summary",
+    "lmc/summary/text_summary",
 }  # torch's add_text appends /text_summary
-EXPECTED_LAYOUT_CATEGORIES = {"training", "ntk", "spectral", "dd"}
+EXPECTED_LAYOUT_CATEGORIES = {"training", "ntk", "spectral", "dd", "lmc"}
 
 
 def _free_port() -> int:

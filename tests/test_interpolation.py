@@ -23,6 +23,7 @@ from lt_theory.measures.interpolation import (
     error_barrier,
     interpolate_state,
     linear_path,
+    linear_paths,
     loss_and_error,
     reset_batchnorm_statistics,
     stable_point,
@@ -252,6 +253,20 @@ def test_reset_exact_equals_pooled_statistics_and_leaves_the_rest():
     assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
     assert state_equal(other_buffers, {k: v for k, v in model.named_buffers() if k in other_buffers})
     assert torch.equal(torch.get_rng_state(), rng)  # dropout stayed off, nothing drew
+
+
+def test_reset_exact_of_sync_batchnorm_reads_the_inputs_and_agrees():
+    """SyncBatchNorm's running statistics may be synced over ranks, so its inputs are reduced instead."""
+    model = make_cnn(0)
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model.features))
+    data = make_images()
+    batches = [data.tensors[0][i : i + 8] for i in range(0, 37, 8)]
+    reset_batchnorm_statistics(model.features, batches)
+    reset_batchnorm_statistics(sync, batches)
+    for norm, synced in zip(batchnorms(model.features), batchnorms(sync)):
+        assert isinstance(synced, nn.SyncBatchNorm)
+        assert_rel(synced.running_mean, norm.running_mean)
+        assert_rel(synced.running_var, norm.running_var)
 
 
 def test_reset_accepts_loaders_of_pairs_and_a_transform():
@@ -529,6 +544,43 @@ def test_permuted_hidden_units_have_the_closed_form_barrier():
     # no BatchNorm: both modes give the same path
     interpolated = linear_path(model_a, model_b, loader, alphas=alphas, bn="interpolate")
     assert torch.equal(interpolated.loss, path.loss) and torch.equal(interpolated.error, path.error)
+
+
+class CountingBatches:
+    """A list of batches that counts how often it is iterated."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("bn", ["reset", "interpolate"])
+def test_linear_paths_equal_linear_path_on_each_set_with_one_reset_per_alpha(bn):
+    model_a, model_b = make_cnn(0), make_cnn(1)
+    train = DataLoader(make_images(24, seed=5), batch_size=8)
+    test = DataLoader(make_images(), batch_size=8)
+    bn_batches = CountingBatches([x for x, _ in train])
+    paths = linear_paths(
+        model_a, model_b, {"train": train, "test": test}, alphas=4, bn=bn, bn_loader=bn_batches
+    )
+    assert list(paths) == ["train", "test"]
+    assert bn_batches.passes == (4 if bn == "reset" else 0)  # shared by the two sets
+    for name, loader in (("train", train), ("test", test)):
+        single = linear_path(model_a, model_b, loader, alphas=4, bn=bn, bn_loader=bn_batches.batches)
+        assert torch.equal(paths[name].loss, single.loss) and torch.equal(paths[name].error, single.error)
+        assert paths[name].num_examples == single.num_examples and paths[name].bn == bn
+    # default bn_loader: the first set
+    first = linear_paths(model_a, model_b, {"test": test, "train": train}, alphas=2)
+    assert torch.equal(
+        first["train"].loss, linear_path(model_a, model_b, train, alphas=2, bn_loader=test).loss
+    )
+    with pytest.raises(ValueError, match="loaders"):
+        linear_paths(model_a, model_b, {}, alphas=2)
+    with pytest.raises(ValueError, match="loaders"):
+        linear_paths(model_a, model_b, [test], alphas=2)
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,14 @@
 from lt_theory.callbacks.base import TheoryCallback
 from lt_theory.callbacks.double_descent import DoubleDescentProbe
 from lt_theory.callbacks.imp import IMPPruner
+from lt_theory.callbacks.lmc import LinearModeConnectivity
 from lt_theory.callbacks.ntk import NTKDrift
 from lt_theory.callbacks.spectral import SpectralNormMonitor
 
 __all__ = [
     "DoubleDescentProbe",
     "IMPPruner",
+    "LinearModeConnectivity",
     "NTKDrift",
     "SpectralNormMonitor",
     "TheoryCallback",

@@ -15,6 +15,9 @@ What the callbacks use: ``train_dataset.clean_labels`` / ``.labels`` (the labels
 ``.noisy_indices`` for double descent, ``preprocess`` (the evaluation transform) and ``probe`` (a fixed,
 seeded subset of a split, already normalised). ``train_split=(i, m)`` trains on the ``i``-th of ``m``
 disjoint parts of the (noisy) training set, for the bias-variance estimate of Yang et al. (2020).
+``reseed_order(order_seed)`` re-seeds only the training order and the augmentation (the split and the noise
+stay), which is how the siblings of ``LinearModeConnectivity`` get their own SGD noise. A checkpoint written
+in mid-epoch resumes with the rest of that epoch's order (see ``state_dict``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from lt_theory.data.augment import (
     CIFAR10_MEAN,
@@ -196,7 +199,10 @@ class CIFARDataModule(LightningDataModule):
         self.class_names: list[str] | None = None
         self.mean: tuple[float, ...] | None = None
         self.std: tuple[float, ...] | None = None
+        self.order_seed: int | None = None  # see reseed_order; None: the order follows `seed`
         self._shuffle_generator = torch.Generator().manual_seed(derived_seed("shuffle", seed))
+        self._train_sampler: _ResumableRandomSampler | None = None
+        self._replay: tuple[torch.Tensor | None, int] = (None, 0)  # for the next sampler made
         self._augmentation_generator: torch.Generator | None = None
         self._augmented_batches = 0
         self._statistics_on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -277,10 +283,14 @@ class CIFARDataModule(LightningDataModule):
             A DataLoader whose sampler draws from the DataModule's own shuffling generator.
         """
         self.setup()
+        if self._train_sampler is None or self._train_sampler.data_source is not self.train_dataset:
+            self._train_sampler = _ResumableRandomSampler(self.train_dataset, self._shuffle_generator)
+            self._train_sampler.resume_from(*self._replay)
+            self._replay = (None, 0)
         return DataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=self._train_sampler,  # a RandomSampler: Lightning's DistributedSampler shuffles under DDP
             generator=self._shuffle_generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -374,10 +384,43 @@ class CIFARDataModule(LightningDataModule):
         if generator is None or not _same_device(generator.device, device):
             generator = self._augmentation_generator = torch.Generator(device=device)
         generator.manual_seed(
-            derived_seed("augment", self.seed, self._global_rank(), self._augmented_batches)
+            derived_seed("augment", self._stream_seed(), self._global_rank(), self._augmented_batches)
         )
         self._augmented_batches += 1
         return generator
+
+    def _stream_seed(self) -> int:
+        return self.seed if self.order_seed is None else self.order_seed
+
+    def reseed_order(self, order_seed: int) -> None:
+        """Draw the training order and the augmentation from ``order_seed`` instead of ``seed`` from now on.
+
+        The split, the label noise and the data set stay those of ``seed``: two data modules that differ only
+        by ``reseed_order`` train on the same examples in a different order with different augmentation (the
+        different SGD noise of the siblings of ``LinearModeConnectivity``). ``reseed_order(seed)`` gives the
+        default streams. A later ``load_state_dict`` of a checkpoint whose streams came from another seed
+        keeps these new streams (only the count of augmented batches is taken from it); from the same seed,
+        it continues the checkpoint's streams as usual.
+
+        Args:
+            order_seed: non-negative integer.
+
+        Raises:
+            ValueError: if ``order_seed`` is not a non-negative integer.
+
+        Example:
+            >>> a = SyntheticCIFARDataModule(num_train=64, num_test=8, batch_size=64)
+            >>> b = SyntheticCIFARDataModule(num_train=64, num_test=8, batch_size=64)
+            >>> b.reseed_order(1)
+            >>> bool((next(iter(a.train_dataloader()))[1] == next(iter(b.train_dataloader()))[1]).all())
+            False
+        """
+        _check_integer("order_seed", order_seed, minimum=0)
+        self.order_seed = int(order_seed)
+        self._shuffle_generator.manual_seed(derived_seed("shuffle", order_seed))
+        self._replay = (None, 0)
+        if self._train_sampler is not None:
+            self._train_sampler.resume_from(None, 0)
 
     def _global_rank(self) -> int:
         return getattr(self.trainer, "global_rank", 0) if self.trainer is not None else 0
@@ -435,15 +478,41 @@ class CIFARDataModule(LightningDataModule):
         """What a resumed run needs to continue the same data order and augmentation stream.
 
         Returns:
-            ``{"seed", "shuffle_generator_state", "augmented_batches"}``. The shuffling generator's state
-            is taken at the time of the call: a checkpoint written at the end of an epoch resumes with the
-            order of the next epoch.
+            ``{"seed", "order_seed", "shuffle_generator_state", "augmented_batches", "epoch_state",
+            "examples_done"}``. The shuffling generator's state is taken at the time of the call: a checkpoint
+            written at the end of an epoch resumes with the order of the next epoch. In mid-epoch (while a
+            trainer has processed some but not all of the epoch's training batches) ``epoch_state`` is the
+            generator state the epoch's permutation was drawn from and ``examples_done`` the examples of the
+            batches processed, so the resumed run draws the same permutation and skips those examples; both
+            are None / 0 otherwise. A batch already augmented but not yet trained on (a checkpoint written
+            in ``on_train_batch_start``) is not counted in ``augmented_batches``: the resumed run augments it
+            again.
         """
+        epoch_state, examples_done, pending = None, 0, 0
+        progress = self._epoch_progress()
+        if progress is not None and self._train_sampler is not None:
+            batches_done, pending = progress
+            epoch_state = self._train_sampler.epoch_state
+            examples_done = batches_done * self.batch_size if epoch_state is not None else 0
         return {
             "seed": self.seed,
+            "order_seed": self._stream_seed(),
             "shuffle_generator_state": self._shuffle_generator.get_state(),
-            "augmented_batches": self._augmented_batches,
+            "augmented_batches": self._augmented_batches - (pending if self.augment else 0),
+            "epoch_state": epoch_state,
+            "examples_done": examples_done,
         }
+
+    def _epoch_progress(self) -> tuple[int, int] | None:
+        """In mid-epoch: the training batches processed in the epoch, and those fetched but not processed."""
+        trainer = self.trainer
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        if loop is None or getattr(trainer.state, "fn", None) != "fit":
+            return None
+        current = loop.batch_progress.current
+        if not 0 <= current.processed < trainer.num_training_batches:
+            return None
+        return current.processed, max(0, current.ready - current.processed)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the shuffling generator and the position in the augmentation stream.
@@ -451,6 +520,10 @@ class CIFARDataModule(LightningDataModule):
         Args:
             state_dict: the output of ``state_dict``.
         """
+        checkpoint_stream = state_dict.get("order_seed", state_dict.get("seed", self.seed))
+        if self.order_seed is not None and self.order_seed != checkpoint_stream:  # re-seeded on purpose
+            self._augmented_batches = int(state_dict["augmented_batches"])
+            return
         if state_dict.get("seed", self.seed) != self.seed:
             rank_zero_warn(
                 f"The checkpoint's data pipeline used seed={state_dict['seed']}, "
@@ -459,6 +532,40 @@ class CIFARDataModule(LightningDataModule):
             )
         self._shuffle_generator.set_state(state_dict["shuffle_generator_state"])
         self._augmented_batches = int(state_dict["augmented_batches"])
+        replay = (state_dict.get("epoch_state"), int(state_dict.get("examples_done", 0)))
+        if self._train_sampler is not None:
+            self._train_sampler.resume_from(*replay)
+        else:
+            self._replay = replay
+
+
+class _ResumableRandomSampler(RandomSampler):
+    """``RandomSampler`` that records the generator state each permutation is drawn from, and can replay it.
+
+    After ``resume_from(state, skip)``, the next pass sets the generator to ``state``, draws that
+    permutation again and leaves out its first ``skip`` indices; the generator then ends where it did the
+    first time. Drawing exactly what ``RandomSampler`` draws, it keeps the order of ``shuffle=True``.
+    """
+
+    def __init__(self, data_source: Dataset, generator: torch.Generator) -> None:
+        super().__init__(data_source, generator=generator)
+        self.epoch_state: torch.Tensor | None = None
+        self._replay: tuple[torch.Tensor | None, int] = (None, 0)
+
+    def resume_from(self, epoch_state: torch.Tensor | None, skip: int) -> None:
+        self._replay = (epoch_state, skip)
+
+    def __iter__(self):
+        state, skip = self._replay
+        self._replay = (None, 0)
+        if state is not None:
+            self.generator.set_state(state)
+        else:
+            skip = 0
+        self.epoch_state = self.generator.get_state()
+        for position, index in enumerate(super().__iter__()):
+            if position >= skip:
+                yield index
 
 
 class CIFAR10DataModule(CIFARDataModule):

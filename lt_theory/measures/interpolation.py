@@ -43,8 +43,10 @@ other module in eval mode (dropout off), the statistics then replacing the runni
 - ``method="exact"``: the statistics of the BatchNorm input over all the examples of all the batches,
   :math:`\mu_c = \frac1n \sum_i x_{ic}` and the unbiased :math:`\sigma_c^2 = \frac{1}{n-1}\sum_i (x_{ic} -
   \mu_c)^2` (what torch keeps in ``running_var``), with :math:`i` over examples and spatial positions;
-  per-batch means and sums of squared deviations are merged in float64 by the pairwise formula of Chan,
-  Golub & LeVeque (1979), :math:`M_{AB} = M_A + M_B + \delta^2 n_A n_B / (n_A + n_B)`.
+  each batch's mean and unbiased variance, which the BatchNorm forward computes anyway (read with
+  ``momentum=1``; a ``SyncBatchNorm``'s input goes through ``torch.var_mean`` instead), are merged in
+  float64 by the pairwise formula of Chan, Golub & LeVeque (1979),
+  :math:`M_{AB} = M_A + M_B + \delta^2 n_A n_B / (n_A + n_B)`.
 - ``method="cumulative"``: torch's cumulative moving average (``momentum=None``), what
   ``torch.optim.swa_utils.update_bn`` and REPAIR's code do: the mean over batches of the batch means and of
   the batch unbiased variances. The mean is exact when all batches have one size; the variance misses the
@@ -84,6 +86,7 @@ __all__ = [
     "error_barrier",
     "interpolate_state",
     "linear_path",
+    "linear_paths",
     "loss_and_error",
     "reset_batchnorm_statistics",
     "stable_point",
@@ -341,13 +344,22 @@ class _PooledStatistics:
         self.mean: Tensor | None = None
         self.m2: Tensor | None = None
 
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().to(torch.float64)
-        channels = x.shape[1]
-        values = x.transpose(0, 1).reshape(channels, -1)
-        count = values.shape[1]
-        mean = values.mean(dim=1)
-        m2 = ((values - mean[:, None]) ** 2).sum(dim=1)
+    def from_running(self, module: nn.Module, args: tuple, output: object) -> None:
+        """Forward hook of a BatchNorm with ``momentum=1``: its running statistics are this batch's own."""
+        count = args[0].numel() // args[0].shape[1]
+        mean = module.running_mean.to(torch.float64)
+        self.add(count, mean, module.running_var.to(torch.float64) * (count - 1))  # running_var is unbiased
+
+    def from_input(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook: the statistics of the input, in one fused pass in its precision (>= float32)."""
+        x = args[0].detach()
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        count = x.numel() // x.shape[1]
+        var, mean = torch.var_mean(x, dim=[0, *range(2, x.ndim)], correction=0)
+        self.add(count, mean.to(torch.float64), var.to(torch.float64) * count)
+
+    def add(self, count: int, mean: Tensor, m2: Tensor) -> None:
         if self.mean is None:
             self.count, self.mean, self.m2 = count, mean, m2
             return
@@ -435,9 +447,12 @@ def reset_batchnorm_statistics(
             for norm, stats in zip(norms, pooled):
                 norm.train()
                 norm.reset_running_stats()
-                norm.momentum = None  # cumulative average; what "exact" leaves here is replaced below
-                if method == "exact":
-                    handles.append(norm.register_forward_pre_hook(stats))
+                norm.momentum = None  # the cumulative average
+                if method == "exact" and isinstance(norm, nn.SyncBatchNorm):  # statistics synced over ranks
+                    handles.append(norm.register_forward_pre_hook(stats.from_input))
+                elif method == "exact":  # the batch's statistics, as the forward computes them, at no cost
+                    norm.momentum = 1.0
+                    handles.append(norm.register_forward_hook(stats.from_running))
             for batch in loader:
                 if num_batches is not None and batches >= num_batches:
                     break
@@ -643,6 +658,54 @@ def linear_path(
         >>> path.error.shape, float(error_barrier(path.error)) >= 0
         (torch.Size([5]), True)
     """
+    paths = linear_paths(
+        model_a, model_b, {"loader": loader}, alphas, bn, bn_loader, bn_batches, loss_fn, transform, device
+    )
+    return paths["loader"]
+
+
+def linear_paths(
+    model_a: nn.Module | State,
+    model_b: nn.Module | State,
+    loaders: Mapping[str, Iterable],
+    alphas: int | Sequence[float] | Tensor = DEFAULT_NUM_ALPHAS,
+    bn: str = "reset",
+    bn_loader: Iterable | None = None,
+    bn_batches: int | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, LinearPath]:
+    r""":func:`linear_path` on several evaluation sets at once, sharing one BatchNorm reset per ``alpha``.
+
+    At each ``alpha`` the interpolated network is loaded (and, with ``bn="reset"``, its statistics are
+    re-estimated on ``bn_loader``) once, then evaluated on every loader of ``loaders`` in turn: the path on
+    each set is exactly the :func:`linear_path` on it, for ``len(alphas)`` resets instead of one per set and
+    alpha. Cost: ``len(alphas)`` passes over every loader plus ``len(alphas)`` reset passes.
+
+    Args:
+        model_a, model_b, alphas, bn, bn_batches, loss_fn, transform, device: as in :func:`linear_path`.
+        loaders: name -> ``(inputs, targets, ...)`` batches to evaluate on (e.g. ``{"train": ..., "test":
+            ...}``), each iterated once per alpha.
+        bn_loader: batches for the BatchNorm reset; None uses the first loader of ``loaders``.
+
+    Returns:
+        name -> :class:`LinearPath`, in the order of ``loaders``.
+
+    Raises:
+        ValueError: as :func:`linear_path`, and if ``loaders`` is not a non-empty mapping.
+
+    Example:
+        >>> import torch
+        >>> from lt_theory.models import MLP
+        >>> a, b = MLP((2,), hidden=(8,), num_classes=2), MLP((2,), hidden=(8,), num_classes=2)
+        >>> data = [(torch.randn(16, 2), torch.randint(0, 2, (16,)))]
+        >>> paths = linear_paths(a, b, {"train": data, "test": data}, alphas=3)
+        >>> bool(torch.equal(paths["train"].error, paths["test"].error))
+        True
+    """
+    if not isinstance(loaders, Mapping) or not loaders:
+        raise ValueError(f"`loaders` must be a non-empty mapping of names to loaders, got {loaders!r:.80}")
     grid = _alphas(alphas)
     if bn not in BN_MODES:
         raise ValueError(f"`bn` must be one of {BN_MODES}, got {bn!r}")
@@ -659,10 +722,11 @@ def linear_path(
     _check_compatible(state_a, state_b, "model_a", "model_b")
     device = torch.device(device) if device is not None else _model_device(template)
     if bn_loader is None:
-        bn_loader = loader
+        bn_loader = next(iter(loaders.values()))
 
-    losses, errors = [], []
-    count = 0
+    losses = {name: [] for name in loaders}
+    errors = {name: [] for name in loaders}
+    counts = dict.fromkeys(loaders, 0)
     with torch.random.fork_rng(devices=_rng_devices(device)):
         scratch = copy.deepcopy(template).to(device)
         for p in scratch.parameters():
@@ -674,17 +738,21 @@ def linear_path(
             scratch.load_state_dict(interpolate_state(state_a, state_b, alpha))
             if bn == "reset":
                 reset_batchnorm_statistics(scratch, bn_loader, num_batches=bn_batches, transform=transform)
-            result = loss_and_error(scratch, loader, loss_fn=loss_fn, transform=transform)
-            losses.append(result.loss)
-            errors.append(result.error)
-            count = result.num_examples
-    return LinearPath(
-        alphas=grid,
-        loss=torch.tensor(losses, dtype=torch.float64),
-        error=torch.tensor(errors, dtype=torch.float64),
-        bn=bn,
-        num_examples=count,
-    )
+            for name, loader in loaders.items():
+                result = loss_and_error(scratch, loader, loss_fn=loss_fn, transform=transform)
+                losses[name].append(result.loss)
+                errors[name].append(result.error)
+                counts[name] = result.num_examples
+    return {
+        name: LinearPath(
+            alphas=grid.clone(),
+            loss=torch.tensor(losses[name], dtype=torch.float64),
+            error=torch.tensor(errors[name], dtype=torch.float64),
+            bn=bn,
+            num_examples=counts[name],
+        )
+        for name in loaders
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------

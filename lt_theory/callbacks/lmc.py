@@ -1,0 +1,841 @@
+r"""LinearModeConnectivity: instability analysis (Frankle et al.) and the path from initialisation, in a run.
+
+**Spawn mode** (Frankle, Dziugaite, Roy & Carbin, ICML 2020, "Linear Mode Connectivity and the Lottery
+Ticket Hypothesis"). At each spawn step :math:`k` the whole training state is written to disk as a Lightning
+checkpoint (weights, buffers, optimizer, LR schedulers, loop position, data-module state) together with the
+global RNG states. When the parent run ends at step :math:`T`, a *sibling* is trained from each snapshot to
+:math:`T` in a child ``Trainer`` (same accelerator, strategy, devices and precision) with a different seed for
+the data order and the augmentation (with an lt_theory data module nothing else differs), and the path
+:math:`\theta(\alpha) = (1 - \alpha)\theta_{parent} + \alpha\theta_{sibling}` is evaluated on a fixed
+subset of the training set and on the test (or validation) set, BatchNorm statistics re-estimated at each
+:math:`\alpha` by default. The error barrier
+
+.. math::
+    B(k) = \max_\alpha E(\alpha) - \tfrac12 \big(E(0) + E(1)\big)
+
+is the instability at :math:`k`; the network is *stable* at the first :math:`k` with :math:`B(k)` under a
+threshold (2%, as in the paper). Frankle et al. find LeNet stable at initialisation and ResNet-20 on
+CIFAR-10 stable after about 3% of training (iteration 2000 of 63K).
+
+**Init mode** (Goodfellow, Vinyals & Saxe, ICLR 2015, "Qualitatively characterizing neural network
+optimization problems"). Every ``every_n_epochs`` epochs, the path from the initial weights to the current
+ones, with the same barriers; no child run.
+
+The mathematics (interpolation, BatchNorm reset, paths, barriers, stable point) is in
+:mod:`lt_theory.measures.interpolation`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import warnings
+from collections.abc import Sequence, Sized
+from numbers import Integral, Real
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states  # noqa: E402
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
+from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
+from lightning.pytorch.utilities.seed import isolate_rng  # noqa: E402
+from torch import Tensor  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset, Subset  # noqa: E402
+
+from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int  # noqa: E402
+from lt_theory.data.datamodule import derived_seed  # noqa: E402
+from lt_theory.measures.interpolation import (  # noqa: E402
+    BN_MODES,
+    DEFAULT_NUM_ALPHAS,
+    error_barrier,
+    linear_paths,
+    stable_point,
+)
+
+__all__ = ["LinearModeConnectivity"]
+
+MODES = ("spawn", "init")
+_RNG_KEY = "lt_theory_lmc_rng_states"
+_SPLITS = ("train", "test")
+
+
+def _check_spawn_steps(spawn_steps) -> list:
+    """The spawn steps as given (ints, or fractions in [0, 1)), checked; ``ValueError`` names the argument."""
+    if isinstance(spawn_steps, (Integral, Real)) and not isinstance(spawn_steps, bool):
+        spawn_steps = [spawn_steps]
+    if isinstance(spawn_steps, (str, bytes)) or not isinstance(spawn_steps, Sequence) or not spawn_steps:
+        raise ValueError(
+            "`spawn_steps` must be a non-empty list of steps (ints >= 0) or fractions of training "
+            f"(floats in [0, 1)), got {spawn_steps!r}"
+        )
+    for value in spawn_steps:
+        is_step = isinstance(value, Integral) and not isinstance(value, bool) and value >= 0
+        is_fraction = (
+            isinstance(value, Real)
+            and not isinstance(value, (bool, Integral))
+            and math.isfinite(value)
+            and 0 <= value < 1
+        )
+        if not (is_step or is_fraction):
+            raise ValueError(
+                f"`spawn_steps` must hold steps (ints >= 0) or fractions of training (floats in [0, 1)), "
+                f"got {value!r} in {list(spawn_steps)!r}"
+            )
+    if len(set(spawn_steps)) != len(spawn_steps):
+        raise ValueError(f"`spawn_steps` must not repeat a step, got {list(spawn_steps)!r}")
+    return list(spawn_steps)
+
+
+def _fingerprint(state: dict[str, Tensor]) -> str:
+    """A hash of a state dict's bytes: results of a sibling are reused only against the same parent."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _detached_copy(obj, trainer: Trainer | None, shared: Sequence[object] = ()):
+    """A deep copy of a module or data module without its trainer, sharing (not copying) ``shared``."""
+    memo: dict[int, object] = {id(item): item for item in shared if item is not None}
+    if trainer is not None:
+        memo[id(trainer)] = None
+    return copy.deepcopy(obj, memo)
+
+
+def _strategy_flag(trainer: Trainer) -> str:
+    """The ``strategy=`` of a child Trainer equivalent to the parent's."""
+    name = type(trainer.strategy).__name__
+    if name == "SingleDeviceStrategy":
+        return "auto"
+    if name == "DDPStrategy" and getattr(trainer.strategy, "_start_method", "popen") == "popen":
+        return "ddp"
+    raise ValueError(
+        "LinearModeConnectivity(mode='spawn') trains siblings in a child Trainer and supports a single "
+        f"device or strategy='ddp', but the trainer uses {name}"
+        + (f" (start method {trainer.strategy._start_method!r})" if name == "DDPStrategy" else "")
+        + ". Use mode='init', or strategy='ddp' / one device."
+    )
+
+
+def _accelerator_flag(trainer: Trainer) -> str:
+    return {"CPUAccelerator": "cpu", "CUDAAccelerator": "gpu", "MPSAccelerator": "mps"}.get(
+        type(trainer.accelerator).__name__, "auto"
+    )
+
+
+class _SiblingStart(Callback):
+    """In a sibling's Trainer: put the global RNG where the parent's was at the snapshot, or re-seed it."""
+
+    def __init__(self, global_seed: int | None) -> None:
+        self.global_seed = global_seed
+        self.rng_states: dict | None = None
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self.rng_states = checkpoint.get(_RNG_KEY)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.global_seed is not None:
+            torch.manual_seed(self.global_seed)
+            torch.cuda.manual_seed_all(self.global_seed)
+            random.seed(self.global_seed)
+            np.random.seed(self.global_seed % 2**32)
+        elif self.rng_states is not None:
+            _set_rng_states(self.rng_states)
+
+
+class LinearModeConnectivity(TheoryCallback):
+    """Instability analysis (spawn siblings at step k, error barrier of parent vs sibling) or the init path.
+
+    ``mode="spawn"``: at each spawn step ``k`` the training state is saved with ``trainer.save_checkpoint``
+    (which draws no random number and changes nothing, so the parent run is bit-identical to a run without
+    the callback) plus the global RNG states, under ``directory`` (default ``<trainer.log_dir>/lmc``); the
+    callback's own state keeps only paths and results. When the parent's fit ends (``on_fit_end``, at step
+    ``T``; also when a finished run is resumed, so that siblings a preemption interrupted are trained then),
+    one sibling per ``k`` is trained from its snapshot to ``T`` by ``Trainer.fit(copy of the module,
+    datamodule=copy of the data module, ckpt_path=snapshot)`` in a child Trainer with the parent's
+    accelerator, strategy, devices, precision, gradient accumulation and clipping, no logger, no checkpointing
+    and no validation, with the parent's progress-bar setting. Its data order and augmentation come from
+    ``sibling_seed``:
+
+    - an lt_theory data module (or any with a ``reseed_order(seed)`` method) is re-seeded by it; the global
+      RNG continues from the parent's state at ``k``, so a sibling with the parent's own seed reproduces the
+      parent exactly (on one device; the test of the snapshot's completeness);
+    - any other data module: the global RNG (torch, numpy, random) is seeded with it, which changes the order
+      of a ``DataLoader`` that shuffles without its own ``generator`` and augmentation drawn from the global
+      RNG (a warning says when the training loader has its own generator, whose order then stays the
+      parent's);
+    - under DDP, Lightning's ``DistributedSampler`` takes its seed from ``PL_GLOBAL_SEED``, set to it during
+      the sibling's run.
+
+    Then the path between the parent's and the sibling's final weights is evaluated by
+    :func:`~lt_theory.measures.interpolation.linear_paths` on ``train_subset_size`` training examples (a
+    fixed subset, no augmentation) and the test set (else the validation set), with ``bn="reset"``
+    (statistics re-estimated on the training subset at every alpha) or ``"interpolate"``. Results are
+    written next to the snapshots, so a resumed run does not train a finished sibling again (results are
+    reused only for bit-identical parent weights). Under DDP the siblings train on all ranks and the paths are
+    evaluated once, on rank zero.
+
+    ``mode="init"``: every ``every_n_epochs`` epochs, the path from the weights at the start of training
+    (saved to ``directory``) to the current ones.
+
+    Cost: a spawn costs one sibling training per ``k``, from ``k`` to the end (for Frankle et al.'s five
+    steps on ResNet-20, about five more trainings), plus per ``k`` and per mode-init measurement
+    ``num_alphas`` evaluation passes over the subset and the test set and ``num_alphas`` BatchNorm reset
+    passes (``benchmarks/bench_lmc.py`` measures the path at most 1.2x that floor), and one checkpoint file
+    per ``k`` on disk.
+
+    Logged tags (``spawn``): ``lmc/test_error_barrier``, ``lmc/train_error_barrier``,
+    ``lmc/test_loss_barrier``, ``lmc/train_loss_barrier`` at step ``k`` (so TensorBoard draws stability
+    against ``k``); the image ``lmc/error_along_path`` (error against alpha, train and test) at step ``k``;
+    at the end, ``lmc/stable_point`` (the first ``k`` whose test error barrier, else train, is under
+    ``threshold``; not logged when there is none), the image ``lmc/stability`` (barriers against ``k``) and
+    the text ``lmc/summary``. (``init``): ``lmc/init_test_error_barrier``, ``lmc/init_train_error_barrier``,
+    ``lmc/init_test_loss_barrier``, ``lmc/init_train_loss_barrier`` and the image ``lmc/init_path``. A
+    custom-scalars panel ``lmc``. A sibling that diverges gives NaN barriers and one warning; the other ``k``
+    go on.
+
+    Args:
+        mode: ``"spawn"`` or ``"init"``.
+        spawn_steps: optimizer steps ``k`` (ints >= 0) or fractions of training (floats in [0, 1), resolved
+            against ``trainer.estimated_stepping_batches`` at the start of training); every ``k`` must be
+            before the end of training.
+        every_n_epochs: the cadence of ``mode="init"``.
+        num_alphas: points of the path, endpoints included (30 as in Frankle et al.).
+        bn: ``"reset"`` or ``"interpolate"`` (see :func:`~lt_theory.measures.interpolation.linear_path`);
+            a model without BatchNorm gives the same path in both.
+        bn_batches: batches of the training subset used per reset; None for all of them.
+        train_subset_size: training examples evaluated (fixed, drawn from ``seed``); None for all.
+        test_subset_size: first test (or validation) examples evaluated; None for all.
+        eval_batch_size: batch size of the evaluation and reset passes.
+        threshold: the error barrier under which a network counts as stable (0.02).
+        sibling_seed: seed of the siblings' data order and augmentation; None draws one per ``k`` from the
+            parent's seed (different from it).
+        seed: seed of the training subset.
+        directory: where snapshots, initial weights, sibling weights and results go; None for
+            ``<trainer.log_dir>/lmc``.
+
+    Attributes:
+        results: ``{k: {...}}`` for spawn mode: barriers, the path (``alphas``, ``train_error``,
+            ``test_error``, losses), the final step, the sibling's seed and weights file.
+        history: one dict per init-mode measurement.
+
+    Raises:
+        ValueError: for a bad argument, naming it; at setup, without a data module or (spawn mode) with a
+            strategy other than one device or DDP; at the start of training, for spawn steps at or beyond the
+            end of training (or colliding once fractions are resolved).
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> lmc = LinearModeConnectivity(mode="spawn", spawn_steps=[0, 100, 500, 2000])
+        >>> trainer = Trainer(max_steps=10_000, callbacks=[lmc])
+        >>> # trainer.fit(module, datamodule=CIFAR10DataModule(...)); lmc.results[500]["test_error_barrier"]
+    """
+
+    prefix = "lmc"
+
+    def __init__(
+        self,
+        mode: str = "spawn",
+        spawn_steps: Sequence[int | float] = (0,),
+        every_n_epochs: int = 1,
+        num_alphas: int = DEFAULT_NUM_ALPHAS,
+        bn: str = "reset",
+        bn_batches: int | None = None,
+        train_subset_size: int | None = 1000,
+        test_subset_size: int | None = None,
+        eval_batch_size: int = 256,
+        threshold: float = 0.02,
+        sibling_seed: int | None = None,
+        seed: int = 0,
+        directory: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+        self.spawn_steps = _check_spawn_steps(spawn_steps)
+        check_positive_int("every_n_epochs", every_n_epochs)
+        check_positive_int("num_alphas", num_alphas)
+        if num_alphas < 2:
+            raise ValueError(f"`num_alphas` must be at least 2 (both endpoints), got {num_alphas}")
+        if bn not in BN_MODES:
+            raise ValueError(f"`bn` must be one of {BN_MODES}, got {bn!r}")
+        check_positive_int("bn_batches", bn_batches, allow_none=True)
+        check_positive_int("train_subset_size", train_subset_size, allow_none=True)
+        check_positive_int("test_subset_size", test_subset_size, allow_none=True)
+        check_positive_int("eval_batch_size", eval_batch_size)
+        check_fraction("threshold", threshold, low_open=True)
+        for name, value, allow_none in (("sibling_seed", sibling_seed, True), ("seed", seed, False)):
+            if value is None and allow_none:
+                continue
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+                accepted = "a non-negative int" + (" or None" if allow_none else "")
+                raise ValueError(f"`{name}` must be {accepted}, got {value!r}")
+        self.mode, self.every_n_epochs, self.num_alphas, self.bn = mode, every_n_epochs, num_alphas, bn
+        self.bn_batches, self.train_subset_size, self.test_subset_size = (
+            bn_batches,
+            train_subset_size,
+            test_subset_size,
+        )
+        self.eval_batch_size, self.threshold, self.sibling_seed, self.seed = (
+            eval_batch_size,
+            threshold,
+            sibling_seed,
+            seed,
+        )
+        self.directory = None if directory is None else str(directory)
+        self.resolved_steps: list[int] | None = None
+        self.snapshots: dict[int, str] = {}
+        self.results: dict[int, dict] = {}
+        self.history: list[dict] = []
+        self.init_weights: str | None = None
+        self._dir: Path | None = None
+        self._init_state: dict[str, Tensor] | None = None
+        self._sets: dict | None = None
+        self._writing_snapshot = False
+
+    @property
+    def state_key(self) -> str:
+        # one spawn-mode and one init-mode instance can share a Trainer, each with its state
+        return self._generate_state_key(mode=self.mode)
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if self.mode == "spawn":
+            _strategy_flag(trainer)  # refuse what a child Trainer cannot reproduce, before training
+        if self._dir is None:  # rank zero's choice (a filesystem every rank sees, as for checkpoints)
+            root = self.directory or os.path.join(trainer.log_dir or trainer.default_root_dir, "lmc")
+            self._dir = Path(trainer.strategy.broadcast(str(root), src=0))
+        if trainer.datamodule is None:
+            raise ValueError(
+                "LinearModeConnectivity needs a data module (`trainer.fit(module, datamodule=...)`): it "
+                "evaluates the path on its training and test sets (and trains siblings on it); found none."
+            )
+        self._sets = None
+
+    def _resolve_steps(self, trainer: Trainer) -> list[int]:
+        total = trainer.estimated_stepping_batches
+        steps = []
+        for value in self.spawn_steps:
+            if isinstance(value, Integral):
+                steps.append(int(value))
+            elif math.isinf(total):
+                raise ValueError(
+                    f"`spawn_steps` holds the fraction {value!r}, but training has no end (max_steps=-1 and "
+                    "max_epochs=-1): give steps, or an end of training"
+                )
+            else:
+                steps.append(int(value * total))
+        if len(set(steps)) != len(steps):
+            raise ValueError(
+                f"`spawn_steps` {self.spawn_steps!r} give repeated steps {steps} for {total} steps"
+            )
+        late = [k for k in steps if k >= total]
+        if late:
+            raise ValueError(
+                f"`spawn_steps` must be before the end of training ({total} optimizer steps): {late} is not"
+            )
+        return sorted(steps)
+
+    # -- hooks --------------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        charts = {
+            "spawn": {
+                "Instability (error barrier) vs spawn step": ["test_error_barrier", "train_error_barrier"],
+                "Loss barrier vs spawn step": ["test_loss_barrier", "train_loss_barrier"],
+            },
+            "init": {
+                "Path from init: error barrier": ["init_test_error_barrier", "init_train_error_barrier"],
+                "Path from init: loss barrier": ["init_test_loss_barrier", "init_train_loss_barrier"],
+            },
+        }[self.mode]
+        self.add_charts(trainer, charts)
+        if self.mode == "spawn":
+            self.resolved_steps = self._resolve_steps(trainer)
+        else:
+            self._start_init_path(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        # k = 0 once the first batch is fetched: the data module's state then holds the epoch's order
+        if self.mode == "spawn" and trainer.global_step == 0:
+            self._maybe_snapshot(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.mode == "spawn":
+            self._maybe_snapshot(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.mode == "init" and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._measure_init_path(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # on_fit_end, not on_train_end: it also runs when a finished run is resumed (the fit loop is skipped),
+        # so siblings interrupted by a preemption are trained then
+        if self.mode == "spawn":
+            with isolate_rng(include_cuda=torch.cuda.is_available()):
+                self._run_siblings(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        if self._writing_snapshot:
+            checkpoint[_RNG_KEY] = _collect_rng_states(include_cuda=torch.cuda.is_available())
+
+    # -- snapshots ----------------------------------------------------------------------------------
+
+    def _maybe_snapshot(self, trainer: Trainer) -> None:
+        k = trainer.global_step
+        if k not in (self.resolved_steps or []) or k in self.snapshots:
+            return
+        path = self._dir / f"snapshot_step={k}.ckpt"
+        self._writing_snapshot = True
+        try:
+            trainer.save_checkpoint(path)  # every rank enters; rank zero writes
+        finally:
+            self._writing_snapshot = False
+        self.snapshots[k] = str(path)
+
+    # -- evaluation sets ----------------------------------------------------------------------------
+
+    def _evaluation_sets(self, trainer: Trainer) -> dict:
+        """``{"loaders": {"train": ..., "test": ...}, "transform": ...}`` for the paths, built once."""
+        if self._sets is not None:
+            return self._sets
+        datamodule = trainer.datamodule
+        transform = getattr(datamodule, "preprocess", None)
+        transform = transform if callable(transform) else None
+        loaders: dict[str, object] = {}
+        train = getattr(datamodule, "train_dataset", None)
+        if transform is not None and hasattr(train, "images") and hasattr(train, "labels"):
+            test = getattr(datamodule, "test_dataset", None) or getattr(datamodule, "val_dataset", None)
+            loaders["train"] = self._tensor_batches(train, self._subset(len(train.labels)))
+            if test is not None:
+                size = (
+                    len(test.labels)
+                    if self.test_subset_size is None
+                    else min(self.test_subset_size, len(test))
+                )
+                loaders["test"] = self._tensor_batches(test, torch.arange(size))
+        else:
+            loaders.update(self._generic_loaders(trainer, datamodule))
+        if "train" not in loaders:
+            raise ValueError(
+                f"LinearModeConnectivity needs the training set of {type(datamodule).__name__} as a "
+                "map-style dataset with a length (a DataLoader over it) to evaluate the path; found none."
+            )
+        if "test" not in loaders:
+            self.warn_once(
+                "no-test-set", "the data module has no test or validation set: only train barriers."
+            )
+        self._sets = {"loaders": loaders, "transform": transform}
+        return self._sets
+
+    def _subset(self, size: int) -> Tensor:
+        if self.train_subset_size is None or self.train_subset_size >= size:
+            return torch.arange(size)
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.randperm(size, generator=generator)[: self.train_subset_size].sort().values
+
+    def _tensor_batches(self, split, indices: Tensor) -> list[tuple[Tensor, Tensor]]:
+        images, labels = split.images[indices], split.labels[indices]
+        step = self.eval_batch_size
+        return [(images[i : i + step], labels[i : i + step]) for i in range(0, len(labels), step)]
+
+    def _generic_loaders(self, trainer: Trainer, datamodule: LightningDataModule) -> dict:
+        loaders = {}
+        train_loader = trainer.train_dataloader  # the loader in use; the data module's hook otherwise
+        if not isinstance(train_loader, DataLoader):
+            train_loader = datamodule.train_dataloader()
+        if _is_map_loader(train_loader):
+            loaders["train"] = self._subset_loader(train_loader, self._subset(len(train_loader.dataset)))
+        for hook in ("test_dataloader", "val_dataloader"):
+            if is_overridden(hook, datamodule):
+                loader = getattr(datamodule, hook)()
+                if _is_map_loader(loader):
+                    size = len(loader.dataset)
+                    size = size if self.test_subset_size is None else min(size, self.test_subset_size)
+                    loaders["test"] = self._subset_loader(loader, torch.arange(size))
+                    break
+        return loaders
+
+    def _subset_loader(self, like: DataLoader, indices: Tensor) -> DataLoader:
+        return DataLoader(
+            Subset(like.dataset, indices.tolist()),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=like.collate_fn,
+            generator=torch.Generator().manual_seed(0),  # workers' base seed: not the global RNG
+        )
+
+    def _paths(self, trainer: Trainer, model_a, model_b, device) -> dict:
+        """Train and test paths between two networks, with their barriers, as plain Python numbers."""
+        sets = self._evaluation_sets(trainer)
+        paths = linear_paths(
+            model_a,
+            model_b,
+            sets["loaders"],
+            alphas=self.num_alphas,
+            bn=self.bn,
+            bn_loader=sets["loaders"]["train"],
+            bn_batches=self.bn_batches,
+            transform=sets["transform"],
+            device=device,
+        )
+        record: dict = {"alphas": next(iter(paths.values())).alphas.tolist()}
+        for split, path in paths.items():
+            record[f"{split}_error"] = path.error.tolist()
+            record[f"{split}_loss"] = path.loss.tolist()
+            record[f"{split}_error_barrier"] = error_barrier(path.error)
+            record[f"{split}_loss_barrier"] = error_barrier(path.loss)
+        return record
+
+    # -- spawn: siblings ------------------------------------------------------------------------------
+
+    def _run_siblings(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        final_step = trainer.global_step
+        fingerprint = _fingerprint(pl_module.state_dict())
+        for k in self.resolved_steps or []:
+            if k >= final_step or k not in self.snapshots:
+                why = f"training ended at step {final_step}" if k >= final_step else "its snapshot is missing"
+                self.warn_once(f"skip:{k}", f"no sibling for spawn step {k}: {why}.")
+                self.results.pop(k, None)  # a result against another end of training
+                continue
+            seed = self._sibling_seed(trainer, k)
+            result = self._known_result(trainer, k, final_step, fingerprint, seed)
+            if result is None:
+                sibling_state = self._train_sibling(trainer, pl_module, k, final_step, seed)
+                result = self._sibling_result(
+                    trainer, pl_module, k, final_step, fingerprint, seed, sibling_state
+                )
+            self.results[k] = result
+            self._log_spawn_step(trainer, k, result)
+        self._log_stability(trainer)
+
+    def _sibling_seed(self, trainer: Trainer, k: int) -> int:
+        if self.sibling_seed is not None:
+            return int(self.sibling_seed)
+        datamodule = trainer.datamodule
+        parent = getattr(datamodule, "order_seed", None)
+        parent = getattr(datamodule, "seed", 0) if parent is None else parent
+        return derived_seed("lmc-sibling", int(parent or 0), k) % 2**31
+
+    def _sibling_file(self, k: int, final_step: int, seed: int, fingerprint: str, suffix: str) -> Path:
+        return self._dir / f"sibling_step={k}_to={final_step}_seed={seed}_parent={fingerprint[:12]}{suffix}"
+
+    def _known_result(self, trainer: Trainer, k: int, final_step: int, fingerprint: str, seed: int):
+        """A finished sibling's result for this parent (from the state, else the disk) or None; all ranks."""
+        result = self.results.get(k)
+        matches = lambda r: (  # noqa: E731
+            r is not None
+            and r.get("final_step") == final_step
+            and r.get("parent") == fingerprint
+            and r.get("sibling_seed") == seed
+        )
+        if not matches(result):
+            result = None
+            path = self._sibling_file(k, final_step, seed, fingerprint, ".json")
+            if trainer.is_global_zero and path.exists():
+                stored = json.loads(path.read_text())
+                result = stored if matches(stored) else None
+        if trainer.world_size > 1:
+            result = trainer.strategy.broadcast(result, src=0)
+        return result
+
+    def _train_sibling(
+        self, trainer: Trainer, pl_module: LightningModule, k: int, final_step: int, seed: int
+    ) -> dict[str, Tensor]:
+        rank_zero_info(
+            f"LinearModeConnectivity: training the sibling spawned at step {k} to step {final_step} "
+            f"(data-order seed {seed}) from {self.snapshots[k]}"
+        )
+        parent_data = trainer.datamodule
+        datamodule = _detached_copy(
+            parent_data,
+            trainer,
+            [getattr(parent_data, name, None) for name in ("train_dataset", "val_dataset", "test_dataset")],
+        )
+        reseed = getattr(datamodule, "reseed_order", None)
+        if callable(reseed):
+            reseed(seed)
+        else:
+            self._warn_if_loader_has_generator(trainer)
+        module = _detached_copy(pl_module, trainer)
+        if hasattr(module, "_metric_attributes"):
+            module._metric_attributes = None  # Lightning's cache of metric names, keyed by the parent's ids
+        child = self._child_trainer(trainer, k, final_step, _SiblingStart(None if callable(reseed) else seed))
+        previous_seed = os.environ.get("PL_GLOBAL_SEED")
+        if trainer.world_size > 1:
+            os.environ["PL_GLOBAL_SEED"] = str(seed)  # DistributedSampler's seed
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")
+                warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before.*")
+                child.fit(module, datamodule=datamodule, ckpt_path=self.snapshots[k], weights_only=False)
+        finally:
+            if previous_seed is None:
+                os.environ.pop("PL_GLOBAL_SEED", None)
+            else:
+                os.environ["PL_GLOBAL_SEED"] = previous_seed
+        if child.global_step != final_step:
+            self.warn_once(
+                f"short:{k}",
+                f"the sibling of step {k} stopped at step {child.global_step}, not {final_step}.",
+            )
+        return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
+
+    def _warn_if_loader_has_generator(self, trainer: Trainer) -> None:
+        loader = trainer.train_dataloader
+        if isinstance(loader, DataLoader) and loader.generator is not None:
+            self.warn_once(
+                "own-generator",
+                f"the training loader of {type(trainer.datamodule).__name__} shuffles with its own generator "
+                "and the data module has no `reseed_order(seed)` method, so the siblings see the parent's "
+                "data order (only the global RNG is re-seeded). Give the data module `reseed_order(seed)`.",
+            )
+
+    def _child_trainer(self, trainer: Trainer, k: int, final_step: int, start: Callback) -> Trainer:
+        accelerator = _accelerator_flag(trainer)
+        devices = trainer.num_devices if accelerator == "cpu" else trainer.device_ids
+        return Trainer(
+            accelerator=accelerator,
+            strategy=_strategy_flag(trainer),
+            devices=devices,
+            num_nodes=trainer.num_nodes,
+            precision=trainer.precision,
+            deterministic=None,  # keeps torch's flags as the parent's Trainer set them
+            max_steps=final_step,
+            max_epochs=-1,
+            limit_train_batches=trainer.limit_train_batches,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            gradient_clip_val=trainer.gradient_clip_val,
+            gradient_clip_algorithm=trainer.gradient_clip_algorithm,
+            reload_dataloaders_every_n_epochs=trainer.reload_dataloaders_every_n_epochs,
+            use_distributed_sampler=getattr(trainer._accelerator_connector, "use_distributed_sampler", True),
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=trainer.progress_bar_callback is not None,
+            callbacks=[start],
+            default_root_dir=str(self._dir / f"sibling_step={k}"),
+        )
+
+    def _sibling_result(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        k: int,
+        final_step: int,
+        fingerprint: str,
+        seed: int,
+        sibling_state: dict[str, Tensor],
+    ) -> dict:
+        """Evaluate parent vs sibling (once), store the weights and the result on rank zero, share it."""
+        weights = self._sibling_file(k, final_step, seed, fingerprint, ".pt")
+        diverged = not all(
+            bool(torch.isfinite(v).all()) for v in sibling_state.values() if v.is_floating_point()
+        )
+        if diverged:
+            self.warn_once(
+                f"diverged:{k}",
+                f"the sibling spawned at step {k} diverged (NaN/Inf in its weights): its barriers are NaN; "
+                "the other spawn steps go on.",
+            )
+            self._warned.update(f"nonfinite:{name}" for name in self._barrier_names(""))
+        result = self._evaluated_once(
+            trainer,
+            pl_module,
+            lambda: self._paths(trainer, pl_module, sibling_state, trainer.strategy.root_device),
+        )
+        result.update(
+            final_step=final_step,
+            parent=fingerprint,
+            sibling_seed=seed,
+            weights=str(weights),
+            diverged=diverged,
+        )
+        if trainer.is_global_zero:
+            torch.save(sibling_state, weights)
+            json_file = self._sibling_file(k, final_step, seed, fingerprint, ".json")
+            json_file.write_text(json.dumps(result))  # NaN round-trips
+        return result
+
+    @staticmethod
+    def _evaluated_once(trainer: Trainer, module: torch.nn.Module, compute) -> dict:
+        """``compute()`` on rank zero, its result shared with every rank. A model with SyncBatchNorm is
+        evaluated on every rank (same data, same result): its BatchNorm reset passes are collective."""
+        world = trainer.world_size
+        every_rank = world > 1 and any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules())
+        result = compute() if trainer.is_global_zero or every_rank else None
+        return trainer.strategy.broadcast(result, src=0) if world > 1 else result
+
+    # -- spawn: logging -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _barrier_names(prefix: str) -> list[str]:
+        return [f"{prefix}{split}_{kind}_barrier" for split in _SPLITS for kind in ("error", "loss")]
+
+    def _log_spawn_step(self, trainer: Trainer, k: int, result: dict) -> None:
+        scalars = {name: _as_float(result[name]) for name in self._barrier_names("") if name in result}
+        self.log_scalars(trainer, scalars, step=k)
+        if trainer.is_global_zero:
+            self.log_figure(
+                trainer, "error_along_path", _path_figure(result, f"parent vs sibling spawned at {k}"), step=k
+            )
+
+    def stable_point(self) -> int | None:
+        """The first spawn step whose test error barrier (train if no test set) is under ``threshold``."""
+        steps = sorted(self.results)
+        split = "test" if all("test_error_barrier" in self.results[k] for k in steps) else "train"
+        barriers = [_as_float(self.results[k][f"{split}_error_barrier"]) for k in steps]
+        return stable_point(steps, barriers, threshold=self.threshold)
+
+    def _log_stability(self, trainer: Trainer) -> None:
+        if not self.results:
+            return
+        point = self.stable_point()
+        if point is not None:
+            self.log_scalars(trainer, {"stable_point": point})
+        text = self.summary()
+        self.log_text(trainer, "summary", text)
+        if trainer.is_global_zero:
+            self.log_figure(trainer, "stability", _stability_figure(self.results, self.threshold))
+        rank_zero_info(f"LinearModeConnectivity: {text}")
+
+    def summary(self) -> str:
+        """A markdown table of the barriers per spawn step and the stable point."""
+        lines = [
+            "| spawn step k | test error barrier | train error barrier | test loss barrier |",
+            "|---|---|---|---|",
+        ]
+        for k in sorted(self.results):
+            r = self.results[k]
+            cells = [
+                _as_float(r.get(name, math.nan)) for name in ("test_error_barrier", "train_error_barrier")
+            ]
+            cells.append(_as_float(r.get("test_loss_barrier", math.nan)))
+            lines.append(f"| {k} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+        point = self.stable_point()
+        verdict = (
+            f"Stable from spawn step {point} (error barrier < {self.threshold:g})."
+            if point is not None
+            else f"Not stable at any spawn step measured (no error barrier < {self.threshold:g})."
+        )
+        return "\n".join(lines) + "\n\n" + verdict
+
+    # -- init mode ------------------------------------------------------------------------------------
+
+    def _start_init_path(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._init_state is not None:
+            return
+        if self.init_weights is not None and Path(self.init_weights).exists():
+            self._init_state = torch.load(self.init_weights, map_location="cpu", weights_only=True)
+            return
+        if trainer.global_step != 0:
+            self.warn_once(
+                "no-init", "training resumed without the initial weights on disk: the init path is off."
+            )
+            return
+        self._init_state = {
+            key: value.detach().cpu().clone() for key, value in pl_module.state_dict().items()
+        }
+        path = self._dir / "init_weights.pt"
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self._init_state, path)
+        self.init_weights = str(path)
+
+    def _measure_init_path(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._init_state is None:
+            return
+        record = self._evaluated_once(
+            trainer, pl_module, lambda: self._paths(trainer, self._init_state, pl_module, pl_module.device)
+        )
+        record.update(epoch=trainer.current_epoch + 1, step=trainer.global_step)
+        self.history.append(record)
+        scalars = {f"init_{name}": record[name] for name in self._barrier_names("") if name in record}
+        self.log_scalars(trainer, scalars)
+        if trainer.is_global_zero:
+            self.log_figure(trainer, "init_path", _path_figure(record, "initial weights -> current weights"))
+
+    # -- state ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "directory": None if self._dir is None else str(self._dir),
+            "resolved_steps": None if self.resolved_steps is None else list(self.resolved_steps),
+            "snapshots": dict(self.snapshots),
+            "results": {k: dict(v) for k, v in self.results.items()},
+            "history": [dict(h) for h in self.history],
+            "init_weights": self.init_weights,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._dir = None if state_dict["directory"] is None else Path(state_dict["directory"])
+        self.resolved_steps = state_dict["resolved_steps"]
+        self.snapshots = {int(k): v for k, v in state_dict["snapshots"].items()}
+        self.results = {int(k): dict(v) for k, v in state_dict["results"].items()}
+        self.history = [dict(h) for h in state_dict["history"]]
+        self.init_weights = state_dict["init_weights"]
+        self._init_state = None
+
+
+def _is_map_loader(loader) -> bool:
+    dataset = getattr(loader, "dataset", None)
+    return (
+        isinstance(loader, DataLoader)
+        and not isinstance(dataset, IterableDataset)
+        and isinstance(dataset, Sized)
+    )
+
+
+def _as_float(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _path_figure(record: dict, title: str):
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    alphas = record["alphas"]
+    for split, style in (("train", "--"), ("test", "-")):
+        if f"{split}_error" in record:
+            values = [_as_float(v) for v in record[f"{split}_error"]]
+            axis.plot(alphas, values, style + "o", markersize=3, label=f"{split} error")
+    axis.set_xlabel("alpha")
+    axis.set_ylabel("error")
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def _stability_figure(results: dict, threshold: float):
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    steps = sorted(results)
+    for split, style in (("train", "--"), ("test", "-")):
+        name = f"{split}_error_barrier"
+        if all(name in results[k] for k in steps):
+            axis.plot(steps, [_as_float(results[k][name]) for k in steps], style + "o", label=name)
+    axis.axhline(threshold, color="grey", linestyle=":", label=f"threshold {threshold:g}")
+    positive = [k for k in steps if k > 0]
+    if len(positive) > 1 and max(positive) > 10 * min(positive):  # spawn steps spread over decades
+        axis.set_xscale("symlog", linthresh=min(positive))
+    axis.set_xlabel("spawn step k")
+    axis.set_ylabel("error barrier")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
