@@ -79,6 +79,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lt_theory.measures.modes import eval_mode, forked_rng
+
 __all__ = [
     "BN_MODES",
     "LinearPath",
@@ -209,13 +211,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _rng_devices(device: torch.device) -> list[int]:
-    """The CUDA devices whose generator :func:`torch.random.fork_rng` must fork besides the CPU one."""
-    if device.type == "cuda":
-        return [device.index if device.index is not None else torch.cuda.current_device()]
-    return []
-
-
 def _inputs(batch: object, name: str) -> Tensor:
     """The inputs of a batch: the batch itself if a tensor, else its first element."""
     if isinstance(batch, Tensor):
@@ -238,20 +233,6 @@ def _inputs_and_targets(batch: object, name: str) -> tuple[Tensor, Tensor]:
     raise ValueError(
         f"`{name}` must yield (inputs, targets, ...) tuples or lists of tensors, got {batch!r:.80}"
     )
-
-
-class _ModesRestored:
-    """Context manager restoring every submodule's train/eval flag (even on error)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.flags = [(module, module.training) for module in model.modules()]
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        for module, flag in self.flags:
-            module.training = flag
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -442,8 +423,7 @@ def reset_batchnorm_statistics(
     batches = 0
     success = False
     try:
-        with _ModesRestored(model), torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(device)):
-            model.eval()
+        with eval_mode(model), torch.no_grad(), forked_rng(device):
             for norm, stats in zip(norms, pooled):
                 norm.train()
                 norm.reset_running_stats()
@@ -538,8 +518,7 @@ def loss_and_error(
     total_wrong = torch.zeros((), dtype=torch.int64, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
     count = 0
-    with _ModesRestored(model), torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(device)):
-        model.eval()
+    with eval_mode(model), torch.no_grad(), forked_rng(device):
         for batch in loader:
             x, y = _inputs_and_targets(batch, "loader")
             x, y = x.to(device), y.to(device)
@@ -727,7 +706,7 @@ def linear_paths(
     losses = {name: [] for name in loaders}
     errors = {name: [] for name in loaders}
     counts = dict.fromkeys(loaders, 0)
-    with torch.random.fork_rng(devices=_rng_devices(device)):
+    with forked_rng(device):
         scratch = copy.deepcopy(template).to(device)
         for p in scratch.parameters():
             p.grad = None
