@@ -661,3 +661,19 @@ def test_stable_point():
 def test_stable_point_bad_arguments(args, name):
     with pytest.raises(ValueError, match=name):
         stable_point(*args)
+
+
+def test_reset_leaves_out_a_single_example_batch_with_batchnorm1d_and_pools_float64_batches_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    data = torch.randn(17, 3, dtype=torch.float64)
+    model = model.double()
+    with_single = [data[:8], data[8:16], data[16:]]  # a last batch of one example
+    reference = reset_batchnorm_statistics(copy.deepcopy(model), with_single[:2])
+    reset = reset_batchnorm_statistics(model, with_single)
+    assert int(reset[1].num_batches_tracked) == 2
+    assert torch.equal(reset[1].running_mean, reference[1].running_mean)
+    assert torch.equal(reset[1].running_var, reference[1].running_var)
+    hidden = data[:16] @ model[0].weight.T + model[0].bias
+    assert torch.allclose(reset[1].running_mean, hidden.mean(0), atol=1e-12)
+    assert torch.allclose(reset[1].running_var, hidden.var(0), atol=1e-12)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -128,6 +129,37 @@ def _strategy_flag(trainer: Trainer) -> str:
     )
 
 
+# the snapshot holds RNG states and optimizer objects, not only tensors (the argument is Lightning >= 2.6)
+_FULL_CHECKPOINT_LOAD = (
+    {"weights_only": False} if "weights_only" in inspect.signature(Trainer.fit).parameters else {}
+)
+
+_TRAINING_CALLBACKS = frozenset(
+    {
+        "IMPPruner",
+        "StochasticWeightAveraging",
+        "WeightAveraging",
+        "EMAWeightAveraging",
+        "GradientAccumulationScheduler",
+        "BackboneFinetuning",
+        "BaseFinetuning",
+    }
+)
+"""Callbacks that change training: a sibling trained without them is not the parent's procedure."""
+
+
+def _validation_flags(trainer: Trainer) -> dict:
+    """No validation in a sibling, unless a scheduler steps on a validation metric (ReduceLROnPlateau)."""
+    if not any(config.reduce_on_plateau for config in trainer.lr_scheduler_configs):
+        return {"limit_val_batches": 0, "num_sanity_val_steps": 0}
+    return {
+        "limit_val_batches": trainer.limit_val_batches,
+        "val_check_interval": trainer.val_check_interval,
+        "check_val_every_n_epoch": trainer.check_val_every_n_epoch,
+        "num_sanity_val_steps": 0,
+    }
+
+
 def _accelerator_flag(trainer: Trainer) -> str:
     return {"CPUAccelerator": "cpu", "CUDAAccelerator": "gpu", "MPSAccelerator": "mps"}.get(
         type(trainer.accelerator).__name__, "auto"
@@ -164,8 +196,10 @@ class LinearModeConnectivity(TheoryCallback):
     ``T``; also when a finished run is resumed, so that siblings a preemption interrupted are trained then),
     one sibling per ``k`` is trained from its snapshot to ``T`` by ``Trainer.fit(copy of the module,
     datamodule=copy of the data module, ckpt_path=snapshot)`` in a child Trainer with the parent's
-    accelerator, strategy, devices, precision, gradient accumulation and clipping, no logger, no checkpointing
-    and no validation, with the parent's progress-bar setting. Its data order and augmentation come from
+    accelerator, strategy, devices, precision, gradient accumulation and clipping, no logger, no checkpointing,
+    no other callback (a warning names those of the parent that change training, e.g. IMPPruner or weight
+    averaging) and no validation unless a ``ReduceLROnPlateau`` scheduler needs it, with the parent's
+    progress-bar setting. Its data order and augmentation come from
     ``sibling_seed``:
 
     - an lt_theory data module (or any with a ``reseed_order(seed)`` method) is re-seeded by it; the global
@@ -173,8 +207,8 @@ class LinearModeConnectivity(TheoryCallback):
       parent exactly (on one device; the test of the snapshot's completeness);
     - any other data module: the global RNG (torch, numpy, random) is seeded with it, which changes the order
       of a ``DataLoader`` that shuffles without its own ``generator`` and augmentation drawn from the global
-      RNG (a warning says when the training loader has its own generator, whose order then stays the
-      parent's);
+      RNG (a warning says when the training loader has its own generator, which the callback cannot
+      re-seed: the sibling's order then is whatever that generator gives);
     - under DDP, Lightning's ``DistributedSampler`` takes its seed from ``PL_GLOBAL_SEED``, set to it during
       the sibling's run.
 
@@ -183,7 +217,9 @@ class LinearModeConnectivity(TheoryCallback):
     fixed subset, no augmentation) and the test set (else the validation set), with ``bn="reset"``
     (statistics re-estimated on the training subset at every alpha) or ``"interpolate"``. Results are
     written next to the snapshots, so a resumed run does not train a finished sibling again (results are
-    reused only for bit-identical parent weights). Under DDP the siblings train on all ranks and the paths are
+    reused only for bit-identical parent weights and the same evaluation settings). A sibling whose training
+    raises gives NaN barriers and one warning naming the error; the other ``k`` go on, and a resumed run
+    trains it again. Under DDP the siblings train on all ranks and the paths are
     evaluated once, on rank zero.
 
     ``mode="init"``: every ``every_n_epochs`` epochs, the path from the weights at the start of training
@@ -317,15 +353,37 @@ class LinearModeConnectivity(TheoryCallback):
             return
         if self.mode == "spawn":
             _strategy_flag(trainer)  # refuse what a child Trainer cannot reproduce, before training
-        if self._dir is None:  # rank zero's choice (a filesystem every rank sees, as for checkpoints)
-            root = self.directory or os.path.join(trainer.log_dir or trainer.default_root_dir, "lmc")
-            self._dir = Path(trainer.strategy.broadcast(str(root), src=0))
+            self._warn_about_training_callbacks(trainer)
+        self._reset_run_state()  # a reused instance starts afresh; a resumed fit's state is loaded after setup
+        # rank zero's choice of folder (a filesystem every rank sees, as for checkpoints)
+        root = self.directory or os.path.join(trainer.log_dir or trainer.default_root_dir, "lmc")
+        self._dir = Path(trainer.strategy.broadcast(str(root), src=0))
         if trainer.datamodule is None:
             raise ValueError(
                 "LinearModeConnectivity needs a data module (`trainer.fit(module, datamodule=...)`): it "
                 "evaluates the path on its training and test sets (and trains siblings on it); found none."
             )
         self._sets = None
+
+    def _reset_run_state(self) -> None:
+        self.resolved_steps = None
+        self.snapshots, self.results, self.history = {}, {}, []
+        self.init_weights, self._init_state = None, None
+
+    def _warn_about_training_callbacks(self, trainer: Trainer) -> None:
+        """Siblings train without the parent's other callbacks: say so for those that change training."""
+        changing = [
+            type(c).__name__
+            for c in trainer.callbacks
+            if c is not self and type(c).__name__ in _TRAINING_CALLBACKS
+        ]
+        if changing:
+            self.warn_once(
+                "training-callbacks",
+                f"the siblings train without the parent's other callbacks, and {changing} change training: "
+                "the parent's and the siblings' final weights then come from different procedures, so the "
+                "barriers do not measure SGD noise alone. Run the instability analysis without them.",
+            )
 
     def _resolve_steps(self, trainer: Trainer) -> list[int]:
         total = trainer.estimated_stepping_batches
@@ -516,13 +574,44 @@ class LinearModeConnectivity(TheoryCallback):
             seed = self._sibling_seed(trainer, k)
             result = self._known_result(trainer, k, final_step, fingerprint, seed)
             if result is None:
-                sibling_state = self._train_sibling(trainer, pl_module, k, final_step, seed)
-                result = self._sibling_result(
-                    trainer, pl_module, k, final_step, fingerprint, seed, sibling_state
-                )
+                result = self._new_result(trainer, pl_module, k, final_step, fingerprint, seed)
             self.results[k] = result
             self._log_spawn_step(trainer, k, result)
         self._log_stability(trainer)
+
+    def _new_result(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        k: int,
+        final_step: int,
+        fingerprint: str,
+        seed: int,
+    ) -> dict:
+        """Train the sibling of ``k`` and evaluate the path; a sibling that fails gives NaN and a warning."""
+        error = None
+        try:
+            sibling_state = self._train_sibling(trainer, pl_module, k, final_step, seed)
+        except Exception as exception:  # noqa: BLE001 - one failed sibling must not lose the others
+            error = f"{type(exception).__name__}: {exception}"
+        failed = error is not None
+        if trainer.world_size > 1:  # every rank takes the same branch: the evaluation below is collective
+            failed = trainer.strategy.reduce_boolean_decision(failed, all=False)
+        if not failed:
+            return self._sibling_result(trainer, pl_module, k, final_step, fingerprint, seed, sibling_state)
+        error = error or "on another rank"
+        self.warn_once(
+            f"failed:{k}",
+            f"the sibling spawned at step {k} failed ({error}): its barriers are NaN, the other spawn steps "
+            "go on, and a resumed run trains it again.",
+        )
+        nan = dict.fromkeys(self._barrier_names(""), math.nan)
+        return {**nan, "final_step": final_step, "parent": fingerprint, "sibling_seed": seed, "failed": error}
+
+    def _evaluation_settings(self) -> dict:
+        """What a stored result was evaluated with: it is reused only under the same settings."""
+        names = ("num_alphas", "bn", "bn_batches", "train_subset_size", "test_subset_size", "seed")
+        return {name: getattr(self, name) for name in names}
 
     def _sibling_seed(self, trainer: Trainer, k: int) -> int:
         if self.sibling_seed is not None:
@@ -543,6 +632,8 @@ class LinearModeConnectivity(TheoryCallback):
             and r.get("final_step") == final_step
             and r.get("parent") == fingerprint
             and r.get("sibling_seed") == seed
+            and r.get("settings") == self._evaluation_settings()
+            and not r.get("failed")
         )
         if not matches(result):
             result = None
@@ -583,7 +674,7 @@ class LinearModeConnectivity(TheoryCallback):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")
                 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before.*")
-                child.fit(module, datamodule=datamodule, ckpt_path=self.snapshots[k], weights_only=False)
+                child.fit(module, datamodule=datamodule, ckpt_path=self.snapshots[k], **_FULL_CHECKPOINT_LOAD)
         finally:
             if previous_seed is None:
                 os.environ.pop("PL_GLOBAL_SEED", None)
@@ -619,8 +710,7 @@ class LinearModeConnectivity(TheoryCallback):
             max_steps=final_step,
             max_epochs=-1,
             limit_train_batches=trainer.limit_train_batches,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
+            **_validation_flags(trainer),
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             gradient_clip_val=trainer.gradient_clip_val,
             gradient_clip_algorithm=trainer.gradient_clip_algorithm,
@@ -655,7 +745,6 @@ class LinearModeConnectivity(TheoryCallback):
                 f"the sibling spawned at step {k} diverged (NaN/Inf in its weights): its barriers are NaN; "
                 "the other spawn steps go on.",
             )
-            self._warned.update(f"nonfinite:{name}" for name in self._barrier_names(""))
         result = self._evaluated_once(
             trainer,
             pl_module,
@@ -665,6 +754,7 @@ class LinearModeConnectivity(TheoryCallback):
             final_step=final_step,
             parent=fingerprint,
             sibling_seed=seed,
+            settings=self._evaluation_settings(),
             weights=str(weights),
             diverged=diverged,
         )
@@ -691,8 +781,9 @@ class LinearModeConnectivity(TheoryCallback):
 
     def _log_spawn_step(self, trainer: Trainer, k: int, result: dict) -> None:
         scalars = {name: _as_float(result[name]) for name in self._barrier_names("") if name in result}
-        self.log_scalars(trainer, scalars, step=k)
-        if trainer.is_global_zero:
+        explained = result.get("diverged") or result.get("failed")  # one warning of their own said why
+        self.log_scalars(trainer, scalars, step=k, warn_nonfinite=not explained)
+        if trainer.is_global_zero and not result.get("failed"):
             self.log_figure(
                 trainer, "error_along_path", _path_figure(result, f"parent vs sibling spawned at {k}"), step=k
             )

@@ -17,7 +17,8 @@ seeded subset of a split, already normalised). ``train_split=(i, m)`` trains on 
 disjoint parts of the (noisy) training set, for the bias-variance estimate of Yang et al. (2020).
 ``reseed_order(order_seed)`` re-seeds only the training order and the augmentation (the split and the noise
 stay), which is how the siblings of ``LinearModeConnectivity`` get their own SGD noise. A checkpoint written
-in mid-epoch resumes with the rest of that epoch's order (see ``state_dict``).
+in mid-epoch resumes with the rest of that epoch's order (see ``state_dict``), on one device: under DDP,
+Lightning's ``DistributedSampler`` replaces the sampler and a resumed epoch starts its order again.
 """
 
 from __future__ import annotations
@@ -291,7 +292,9 @@ class CIFARDataModule(LightningDataModule):
             self.train_dataset,
             batch_size=self.batch_size,
             sampler=self._train_sampler,  # a RandomSampler: Lightning's DistributedSampler shuffles under DDP
-            generator=self._shuffle_generator,
+            # the workers' base seed, drawn at each iterator: not from the order's generator, which an extra
+            # or a missing iterator (persistent workers, a resume at an epoch end) would then shift
+            generator=torch.Generator().manual_seed(derived_seed("workers", self._stream_seed())),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

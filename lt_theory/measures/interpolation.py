@@ -328,7 +328,7 @@ class _PooledStatistics:
     def from_running(self, module: nn.Module, args: tuple, output: object) -> None:
         """Forward hook of a BatchNorm with ``momentum=1``: its running statistics are this batch's own."""
         count = args[0].numel() // args[0].shape[1]
-        mean = module.running_mean.to(torch.float64)
+        mean = module.running_mean.to(torch.float64, copy=True)  # the buffer is overwritten by the next batch
         self.add(count, mean, module.running_var.to(torch.float64) * (count - 1))  # running_var is unbiased
 
     def from_input(self, module: nn.Module, args: tuple) -> None:
@@ -373,7 +373,9 @@ def reset_batchnorm_statistics(
     without such BatchNorm modules is left as it is and ``loader`` is not iterated; a BatchNorm the forward
     never reaches keeps its statistics. A ``SyncBatchNorm`` in an initialised process group synchronises the
     batch statistics during the pass, so every rank must call this; the ``"exact"`` statistics are still
-    pooled over the calling rank's batches only.
+    pooled over the calling rank's batches only. A batch of a single example is left out when the model has
+    a ``BatchNorm1d`` (batch statistics of one value per channel do not exist; a last, short batch of a
+    loader can be one).
 
     Args:
         model: the network, modified in place.
@@ -433,10 +435,13 @@ def reset_batchnorm_statistics(
                 elif method == "exact":  # the batch's statistics, as the forward computes them, at no cost
                     norm.momentum = 1.0
                     handles.append(norm.register_forward_hook(stats.from_running))
+            single_example_fails = any(isinstance(norm, nn.BatchNorm1d) for norm in norms)
             for batch in loader:
                 if num_batches is not None and batches >= num_batches:
                     break
                 x = _inputs(batch, "loader").to(device)
+                if single_example_fails and x.shape[0] == 1:
+                    continue
                 model(transform(x) if transform is not None else x)
                 batches += 1
         if batches == 0:
