@@ -355,7 +355,8 @@ def test_generic_data_module_reseeds_the_global_rng_and_evaluates_its_datasets(t
 def test_resnet8_is_unstable_at_init_and_stable_late(tmp_path):
     """ResNet-8, lr 0.2 with cosine decay, 64 steps on 512 synthetic images: siblings spawned at step 0 end in
     different basins (measured: test / train error barrier 0.041 / 0.029, loss barrier 0.100), siblings
-    spawned at step 48 in one (0.014 / 0.006, 0.0006). Both sides of the 0.02 threshold, by a factor of 2. The curve: ``benchmarks/lmc_stability_curve.py``."""
+    spawned at step 48 in one (0.014 / 0.006, 0.0006). Both sides of the 0.02 threshold, by a factor of 2.
+    The curve: ``benchmarks/lmc_stability_curve.py``."""
     import lightning.pytorch as pl
 
     from lt_theory.models import CIFARResNet
@@ -425,3 +426,24 @@ def test_with_worker_processes_the_epoch_boundary_snapshot_is_complete(tmp_path)
     parent, _, _ = _fit(tmp_path, [lmc], module_and_data=(module, data))
     assert _equal_states(torch.load(lmc.results[STEPS_PER_EPOCH]["weights"]), parent.state_dict())
     assert lmc.results[STEPS_PER_EPOCH]["test_error_barrier"] == 0.0
+
+
+def test_a_dropout_network_with_a_cosine_schedule_is_reproduced_from_the_rng_states_of_the_snapshot(tmp_path):
+    """Dropout draws from the global RNG and the cosine schedule depends on the loop position: a sibling with
+    the parent's seed ends bit-identical only if the snapshot restores both."""
+    import lightning.pytorch as pl
+
+    pl.seed_everything(0, verbose=False)
+    net = torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * 32 * 32, 32),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.5),
+        torch.nn.Linear(32, 10),
+    )
+    module = ClassificationModule(net, lr=0.05, schedule="cosine")
+    data = make_module_and_data()[1]
+    lmc = _lmc(tmp_path, spawn_steps=[3, STEPS_PER_EPOCH], sibling_seed=0)
+    parent, _, _ = _fit(tmp_path, [lmc], module_and_data=(module, data))
+    for k in (3, STEPS_PER_EPOCH):
+        assert _equal_states(torch.load(lmc.results[k]["weights"]), parent.state_dict()), k

@@ -47,10 +47,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states  # noqa: E402
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
 from lightning.pytorch.utilities.seed import isolate_rng  # noqa: E402
 from torch import Tensor  # noqa: E402
+from torch.distributed.constants import default_pg_timeout  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset, Subset  # noqa: E402
 
 from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int  # noqa: E402
@@ -114,13 +116,18 @@ def _detached_copy(obj, trainer: Trainer | None, shared: Sequence[object] = ()):
     return copy.deepcopy(obj, memo)
 
 
-def _strategy_flag(trainer: Trainer) -> str:
-    """The ``strategy=`` of a child Trainer equivalent to the parent's."""
-    name = type(trainer.strategy).__name__
-    if name == "SingleDeviceStrategy":
+def _strategy_flag(trainer: Trainer) -> str | DDPStrategy:
+    """The ``strategy=`` of a child Trainer equivalent to the parent's (DDP with the parent's options)."""
+    strategy = trainer.strategy
+    name = type(strategy).__name__
+    if isinstance(strategy, SingleDeviceStrategy):
         return "auto"
-    if name == "DDPStrategy" and getattr(trainer.strategy, "_start_method", "popen") == "popen":
-        return "ddp"
+    if type(strategy) is DDPStrategy and getattr(strategy, "_start_method", "popen") == "popen":
+        return DDPStrategy(
+            process_group_backend=strategy.process_group_backend,
+            timeout=getattr(strategy, "_timeout", None) or default_pg_timeout,
+            **getattr(strategy, "_ddp_kwargs", {}),  # find_unused_parameters, static_graph, ...
+        )
     raise ValueError(
         "LinearModeConnectivity(mode='spawn') trains siblings in a child Trainer and supports a single "
         f"device or strategy='ddp', but the trainer uses {name}"
@@ -211,6 +218,13 @@ class LinearModeConnectivity(TheoryCallback):
       re-seed: the sibling's order then is whatever that generator gives);
     - under DDP, Lightning's ``DistributedSampler`` takes its seed from ``PL_GLOBAL_SEED``, set to it during
       the sibling's run.
+
+    The path is evaluated on the data module's datasets read directly (``train_dataset`` and ``test_dataset``
+    or ``val_dataset``, else those of its loaders), each batch passed through the data module's ``preprocess``
+    when it has one, then the module's ``forward``, whose output must be class logits scored by
+    cross-entropy; a data module that normalises in ``on_after_batch_transfer`` without a ``preprocess``, or a
+    model with another loss, needs the lt_theory data modules' convention. While siblings train, the parent's
+    module stays on its device (about twice the model's memory).
 
     Then the path between the parent's and the sibling's final weights is evaluated by
     :func:`~lt_theory.measures.interpolation.linear_paths` on ``train_subset_size`` training examples (a
