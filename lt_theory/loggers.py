@@ -108,6 +108,29 @@ def log_scalars(
         _emit()
 
 
+def log_tensorboard_scalars(
+    trainer: Trainer, scalars: Mapping[str, float | torch.Tensor], step: int | None = None
+) -> None:
+    """Log scalars to the TensorBoardLoggers of the trainer only, at ``trainer.global_step`` (or ``step``).
+
+    For scalars whose step is not the global step (e.g. a step that decreases, such as a remaining fraction):
+    TensorBoard draws each tag against its own steps, while CSV, W&B or MLflow loggers would mix such rows
+    into their step-ordered tables.
+
+    Args:
+        trainer: the running trainer.
+        scalars: tag -> value; tensors must have one element.
+        step: the step to log at; defaults to ``trainer.global_step``.
+
+    Example:
+        >>> # log_tensorboard_scalars(trainer, {"imp/accuracy_by_remaining_bp": 0.91}, step=6400)
+    """
+    for writer in tensorboard_writers(trainer):
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, _as_float(value), global_step=_step(trainer, step))
+        _emit()
+
+
 def log_figure(trainer: Trainer, tag: str, figure, step: int | None = None, close: bool = True) -> None:
     """Log a matplotlib figure as an image to every TensorBoardLogger.
 

@@ -1,8 +1,9 @@
 """Image classification as a LightningModule: the model every recipe trains.
 
 Cross-entropy loss, SGD (with momentum, optional Nesterov) or Adam, and a learning-rate schedule that is
-either piecewise constant ("step": multiply by ``gamma`` at each epoch in ``milestones``, He et al. 2016's
-CIFAR schedule), cosine annealing over the whole run, stepped every optimizer step (Loshchilov & Hutter,
+either piecewise constant ("step": multiply by ``gamma`` at each milestone, He et al. 2016's CIFAR schedule;
+``milestones`` in epochs, or in optimizer steps with ``schedule_interval="step"`` as ``open_lth`` counts
+them), cosine annealing over the whole run, stepped every optimizer step (Loshchilov & Hutter,
 ICLR 2017), or constant. Accuracy is torchmetrics' multiclass accuracy. Logged tags: ``train/loss``,
 ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``, ``lr``, and a custom-scalars
 panel "training" that draws train against validation loss and accuracy.
@@ -24,6 +25,7 @@ __all__ = ["ClassificationModule"]
 
 _OPTIMIZERS = ("sgd", "adam")
 _SCHEDULES = ("step", "cosine", "constant")
+_INTERVALS = ("epoch", "step")
 
 
 class ClassificationModule(LightningModule):
@@ -39,11 +41,20 @@ class ClassificationModule(LightningModule):
         weight_decay: L2 weight decay (coupled, as in torch.optim.SGD / Adam).
         betas: Adam's coefficients.
         schedule: ``"step"``, ``"cosine"`` or ``"constant"``.
-        milestones: epochs at which ``"step"`` multiplies the learning rate by ``gamma``.
+        milestones: when ``"step"`` multiplies the learning rate by ``gamma``: epochs, or optimizer steps with
+            ``schedule_interval="step"``.
         gamma: the factor of ``"step"``.
+        schedule_interval: the unit of ``milestones``: ``"epoch"`` (the scheduler is stepped at each epoch's
+            end; the learning rate of epoch ``e`` is ``lr * gamma ** (number of milestones <= e)``) or
+            ``"step"`` (stepped after every optimizer step; the learning rate of the optimizer step that
+            follows ``t`` completed steps is ``lr * gamma ** (number of milestones <= t)``, e.g. milestones
+            31280 and 46920 for epochs 80 and 120 of 391 steps). Step milestones stay exact when epochs and
+            the schedule do not line up, e.g. in the rewound levels of :class:`~lt_theory.callbacks.IMPPruner`.
+            Only the ``"step"`` schedule uses it (cosine is always stepped per step).
 
     Raises:
-        ValueError: for an unknown optimizer or schedule, a non-positive lr, or unsorted milestones.
+        ValueError: for an unknown optimizer, schedule or schedule_interval, a non-positive lr, or unsorted
+            milestones.
 
     Example:
         >>> from lt_theory.models import resnet20
@@ -63,6 +74,7 @@ class ClassificationModule(LightningModule):
         schedule: str = "step",
         milestones: Sequence[int] = (80, 120),
         gamma: float = 0.1,
+        schedule_interval: str = "epoch",
     ) -> None:
         super().__init__()
         if optimizer not in _OPTIMIZERS:
@@ -71,8 +83,10 @@ class ClassificationModule(LightningModule):
             raise ValueError(f"`schedule` must be one of {_SCHEDULES}, got {schedule!r}")
         if not lr > 0:
             raise ValueError(f"`lr` must be a positive number, got {lr!r}")
+        if schedule_interval not in _INTERVALS:
+            raise ValueError(f"`schedule_interval` must be one of {_INTERVALS}, got {schedule_interval!r}")
         if list(milestones) != sorted(milestones):
-            raise ValueError(f"`milestones` must be increasing epochs, got {list(milestones)}")
+            raise ValueError(f"`milestones` must be increasing {schedule_interval}s, got {list(milestones)}")
         if num_classes < 2:
             raise ValueError(f"`num_classes` must be at least 2, got {num_classes!r}")
         self.save_hyperparameters(ignore=["net"])
@@ -139,7 +153,8 @@ class ClassificationModule(LightningModule):
             return optimizer
         if hp.schedule == "step":
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.milestones), gamma=hp.gamma)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+            interval = hp.get("schedule_interval", "epoch")
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,4 +1,5 @@
-"""IMPPruner under strategy="ddp" on 2 CPU processes (gloo): each rank saves the masks of every level.
+"""IMPPruner under strategy="ddp" on 2 CPU processes (gloo): each rank saves the masks of every level and
+its final weights; levels given in epochs, with a ModelCheckpoint (the step-k snapshot goes beside it).
 
 Launched by test_imp_callback.py as a script, because Lightning's DDP launcher re-runs the script for rank 1.
 Usage: python tests/imp_ddp_run.py OUTPUT_DIR
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from contract_setup import make_module_and_data, make_trainer
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lt_theory.callbacks.imp import IMPPruner
 
@@ -30,14 +32,31 @@ class MasksByLevel(Callback):
 
 def main(out: Path) -> None:
     module, data = make_module_and_data()
-    pruner = IMPPruner(levels=2, fraction=0.3, rewind_step=1, steps_per_level=3)
+    pruner = IMPPruner(levels=2, fraction=0.3, rewind_step=1, epochs_per_level=1)  # 3 steps a rank-epoch
     recorder = MasksByLevel(pruner)
+    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True)
     trainer = make_trainer(
-        out, [pruner, recorder], strategy="ddp", devices=2, deterministic=False, max_epochs=-1
+        out,
+        [pruner, recorder, checkpoints],
+        strategy="ddp",
+        devices=2,
+        deterministic=False,
+        max_epochs=-1,
+        enable_checkpointing=True,
     )
     trainer.fit(module, datamodule=data)
     rank = trainer.global_rank
-    torch.save({"level": pruner.level, "masks_by_level": recorder.masks_by_level}, out / f"rank{rank}.pt")
+    torch.save(
+        {
+            "level": pruner.level,
+            "level_steps": pruner.level_steps,
+            "global_step": trainer.global_step,
+            "masks_by_level": recorder.masks_by_level,
+            "state": {name: value.detach().cpu() for name, value in module.state_dict().items()},
+            "rewind_file": pruner._rewind_file,
+        },
+        out / f"rank{rank}.pt",
+    )
     if rank == 0:
         tickets = sorted(p.name for p in (out / "imp").glob("ticket_level*.pt"))
         (out / "report.json").write_text(json.dumps({"tickets": tickets}))

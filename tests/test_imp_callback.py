@@ -8,20 +8,25 @@ differs at every step. References:
   by a recorder placed *before* the pruner), and the kept counts follow ``remaining_counts`` exactly;
 * the rewind: the weights, all buffers, the learning rate and the scheduler state right after each rewind
   (read by a recorder placed *after* the pruner) equal, bit for bit, those the recorder saved at step k;
-* the enforcement: pruned weights are exactly 0.0 after every step, while the momentum buffers at the same
-  positions are not zero (the optimizer does push them off zero);
+* the enforcement: pruned weights are exactly 0.0 after every step, and their gradients are masked before it
+  (no momentum at pruned positions; with gradient clipping, bit for bit the run masked by ``mask_gradients``);
+  also while a diverged fit winds down;
 * resuming: a fit interrupted in the middle of a level (at an epoch's end, and in mid-epoch by a simulated
   preemption) and resumed from its checkpoint ends with the same masks and weights, bit for bit, as an
   uninterrupted fit;
 * the ticket file: loaded into a fresh module, it gives exactly the masks and the state the last level
   started from;
-* the controls: random pruning keeps each layer's count of the magnitude masks; random reinitialisation
-  starts from other weights with the same masks;
+* the controls follow the IMP run's tickets: random pruning keeps each layer's count of the IMP's masks of
+  the level; random reinitialisation trains exactly those masks from the model's own init (CIFARResNet's
+  He-normal convolutions), equal to a fresh init drawn with the callback's generator;
 * logging: the CSV values and the TensorBoard figure, text and accuracy-by-remaining scalars against the
   callback's history;
-* DDP: two gloo processes end every level with identical masks;
-* bad input: ValueError naming the argument; no prunable parameter and a too-late rewind step in epochs
-  refused at setup; a diverging level stops the IMP with the tickets of the completed levels kept.
+* DDP: two gloo processes, levels in epochs and a ModelCheckpoint, end every level with identical masks and
+  the fit with identical weights;
+* bad input: ValueError naming the argument; a resume from a checkpoint without IMPPruner state or with other
+  settings, and a ticket loaded into the bare network, refused with what to do; no prunable parameter and a
+  too-late rewind step in epochs refused; a diverging level stops the IMP with the tickets of the completed
+  levels kept.
 """
 
 from __future__ import annotations
@@ -43,7 +48,13 @@ from torch import nn
 
 from lt_theory.callbacks.imp import IMPPruner, load_ticket
 from lt_theory.data import SyntheticCIFARDataModule
-from lt_theory.measures.pruning import magnitude_masks, prunable_parameters, remaining_counts
+from lt_theory.measures.pruning import (
+    apply_masks,
+    magnitude_masks,
+    mask_gradients,
+    prunable_parameters,
+    remaining_counts,
+)
 from lt_theory.models import CIFARResNet
 from lt_theory.module import ClassificationModule
 
@@ -220,7 +231,9 @@ def test_pruned_weights_stay_exactly_zero_under_momentum_and_weight_decay(imp_ru
     _, _, after, _, _ = imp_run
     assert len(after.pruned_nonzero) == 1 + 12  # right after the first pruning, then every step of levels 1-3
     assert after.pruned_nonzero == [0] * 13
-    assert after.pruned_momentum_nonzero > 0  # the optimizer does push pruned entries: enforcement matters
+    # the gradients of pruned entries are masked before each step: no momentum builds up there (with weight
+    # decay on a zero weight, their SGD update is exactly zero)
+    assert after.pruned_momentum_nonzero == 0
 
 
 def test_ticket_file_reproduces_the_sparse_network(imp_run):
@@ -234,6 +247,10 @@ def test_ticket_file_reproduces_the_sparse_network(imp_run):
         assert torch.equal(value, after.after_rewind[-1]["state"][name]), name
     ticket = torch.load(pruner.ticket_paths[-1], weights_only=False)
     assert ticket["accuracy"] == pruner.history[-1]["accuracy"] and ticket["level"] == 3
+    with pytest.raises(
+        ValueError, match=r"'net\.conv1\.weight' \(prefix 'net\.'\).*'conv1\.weight'.*LightningModule"
+    ):
+        load_ticket(pruner.ticket_paths[-1], CIFARResNet(depth=8))  # the bare network, not the module
 
 
 def test_logged_tags(tmp_path):
@@ -247,7 +264,8 @@ def test_logged_tags(tmp_path):
     assert value[(3, "imp/remaining_fraction")] == pruner.history[1]["remaining_fraction"]
     assert abs(value[(3, "imp/remaining_fraction")] - 0.5) < 1e-3
     assert value[(3, "imp/accuracy")] == pytest.approx(pruner.history[0]["accuracy"])
-    assert value[(10_000, "imp/accuracy_by_remaining_bp")] == pytest.approx(pruner.history[0]["accuracy"])
+    # its step is not the global step: TensorBoard only (test_tensorboard_gets_the_figure_and_the_summary)
+    assert not any(key == "imp/accuracy_by_remaining_bp" for _, key in value)
     layer = "imp/sparsity/net.conv1"
     mask = pruner.masks["net.conv1.weight"]
     assert value[(0, layer)] == 0.0 and value[(3, layer)] == pytest.approx(
@@ -282,12 +300,83 @@ def test_resume_mid_level_equals_uninterrupted(tmp_path):
         assert torch.equal(module.state_dict()[name], value), name
     assert resumed.history == uninterrupted.history
 
+    for changed in (dict(fraction=0.5), dict(rewind_step=1), dict(scope="layerwise"), dict(levels=1)):
+        arguments = dict(levels=2, fraction=0.3, rewind_step=2, steps_per_level=8) | changed
+        name, value = next(iter(changed.items()))
+        with pytest.raises(
+            ValueError,
+            match=f"other settings.*{name}={state['settings'][name]!r} in the checkpoint, {value!r} here",
+        ):
+            IMPPruner(**arguments).load_state_dict(state)
+    for changed in (
+        dict(prune_output_layer=False),
+        dict(exclude=["net.conv1"]),
+        dict(include=["net.layer1"]),
+    ):
+        with pytest.raises(ValueError, match=f"other settings.*{next(iter(changed))}="):
+            IMPPruner(levels=2, fraction=0.3, rewind_step=2, steps_per_level=8, **changed).load_state_dict(
+                state
+            )
+    more = IMPPruner(levels=5, fraction=0.3, rewind_step=2, steps_per_level=8)  # more levels: allowed
+    more.load_state_dict(state)
+    assert more.level == 1 and more.levels == 5
+
     Path(state["rewind_file"]["path"]).unlink()  # the snapshot beside the checkpoint lost: a clear refusal
     with pytest.raises(ValueError, match="snapshot .* is missing"):
         module, data = _module()
         make_trainer(tmp_path / "c", [pruner()], max_epochs=-1).fit(
             module, datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt"
         )
+
+
+@pytest.mark.parametrize("steps", [1, 3])  # before and after step k
+def test_resume_from_a_checkpoint_without_imp_state_is_refused(tmp_path, steps):
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "dense", save_last=True)
+    _fit(
+        tmp_path / "a", None, [checkpoints], max_steps=steps, enable_checkpointing=True
+    )  # dense, no IMPPruner
+    pruner = IMPPruner(levels=1, fraction=0.5, rewind_step=2, steps_per_level=4)
+    module, data = _module()
+    trainer = make_trainer(tmp_path / "b", [pruner], max_epochs=-1)
+    with pytest.raises(
+        ValueError, match=f"starts at global step {steps}, from a checkpoint without IMPPruner state"
+    ):
+        trainer.fit(module, datamodule=data, ckpt_path=tmp_path / "dense" / "last.ckpt")
+    assert pruner.history == [] and trainer.global_step == steps  # refused before any training
+
+
+class _MaskGradientsReference(Callback):
+    """The reference: ``mask_gradients`` of pruning.py on the pruner's masks, before clipping."""
+
+    def __init__(self, pruner: IMPPruner) -> None:
+        self.pruner = pruner
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.pruner.masks is not None:
+            mask_gradients(pl_module, self.pruner.masks)
+
+
+def test_pruned_gradients_do_not_change_clipping(tmp_path, monkeypatch):
+    def run(root, with_reference):
+        pruner = IMPPruner(levels=2, fraction=0.5, rewind_step=2, steps_per_level=6)
+        reference = [_MaskGradientsReference(pruner)] if with_reference else []
+        module, _ = _fit(root, pruner, [*reference, pruner], gradient_clip_val=0.05)
+        return pruner, module.state_dict()
+
+    pruner, state = run(tmp_path / "a", False)
+    reference_pruner, reference = run(tmp_path / "b", True)
+    for name, value in reference.items():  # bit for bit the run whose gradients are masked before clipping
+        assert torch.equal(state[name], value), name
+    assert all(torch.equal(pruner.masks[n], reference_pruner.masks[n]) for n in pruner.masks)
+    # and without the masking the clipping norm counts the pruned gradients: other surviving weights
+    from lt_theory.measures.pruning import MaskEnforcer
+
+    monkeypatch.setattr(MaskEnforcer, "mask_gradients", lambda self: None)
+    _, unmasked = run(tmp_path / "c", False)
+    kept = pruner.masks["net.layer1.0.conv1.weight"]
+    assert not torch.equal(
+        unmasked["net.layer1.0.conv1.weight"][kept], state["net.layer1.0.conv1.weight"][kept]
+    )
 
 
 class _Preempted(Exception):
@@ -345,28 +434,99 @@ def test_tensorboard_gets_the_figure_and_the_summary(tmp_path):
     )
 
 
-def test_random_prune_control_keeps_layer_counts(tmp_path):
-    pruner = IMPPruner(levels=1, fraction=0.5, rewind_step=1, steps_per_level=3, control="random_prune")
-    before = Recorder(pruner, reads_level_ends=True)
-    _fit(tmp_path, pruner, [before, pruner])
-    magnitude = magnitude_masks(before.level_end_weights[0], 0.5)
-    assert pruner.masks.keys() == magnitude.keys()
-    for name, mask in pruner.masks.items():
-        assert int(mask.sum()) == int(magnitude[name].sum()), name
-    assert any(not torch.equal(mask, magnitude[name]) for name, mask in pruner.masks.items())
+def _control_run(tmp_path, imp_run, control: str):
+    """2 levels of a control following the 3-level IMP of ``imp_run`` (same settings), through its tickets."""
+    reference = Path(imp_run[0].ticket_paths[0]).parent
+    pruner = IMPPruner(
+        levels=2,
+        fraction=0.2,
+        rewind_step=2,
+        steps_per_level=6,
+        prune_output_layer=False,
+        control=control,
+        reference_tickets=reference,
+    )
+    before, after = Recorder(pruner, reads_level_ends=True), Recorder(pruner)
+    module, _ = _fit(tmp_path, pruner, [before, pruner, after])
+    tickets = [torch.load(reference / f"ticket_level0{level}.pt", weights_only=False) for level in (1, 2)]
+    return pruner, before, after, module, tickets
 
 
-def test_random_reinit_control_starts_from_fresh_weights(tmp_path):
-    pruner = IMPPruner(levels=1, fraction=0.5, rewind_step=1, steps_per_level=3, control="random_reinit")
-    after = Recorder(pruner)
-    _fit(tmp_path, pruner, [pruner, after])
+def test_random_prune_control_follows_the_imp_layer_counts(tmp_path, imp_run):
+    pruner, before, after, _, tickets = _control_run(tmp_path, imp_run, "random_prune")
+    assert [h["level"] for h in pruner.history] == [0, 1, 2]
+    for level, ticket in zip((1, 2), tickets):
+        masks = after.after_rewind[level - 1]["masks"]
+        assert list(masks) == list(ticket["masks"])
+        for name, mask in masks.items():  # the IMP level's count in every layer, at random positions
+            assert int(mask.sum()) == int(ticket["masks"][name].sum()), (level, name)
+        assert sum(int((masks[n].cpu() != ticket["masks"][n]).sum()) for n in masks) > 0
+        if level == 2:  # not the counts of the control's own magnitude pruning of its level-1 network
+            own = magnitude_masks(before.level_end_weights[1], 0.2, before.previous_masks[1])
+            assert any(int(own[n].sum()) != int(ticket["masks"][n].sum()) for n in own)
+        assert pruner.history[level]["remaining_fraction"] == ticket["remaining_fraction"]
+
+
+def test_random_reinit_control_uses_the_imp_masks_and_the_model_init(tmp_path, imp_run):
+    pruner, _, after, _, tickets = _control_run(tmp_path, imp_run, "random_reinit")
+    generator = torch.Generator().manual_seed(0)  # the callback's generator (seed=0)
+    for level, ticket in zip((1, 2), tickets):
+        rewound = after.after_rewind[level - 1]
+        for name, mask in rewound["masks"].items():  # exactly the IMP's masks of that level
+            assert torch.equal(mask.cpu(), ticket["masks"][name]), (level, name)
+        # the reference fresh start: seed drawn from the callback's generator, every module's
+        # reset_parameters children first, so CIFARResNet's He-normal init wins; then the masks
+        reference = _module(seed=5)[0]
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            for module in reversed(list(reference.modules())):
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        apply_masks(reference, ticket["masks"])
+        for name, value in reference.state_dict().items():
+            assert torch.equal(rewound["state"][name], value), (level, name)
+        assert rewound["lr"] == after.step_k["lr"]
     start = after.after_rewind[0]["state"]
-    weight = "net.conv1.weight"
-    mask = pruner.masks[weight]
-    assert not torch.equal(start[weight][mask], after.step_k["state"][weight][mask])
-    assert torch.equal(start[weight][~mask], torch.zeros_like(start[weight][~mask]))
+    weight, mask = "net.layer1.0.conv1.weight", after.after_rewind[0]["masks"]["net.layer1.0.conv1.weight"]
+    assert float(start[weight][mask].std()) == pytest.approx(math.sqrt(2 / (9 * 16)), rel=0.1)  # He normal
     assert float(start["net.bn1.running_var"].sum()) == start["net.bn1.running_var"].numel()  # reset to 1
-    assert after.after_rewind[0]["lr"] == after.step_k["lr"]
+    ticket = torch.load(pruner.ticket_paths[1], weights_only=False)  # the control's ticket: its fresh start
+    for name, value in ticket["start_state"].items():
+        assert torch.equal(value, start[name]), name
+
+
+def test_random_reinit_leaves_the_global_random_state_alone():
+    pruner = IMPPruner(levels=1, steps_per_level=4, control="random_reinit", reference_tickets=".")
+    module = _module()[0]
+    state = torch.random.get_rng_state()
+    pruner._reinitialize(module)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    calls = []
+    custom = IMPPruner(
+        levels=1, steps_per_level=4, control="random_reinit", reference_tickets=".", init_fn=calls.append
+    )
+    custom._reinitialize(module)
+    assert calls == [module] and torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_control_without_reference_tickets_says_how_to_get_them(tmp_path, imp_run):
+    for control in ("random_reinit", "random_prune"):
+        with pytest.raises(ValueError, match="needs `reference_tickets`.*ticket_dir.*<trainer.log_dir>/imp"):
+            IMPPruner(levels=2, steps_per_level=4, control=control)
+    with pytest.raises(ValueError, match="only used by a control run"):
+        IMPPruner(levels=2, steps_per_level=4, reference_tickets=tmp_path)
+    pruner = IMPPruner(
+        levels=9,
+        steps_per_level=6,
+        control="random_prune",
+        reference_tickets=Path(imp_run[0].ticket_paths[0]).parent,
+    )
+    pruner.pruned_names = list(imp_run[0].masks)
+    with pytest.raises(ValueError, match="level-4 ticket .* does not exist"):  # the IMP ran 3 levels
+        pruner._reference_masks(4)
+    pruner.pruned_names = pruner.pruned_names[1:]
+    with pytest.raises(ValueError, match="include / exclude / prune_output_layer"):
+        pruner._reference_masks(1)
 
 
 def test_two_process_ddp_ranks_end_levels_with_identical_masks(tmp_path):
@@ -377,6 +537,17 @@ def test_two_process_ddp_ranks_end_levels_with_identical_masks(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["level"] == ranks[1]["level"] == 2
+    assert ranks[0]["level_steps"] == ranks[1]["level_steps"] == 3  # epochs_per_level=1: 48 samples / 16
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 3 + 2 * (3 - 1)
+    for name, value in ranks[0]["state"].items():  # identical weights and buffers on both ranks
+        assert torch.equal(value, ranks[1]["state"][name]), name
+    rewind_file = ranks[0]["rewind_file"]  # the step-k snapshot beside the checkpoints, written by rank 0
+    assert (
+        rewind_file == ranks[1]["rewind_file"]
+        and Path(rewind_file["path"]).parent == tmp_path / "checkpoints"
+    )
+    snapshot = torch.load(rewind_file["path"], weights_only=False)
+    assert snapshot["step"] == 1 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert len(ranks[0]["masks_by_level"]) == 2
     for level in range(2):
         masks0, masks1 = ranks[0]["masks_by_level"][level], ranks[1]["masks_by_level"][level]
@@ -460,6 +631,16 @@ class _Diverge(Callback):
         if trainer.global_step == self.step:
             with torch.no_grad():
                 pl_module.net.conv1.weight[0, 0, 0, 0] = math.nan
+
+
+def test_masks_are_enforced_while_a_diverged_fit_winds_down(tmp_path):
+    pruner = IMPPruner(levels=3, fraction=0.5, rewind_step=1, steps_per_level=4)
+    module, trainer = _fit(tmp_path, pruner, [pruner, _Diverge(step=5)], min_steps=12)
+    # stopped at step 6 (the epoch's end); min_steps makes the trainer go on, with NaN gradients
+    assert pruner.stopped is not None and trainer.global_step == 12 and len(pruner.history) == 1
+    params = dict(module.named_parameters())
+    for name, mask in pruner.masks.items():  # exactly zero, neither NaN nor drifted
+        assert torch.equal(params[name][~mask], torch.zeros_like(params[name][~mask])), name
 
 
 def test_diverging_level_stops_the_imp_and_keeps_tickets(tmp_path):

@@ -257,6 +257,44 @@ def test_cifar_resnet_he_initialisation():
     assert model.conv1.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 3)), rel=0.15)
 
 
+def _state_hash(model: nn.Module) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        # hashes of the seed-0 weights written before `reset_parameters` existed: construction draws the same
+        (dict(depth=8), "3906f98f2b8d563b"),
+        (dict(depth=20), "8fb061ecc542f4b7"),
+        (dict(depth=8, shortcut="B", width=2), "4d34104905eb5d0c"),
+    ],
+)
+def test_cifar_resnet_initial_weights_unchanged_by_reset_parameters_refactor(arguments, expected):
+    torch.manual_seed(0)
+    assert _state_hash(CIFARResNet(**arguments)) == expected
+
+
+def test_cifar_resnet_reset_parameters_redraws_the_he_normal_convolutions():
+    torch.manual_seed(0)
+    model = resnet56()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    torch.manual_seed(1)
+    model.reset_parameters()
+    convs = [m for m in model.layer3.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 64]
+    weights = torch.cat([m.weight.flatten() for m in convs])
+    assert weights.std().item() == pytest.approx(math.sqrt(2 / (9 * 64)), rel=0.01)
+    assert not torch.equal(model.conv1.weight, before["conv1.weight"])  # redrawn
+    assert torch.equal(model.fc.weight, before["fc.weight"])  # the rest: its own reset_parameters
+    assert torch.equal(model.bn1.weight, before["bn1.weight"])
+
+
 # ------------------------------------------------------------------------------------------------------------
 # torch.fx, copies, pickling.
 

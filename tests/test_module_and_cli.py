@@ -24,6 +24,7 @@ QUICKSTART = str(CONFIGS / "quickstart.yaml")
         ({"schedule": "linear"}, "schedule"),
         ({"lr": 0.0}, "lr"),
         ({"milestones": (120, 80)}, "milestones"),
+        ({"schedule_interval": "batch"}, "schedule_interval"),
         ({"num_classes": 1}, "num_classes"),
     ],
 )
@@ -52,6 +53,17 @@ def test_step_schedule_multiplies_by_gamma_at_epoch_milestones(tmp_path):
     lrs = _lrs_over_training(tmp_path, lr=0.1, schedule="step", milestones=(2, 4), gamma=0.1)
     expected = [0.1] * 8 + [0.01] * 8 + [0.001] * 4
     assert lrs == pytest.approx(expected, rel=1e-12)
+
+
+def test_step_schedule_with_step_milestones_follows_the_closed_form(tmp_path):
+    # 4 optimizer steps an epoch; milestones 3 and 9 fall inside epochs 0 and 2
+    lrs = _lrs_over_training(
+        tmp_path, lr=0.1, schedule="step", milestones=(3, 9), gamma=0.1, schedule_interval="step"
+    )
+    # lr of the step after t completed steps: 0.1 * 0.1 ** #{m <= t}
+    expected = [0.1 * 0.1 ** sum(m <= t for m in (3, 9)) for t in range(20)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert lrs[2:4] == pytest.approx([0.1, 0.01]) and lrs[8:10] == pytest.approx([0.01, 0.001])
 
 
 def test_cosine_schedule_follows_the_closed_form_per_step(tmp_path):
@@ -123,3 +135,14 @@ def test_every_recipe_config_parses(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "class_path: lt_theory" in capsys.readouterr().out
+
+
+def test_resnet20_imp_config_has_open_lth_settings():
+    import yaml
+
+    config = yaml.safe_load((CONFIGS / "resnet20_cifar10_imp.yaml").read_text())
+    steps_per_epoch = math.ceil(50_000 / config["data"]["init_args"]["batch_size"])  # 391
+    assert config["model"]["schedule_interval"] == "step"
+    assert config["model"]["milestones"] == [80 * steps_per_epoch, 120 * steps_per_epoch] == [31280, 46920]
+    assert config["model"]["net"]["init_args"]["shortcut"] == "B"
+    assert config["trainer"]["devices"] == 1

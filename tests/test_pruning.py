@@ -486,3 +486,41 @@ def test_mask_enforcer_equals_apply_masks_through_sgd_steps():
                 assert torch.equal(
                     param[masks[name]].view(torch.int32), twin_params[name][masks[name]].view(torch.int32)
                 )
+
+
+def test_mask_enforcer_leaves_positive_zero_and_every_kept_bit_pattern():
+    """After the multiply, pruned negative weights would be -0.0; the enforcer leaves +0.0, as apply_masks."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32, bias=False)
+    mask = torch.rand(32, 64) < 0.5
+    assert int((layer.weight[~mask] < 0).sum()) > 100  # negative pruned weights: the multiply gives -0.0
+    before = layer.weight.detach().clone()
+    MaskEnforcer(layer, {"weight": mask})()
+    bits = layer.weight.detach().view(torch.int32)
+    assert torch.equal(bits[~mask], torch.zeros_like(bits[~mask]))  # +0.0: all bits zero, no sign bit
+    assert torch.equal(bits[mask], before.view(torch.int32)[mask])  # kept entries bit for bit
+    twin = nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        twin.weight.copy_(before)
+    apply_masks(twin, {"weight": mask})
+    assert torch.equal(twin.weight.detach().view(torch.int32), bits)  # the same bits as apply_masks
+
+
+def test_mask_enforcer_masks_gradients_as_mask_gradients():
+    torch.manual_seed(0)
+    model = LeNet()
+    twin = copy.deepcopy(model)
+    masks = magnitude_masks(model, 0.6)
+    inputs, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for net in (model, twin):
+        nn.functional.cross_entropy(net(inputs), labels).backward()
+    MaskEnforcer(model, masks).mask_gradients()
+    mask_gradients(twin, masks)
+    twin_params = dict(twin.named_parameters())
+    for name, param in model.named_parameters():
+        assert torch.equal(param.grad, twin_params[name].grad), name  # -0.0 == 0.0
+        if name in masks:
+            assert (
+                int((param.grad[~masks[name]] != 0).sum()) == 0
+                and int((param.grad[masks[name]] != 0).sum()) > 0
+            )

@@ -28,13 +28,22 @@ one level, and gives the Trainer its own ``max_steps`` back at fit start. At a b
 evaluate, save the level's ticket, prune, rewind weights and all buffers to the step-:math:`k` snapshot,
 empty the optimizer state, load the LR schedulers' and the optimizer hyper-parameters' state of step
 :math:`k`, and go on with the next batch. Schedulers stepped per epoch see the trainer's epochs, which do not
-line up with the level's epochs when :math:`k` or :math:`T - k` is not a whole number of epochs: their
-milestones then fall up to one epoch late in the rewound levels (at most 0.6% of a 160-epoch level).
+line up with the level's epochs when :math:`k` or :math:`T - k` is not a whole number of epochs: in the
+rewound levels their milestones then fall up to an epoch early or late (where the trainer's epoch boundaries
+lie within the level). Milestones counted in optimizer steps, stepped every step, are exact in every level:
+``ClassificationModule(schedule="step", schedule_interval="step")``, as ``open_lth`` counts them.
 
-Cost: pruned weights are set to zero after every optimizer step with one fused multi-tensor multiply
-(:class:`~lt_theory.measures.pruning.MaskEnforcer`; ``benchmarks/bench_imp.py`` measures it against a
-training step), and a level boundary costs one evaluation pass over the evaluation split and one copy of the
-weights.
+**Validation at a level's end.** The boundary happens in ``on_train_batch_end``. When it is also the last batch
+of an epoch (or of a ``val_check_interval``), Lightning's validation loop runs right after it, on the network
+already pruned and rewound to step :math:`k` (or re-initialised): ``val/acc`` dips at each level's end, and a
+``ModelCheckpoint`` monitoring it ranks those checkpoints by the rewound network. The level's trained accuracy
+is ``imp/accuracy``, measured before the pruning; monitor it, or checkpoint with ``save_last`` only.
+
+Cost: the gradients of the pruned weights are set to zero before each optimizer step (before gradient
+clipping) and the pruned weights after it, with fused multi-tensor operations
+(:class:`~lt_theory.measures.pruning.MaskEnforcer`; ``benchmarks/bench_imp.py`` times full training steps
+with and without them), and a level boundary costs one evaluation pass over the evaluation split and one copy
+of the weights.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from copy import deepcopy
 from numbers import Integral
 from pathlib import Path
@@ -59,6 +68,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # noqa: 
 from torch import Tensor, nn  # noqa: E402
 
 from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int  # noqa: E402
+from lt_theory.loggers import log_tensorboard_scalars  # noqa: E402
+from lt_theory.measures.modes import forked_rng  # noqa: E402
 from lt_theory.measures.pruning import (  # noqa: E402
     PRUNING_SCOPES,
     MaskEnforcer,
@@ -112,7 +123,22 @@ def load_ticket(path: str | os.PathLike, model: nn.Module) -> dict[str, Tensor]:
     ticket = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(ticket, Mapping) or "masks" not in ticket or "start_state" not in ticket:
         raise ValueError(f"{str(path)!r} is not a ticket written by IMPPruner (no `masks` / `start_state`)")
-    model.load_state_dict(ticket["start_state"])
+    saved, expected = list(ticket["start_state"]), list(model.state_dict())
+    if set(saved) != set(expected):
+        missing = [k for k in expected if k not in ticket["start_state"]]
+        unexpected = [k for k in saved if k not in set(expected)]
+        raise ValueError(
+            f"the ticket {str(path)!r} does not fit {type(model).__name__}: it holds the state of the "
+            f"LightningModule IMPPruner pruned, with keys such as {saved[0]!r} (prefix "
+            f"{saved[0].split('.')[0] + '.'!r}), while the model's keys are such as "
+            f"{expected[0] if expected else None!r}; {len(missing)} key(s) missing (e.g. "
+            f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}). Load it into the "
+            "LightningModule (e.g. a ClassificationModule with the same `net`), not into its bare network."
+        )
+    try:
+        model.load_state_dict(ticket["start_state"])
+    except RuntimeError as error:  # same keys, other shapes
+        raise ValueError(f"the ticket {str(path)!r} does not fit {type(model).__name__}: {error}") from error
     masks = masks_from_state(ticket["masks"], model)
     apply_masks(model, masks)
     return masks
@@ -175,7 +201,7 @@ def accuracy_vs_remaining_figure(
 
 
 class IMPPruner(TheoryCallback):
-    """Find lottery tickets by iterative magnitude pruning with rewinding to step k, in one ``trainer.fit``.
+    r"""Find lottery tickets by iterative magnitude pruning with rewinding to step k, in one ``trainer.fit``.
 
     Level 0 trains the dense network for ``T`` optimizer steps and keeps the full training state of step
     ``rewind_step`` (weights, buffers, optimizer state and hyper-parameters, LR schedulers). At the end of
@@ -185,9 +211,11 @@ class IMPPruner(TheoryCallback):
     their step-``k`` values, empties the optimizer state, puts the optimizer's hyper-parameters and the LR
     schedulers back at step ``k``, and trains the next level for ``T - k`` steps. After ``levels`` prunings
     about ``(1 - fraction) ** levels`` of the weights remain (exact counts:
-    :func:`lt_theory.measures.pruning.remaining_counts`). Pruned weights are set to zero after every
-    optimizer step, so they stay exactly zero under momentum and weight decay. The module docstring explains
-    how levels map to the trainer's steps.
+    :func:`lt_theory.measures.pruning.remaining_counts`). The gradients of pruned weights are set to zero in
+    ``on_before_optimizer_step`` (after AMP's unscaling, before gradient clipping, so they do not count in the
+    clipping norm) and pruned weights to ``+0.0`` after every optimizer step, so they stay exactly zero under
+    momentum and weight decay. The module docstring explains how levels map to the trainer's steps, and why
+    Lightning's validation at a level's end measures the rewound network.
 
     The callback stops the fit when the last level ends; the Trainer's ``max_steps`` or ``max_epochs`` still
     end it earlier if they are smaller (and a fit resumed from the checkpoint goes on), so give the Trainer
@@ -195,12 +223,19 @@ class IMPPruner(TheoryCallback):
     optimizers are configured, ``max_steps`` is set to one level's length, so that a schedule sized by
     ``trainer.estimated_stepping_batches`` (cosine) spans one level.
 
-    Controls (Frankle & Carbin 2019), one per run: ``control="random_reinit"`` keeps this run's magnitude
-    masks but trains each pruned level from a fresh initialisation (``reset_parameters`` of every module,
-    seeded with ``seed`` and the level; BatchNorm statistics reset) instead of the step-``k`` weights;
-    ``control="random_prune"`` replaces each level's magnitude masks by random masks with the same count in
-    every layer (drawn from the callback's own generator). Overlay the runs with
-    :func:`accuracy_vs_remaining_figure`.
+    Controls (Frankle & Carbin 2019; ``open_lth``'s branches), one per run, follow an IMP run: they need
+    ``reference_tickets``, the ticket directory of a finished or running IMP fit (``control=None``, same model,
+    data and settings; its ``ticket_dir``, by default ``<trainer.log_dir>/imp``). Level 0 trains the dense
+    network as the IMP does; level :math:`\ell \geq 1` of the control then uses, instead of pruning its own
+    weights, the masks of the IMP's ``ticket_level<l>.pt``: ``control="random_reinit"`` trains exactly those
+    masks from a fresh initialisation instead of the step-``k`` weights (the model's own: ``reset_parameters``
+    of every module, children before parents, so a model-level ``reset_parameters`` such as
+    :class:`~lt_theory.models.CIFARResNet`'s He-normal convolutions wins; or ``init_fn(pl_module)``;
+    BatchNorm statistics reset; drawn under the callback's seeded generator, the global random state seen by
+    training left as it was); ``control="random_prune"`` trains fresh random masks with exactly those masks'
+    count in every layer (positions drawn from the callback's generator) from the step-``k`` weights. A level
+    whose IMP ticket is not written yet stops the control with a ValueError (resume it later). Overlay the
+    runs with :func:`accuracy_vs_remaining_figure`.
 
     State and files: the level, the masks, the history, the random generator and the step-``k`` snapshot are
     in the callback's state, so a fit interrupted anywhere (mid-level included) and resumed from its
@@ -209,26 +244,36 @@ class IMPPruner(TheoryCallback):
     checkpoint holds only its path and SHA-256; without one it is kept inside the checkpoint. At the end of
     each level, rank zero writes the level's ticket to ``<ticket_dir>/ticket_level<l>.pt`` (default
     ``<trainer.log_dir>/imp``): the masks, the state the level was trained from, the level's accuracy and the
-    history; :func:`load_ticket` puts it into a model. The last level's file is the final ticket.
+    history; :func:`load_ticket` puts it into a model. The last level's file is the final ticket. A resume
+    is refused (ValueError) from a checkpoint without IMPPruner state (a dense pre-training checkpoint, or a
+    fit without the callback) and from one whose IMP ran with other settings (``fraction``, ``rewind_step``,
+    ``scope``, ``control``, ``include``, ``exclude``, ``prune_output_layer``, ``optimizer_state``; a larger
+    ``levels`` is allowed).
 
     Divergence: a non-finite training loss (checked at each epoch end and level end, on all ranks) or a
     non-finite evaluation loss at a level end stops the IMP: ``imp/diverged_level`` is logged, a warning
     names the level, the trainer stops, and the checkpoint and the tickets of the completed levels are kept.
+    While the trainer winds down (e.g. up to its ``min_steps``) the pruned weights are still set to zero
+    after every step (with :func:`~lt_theory.measures.pruning.apply_masks`, which also clears NaN).
 
     DDP: every rank computes the masks on its (identical) weights and rank zero's are broadcast, so all ranks
     end a level with identical masks; each rank evaluates the whole evaluation split (no collective inside).
     Sharded strategies (FSDP, DeepSpeed) are refused at setup.
 
-    Cost: the per-step work is one fused multiply over the prunable weights and one addition on the device
-    (0.013% of a ResNet-20 training step at batch 128 on one CPU thread, ``benchmarks/bench_imp.py``); a
-    level boundary costs one evaluation pass over ``eval_split`` and a copy of the weights.
+    Cost: the per-step work is one fused multiply over the pruned weights' gradients, one fused multiply and
+    one fused addition over the weights, and one addition of the loss on the device: 0.04% of a ResNet-20
+    training step at batch 128 on one CPU thread timed alone, within the noise (-0.03%) as the ratio of the
+    median full steps with and without it, against a goal of 2% (``python benchmarks/bench_imp.py
+    --repeats 40``); a level boundary costs one evaluation pass over ``eval_split`` and a copy of the
+    weights.
 
     Logged tags: ``imp/level``, ``imp/remaining_fraction`` and ``imp/sparsity/<layer>`` (the fraction of
     the layer's weights pruned; ``<layer>`` the module name) at each level's start; ``imp/accuracy`` and
     ``imp/loss`` on ``eval_split`` at each level's end (at the global step of the boundary);
-    ``imp/accuracy_by_remaining_bp``: the same accuracy logged with the remaining weights in basis points
-    (``round(10000 * remaining_fraction)``) as its step, which draws accuracy against remaining weights in
-    TensorBoard (x decreasing over the levels); ``imp/diverged_level`` when a level diverges; the image
+    ``imp/accuracy_by_remaining_bp``, to TensorBoard only: the same accuracy logged with the remaining weights
+    in basis points (``round(10000 * remaining_fraction)``) as its step, which draws accuracy against
+    remaining weights in TensorBoard (a step that decreases over the levels and is not the global step, so
+    other loggers do not get it); ``imp/diverged_level`` when a level diverges; the image
     ``imp/accuracy_vs_remaining`` (log x axis, dense accuracy as a line) and the text ``imp/summary`` at each
     level's end; a custom-scalars panel ``imp``.
 
@@ -251,6 +296,11 @@ class IMPPruner(TheoryCallback):
         eval_split: ``"val"`` or ``"test"``: the data module's loader evaluated at each level's end.
         ticket_dir: where tickets are written; None for ``<trainer.log_dir>/imp``.
         seed: seed of the random controls (the callback's own generator; the global RNG is left alone).
+        reference_tickets: the ticket directory of the IMP run a control follows (required with ``control``,
+            refused without); level ``l`` reads its ``ticket_level<l>.pt``.
+        init_fn: ``random_reinit`` only: a function ``init_fn(pl_module)`` that re-initialises the model in
+            place from the global random generator (seeded by the callback), for a model whose init is not in
+            its modules' ``reset_parameters``; None uses ``reset_parameters``.
 
     Attributes:
         level: the level being trained (0 = dense).
@@ -263,10 +313,17 @@ class IMPPruner(TheoryCallback):
 
     Raises:
         ValueError: for a bad argument, naming it (``fraction`` outside (0, 1), ``levels`` < 1,
-            ``rewind_step`` not smaller than the level's length, ...); at setup, for a model without a
-            prunable parameter (naming the layer types it looked for), a sharded strategy, or
-            ``epochs_per_level`` with a train loader of unknown length; at a resume, when the step-k snapshot
-            written next to the checkpoints is missing or was overwritten by another run.
+            ``rewind_step`` not smaller than the level's length, a control without ``reference_tickets``,
+            ...); at setup, for a sharded strategy, ``epochs_per_level`` with a train loader of unknown length,
+            or a ``reference_tickets`` that is not a directory; at fit start, for a model without a prunable
+            parameter (naming the layer types it looked for); at a resume, for a checkpoint without IMPPruner
+            state or with other settings, or when the step-k snapshot written next to the checkpoints is
+            missing or was overwritten by another run; in a control, when the IMP's ticket of the next level
+            is missing or prunes other parameters.
+
+    ``epochs_per_level`` is turned into optimizer steps in ``setup`` (before ``configure_model`` and the
+    optimizers: it depends only on the train loader, ``accumulate_grad_batches`` and the devices); the
+    prunable parameters are looked up at fit start, after ``configure_model``, so layers created there count.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -293,6 +350,8 @@ class IMPPruner(TheoryCallback):
         eval_split: str = "val",
         ticket_dir: str | None = None,
         seed: int = 0,
+        reference_tickets: str | os.PathLike | None = None,
+        init_fn: Callable[[nn.Module], None] | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("levels", levels)
@@ -324,6 +383,25 @@ class IMPPruner(TheoryCallback):
                 )
         if isinstance(seed, bool) or not isinstance(seed, Integral):
             raise ValueError(f"`seed` must be an int, got {seed!r}")
+        if control is not None and reference_tickets is None:
+            raise ValueError(
+                f"control={control!r} needs `reference_tickets`: the ticket directory of the IMP run it controls "
+                "(a finished or running IMPPruner fit with control=None and the same model, data and settings; "
+                "its `ticket_dir`, by default `<trainer.log_dir>/imp`, e.g. "
+                "runs/imp/version_0/imp holding ticket_level01.pt, ...). Level l of the control then uses the "
+                "masks of that run's ticket_level<l>.pt (random_reinit) or their per-layer counts (random_prune)."
+            )
+        if control is None and reference_tickets is not None:
+            raise ValueError(
+                "`reference_tickets` is only used by a control run (control='random_reinit' or 'random_prune'); "
+                f"got reference_tickets={str(reference_tickets)!r} with control=None"
+            )
+        if init_fn is not None and not callable(init_fn):
+            raise ValueError(
+                f"`init_fn` must be a callable taking the LightningModule, or None, got {init_fn!r}"
+            )
+        if init_fn is not None and control != "random_reinit":
+            raise ValueError(f"`init_fn` is only used by control='random_reinit', got control={control!r}")
         self.levels, self.fraction, self.rewind_step = int(levels), float(fraction), int(rewind_step)
         self.steps_per_level, self.epochs_per_level = steps_per_level, epochs_per_level
         self.scope, self.prune_output_layer, self.control = scope, prune_output_layer, control
@@ -335,6 +413,8 @@ class IMPPruner(TheoryCallback):
             ticket_dir,
             int(seed),
         )
+        self.reference_tickets = None if reference_tickets is None else str(reference_tickets)
+        self.init_fn = init_fn
         self.level = 0
         self.masks: dict[str, Tensor] | None = None
         self.history: list[dict[str, float]] = []
@@ -350,6 +430,7 @@ class IMPPruner(TheoryCallback):
         self._loss_total: Tensor | None = None
         self._user_max_steps: int | None = None
         self._eval_loader = None
+        self._state_loaded = False  # whether this fit restored the callback's state from a checkpoint
 
     # -- schedule ---------------------------------------------------------------------------------
 
@@ -392,7 +473,13 @@ class IMPPruner(TheoryCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        self.pruned_names = self._prunable_names(pl_module)
+        self._state_loaded = False
+        if self.reference_tickets is not None and not Path(self.reference_tickets).is_dir():
+            raise ValueError(
+                f"IMPPruner(control={self.control!r}): `reference_tickets`={self.reference_tickets!r} is not a "
+                "directory; give the ticket directory of the IMP run this control follows (its `ticket_dir`, "
+                "by default `<trainer.log_dir>/imp` of that run)"
+            )
         self._user_max_steps = trainer.fit_loop.max_steps  # given back at fit start
         self.level_steps = self._resolve_level_steps(trainer)
         self._size_schedules_to_one_level(trainer)  # setup runs before configure_optimizers
@@ -412,8 +499,17 @@ class IMPPruner(TheoryCallback):
         # (`should_stop` at the last level's end); with a max_steps of its own, Lightning would resume the fit
         # as iteration-based training, which draws the data order of the epoch after a resume differently.
         trainer.fit_loop.epoch_loop.max_steps = self._user_max_steps
+        self.pruned_names = self._prunable_names(pl_module)  # after configure_model: its layers count
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step > 0 and not self._state_loaded:
+            raise ValueError(
+                f"IMPPruner: this fit starts at global step {trainer.global_step}, from a checkpoint without "
+                "IMPPruner state (a dense training checkpoint, or one written by a fit without this callback), "
+                "so the level, the masks and the step-k snapshot are unknown. Start the IMP from scratch (no "
+                "`ckpt_path`; load pre-trained weights into the model yourself if that is what you mean), or "
+                "resume from a checkpoint written by a fit with IMPPruner."
+            )
         self._warn_if_cut(trainer)
         if self.masks is not None:
             self.masks = {name: mask.to(pl_module.device) for name, mask in self.masks.items()}
@@ -499,8 +595,16 @@ class IMPPruner(TheoryCallback):
 
     # -- per step ---------------------------------------------------------------------------------
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # after the backward pass and AMP's unscaling, before gradient clipping: pruned entries get zero
+        # gradient, so they neither count in a clipping norm nor shrink the surviving weights' gradients
+        if self._enforce is not None:
+            self._enforce.mask_gradients()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.stopped is not None:
+            if self.masks is not None:  # the trainer winds down: pruned weights stay zero (NaN cleared too)
+                apply_masks(pl_module, self.masks)
             return
         if self._enforce is not None:
             self._enforce()
@@ -556,9 +660,11 @@ class IMPPruner(TheoryCallback):
         else:
             trainer.should_stop = True  # the IMP is complete
         self.log_scalars(trainer, scalars)
-        self.log_scalars(
+        # TensorBoard only: its step (remaining weights in basis points) decreases over the levels and is not
+        # the global step, which loggers that order rows by step (CSV, W&B, MLflow) would garble
+        log_tensorboard_scalars(
             trainer,
-            {"accuracy_by_remaining_bp": accuracy},
+            {self._tag("accuracy_by_remaining_bp"): accuracy},
             step=round(10_000 * record["remaining_fraction"]),
         )
         self._log_level_report(trainer)
@@ -579,13 +685,49 @@ class IMPPruner(TheoryCallback):
         return 1.0 if self.masks is None else sparsity_report(self.masks).remaining_fraction
 
     def _prune(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        params = dict(pl_module.named_parameters())
-        weights = {name: params[name] for name in self.pruned_names}
-        masks = magnitude_masks(weights, self.fraction, self.masks, self.scope)
-        if self.control == "random_prune":
-            masks = random_masks_like(masks, self._generator)
+        if self.control is None:
+            params = dict(pl_module.named_parameters())
+            weights = {name: params[name] for name in self.pruned_names}
+            masks = magnitude_masks(weights, self.fraction, self.masks, self.scope)
+        else:  # the controls follow the IMP run: its masks of the level about to start
+            masks = self._reference_masks(self.level + 1)
+            if self.control == "random_prune":  # fresh random masks with the IMP's count in every layer
+                masks = random_masks_like(masks, self._generator)
         masks = trainer.strategy.broadcast(masks_to_state(masks), src=0)  # identical on every rank
         self.masks = masks_from_state(masks, pl_module)
+
+    def _reference_masks(self, level: int) -> dict[str, Tensor]:
+        """The masks of ``ticket_level<level>.pt`` in ``reference_tickets``, checked against this run."""
+        path = Path(self.reference_tickets) / f"ticket_level{level:02d}.pt"
+        if not path.is_file():
+            raise ValueError(
+                f"IMPPruner(control={self.control!r}) needs the IMP's level-{level} ticket {str(path)!r}, which "
+                "does not exist (yet): run the IMP (control=None) to at least this level first, or resume this "
+                "control from its checkpoint once the IMP has written the ticket."
+            )
+        ticket = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(ticket, Mapping) or "masks" not in ticket:
+            raise ValueError(f"{str(path)!r} is not a ticket written by IMPPruner (no `masks`)")
+        if ticket.get("control") is not None:
+            raise ValueError(
+                f"{str(path)!r} was written by a control run (control={ticket['control']!r}); "
+                "`reference_tickets` must be the ticket directory of the IMP run itself (control=None)"
+            )
+        masks = dict(ticket["masks"])
+        if list(masks) != list(self.pruned_names):
+            raise ValueError(
+                f"the masks of {str(path)!r} prune {sorted(masks)[:3]}..., this run prunes "
+                f"{sorted(self.pruned_names)[:3]}... ({len(masks)} vs {len(self.pruned_names)} tensors): the "
+                "control needs the IMP run's model and include / exclude / prune_output_layer settings"
+            )
+        for setting in ("fraction", "rewind_step", "scope"):
+            if setting in ticket and ticket[setting] != getattr(self, setting):
+                rank_zero_warn(
+                    f"IMPPruner(control={self.control!r}): the reference IMP run used {setting}="
+                    f"{ticket[setting]!r}, this run {getattr(self, setting)!r}",
+                    category=UserWarning,
+                )
+        return masks
 
     def _rewind_training_state(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Weights and buffers to step k (or a fresh init), optimizer emptied, schedulers back at step k."""
@@ -611,13 +753,24 @@ class IMPPruner(TheoryCallback):
         self._enforce = MaskEnforcer(pl_module, self.masks)
 
     def _reinitialize(self, pl_module: LightningModule) -> None:
-        """Fresh weights and buffers from every module's ``reset_parameters``, the global RNG left as it was."""
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed * 1_000_003 + self.level + 1)  # the level about to start
-            for module in pl_module.modules():
-                if callable(getattr(module, "reset_parameters", None)):
-                    module.reset_parameters()
+        """A fresh initialisation from the model's own init, the global RNG state training sees left alone.
+
+        ``init_fn(pl_module)`` if given; else ``reset_parameters`` of every module, children before parents
+        (reversed ``modules()`` order), so a model-level ``reset_parameters`` (e.g. CIFARResNet's He-normal
+        convolutions) applies its init over its layers' defaults. BatchNorm statistics are reset too.
+        """
+        with forked_rng(pl_module.device):
+            seed = int(torch.randint(2**62, (1,), generator=self._generator))  # the callback's generator
+            torch.manual_seed(seed)
+            if self.init_fn is not None:
+                self.init_fn(pl_module)
+                for module in pl_module.modules():
+                    if isinstance(module, nn.modules.batchnorm._NormBase):
+                        module.reset_running_stats()
+            else:
+                for module in reversed(list(pl_module.modules())):
+                    if callable(getattr(module, "reset_parameters", None)):
+                        module.reset_parameters()
 
     # -- evaluation, tickets, reports -------------------------------------------------------------
 
@@ -731,9 +884,47 @@ class IMPPruner(TheoryCallback):
             "rewind": None if in_file else self._rewind,
             "rewind_file": self._rewind_file,
             "reinit_state": self._reinit_state,
+            "settings": self._settings(),
         }
 
+    def _settings(self) -> dict:
+        """The arguments a resumed fit must share with the checkpointed one (``levels`` may grow)."""
+        return {
+            "levels": self.levels,
+            "fraction": self.fraction,
+            "rewind_step": self.rewind_step,
+            "scope": self.scope,
+            "control": self.control,
+            "include": self.include,
+            "exclude": self.exclude,
+            "prune_output_layer": self.prune_output_layer,
+            "optimizer_state": self.optimizer_state,
+        }
+
+    def _check_settings(self, saved: dict | None) -> None:
+        if saved is None:  # a checkpoint written before the settings were saved
+            return
+        ours = self._settings()
+        differ = [
+            f"{name}={saved[name]!r} in the checkpoint, {ours[name]!r} here"
+            for name in ours
+            if name in saved and name != "levels" and saved[name] != ours[name]
+        ]
+        if "levels" in saved and ours["levels"] < saved["levels"]:
+            differ.append(
+                f"levels={saved['levels']!r} in the checkpoint, {ours['levels']!r} here (may only grow)"
+            )
+        if differ:
+            raise ValueError(
+                "IMPPruner cannot resume this checkpoint: its IMP ran with other settings ("
+                + "; ".join(differ)
+                + "). Resume with the IMPPruner arguments of the checkpointed fit (a larger `levels` is "
+                "allowed), or start a new IMP without `ckpt_path`."
+            )
+
     def load_state_dict(self, state_dict: dict) -> None:
+        self._check_settings(state_dict.get("settings"))
+        self._state_loaded = True
         self.level = state_dict["level"]
         self.masks = state_dict["masks"]
         self.history = [dict(h) for h in state_dict["history"]]

@@ -67,7 +67,9 @@ while the weight is zero. Three tools, to be combined as needed:
   at pruned positions, e.g. right after pruning when the optimizer is kept.
 
 :class:`MaskEnforcer` is :func:`apply_masks` for every step: the masks checked once, then one fused
-multi-tensor multiply per call (what the ``IMPPruner`` callback runs after each optimizer step).
+multi-tensor multiply and addition per call (what the ``IMPPruner`` callback runs after each optimizer step);
+its :meth:`~MaskEnforcer.mask_gradients` is :func:`mask_gradients` in the same fused form (what the callback
+runs before gradient clipping and each optimizer step).
 """
 
 from __future__ import annotations
@@ -446,11 +448,13 @@ class MaskEnforcer:
     tensor; on a GPU that costs more than the work itself for a small network. An enforcer checks the masks
     once, keeps them as ``0.0 / 1.0`` tensors of each parameter's dtype and device, and each call multiplies all
     the masked parameters in place with one ``torch._foreach_mul_`` (the multi-tensor kernel of the
-    ``foreach`` optimizers). Kept entries are multiplied by ``1.0`` and so unchanged bit for bit; pruned
-    entries become ``0.0`` (``-0.0`` where the weight was negative: equal to ``0.0`` in every comparison and
-    product). Unlike :func:`apply_masks` it does not clear a NaN or infinite pruned entry (``nan * 0``
-    is NaN), which arises only when training diverges; use :func:`apply_masks` after pruning or rewinding.
-    It holds one mask per parameter in the parameter's dtype: as much memory as the masked weights.
+    ``foreach`` optimizers), followed by one ``torch._foreach_add_(parameters, 0.0)``. Kept entries are
+    multiplied by ``1.0`` and added ``0.0``, and so unchanged bit for bit; pruned entries become ``+0.0``
+    (the multiply leaves ``-0.0`` where the weight was negative, and ``-0.0 + 0.0 = +0.0``), as with
+    :func:`apply_masks`. Unlike :func:`apply_masks` it does not clear a NaN or infinite pruned entry
+    (``nan * 0`` is NaN), which arises only when training diverges; use :func:`apply_masks` after pruning or
+    rewinding. :meth:`mask_gradients` is :func:`mask_gradients` in the same fused form. It holds one mask per
+    parameter in the parameter's dtype: as much memory as the masked weights.
 
     Args:
         model: the network; the enforcer keeps references to its parameter objects.
@@ -474,10 +478,23 @@ class MaskEnforcer:
         self.keep = [mask.to(device=param.device, dtype=param.dtype) for param, mask in pairs]
 
     def __call__(self) -> None:
-        """Multiply every masked parameter by its mask, in place."""
+        """Multiply every masked parameter by its mask, in place, then turn the pruned ``-0.0`` into ``+0.0``."""
         if self.parameters:
             with torch.no_grad():
                 torch._foreach_mul_(self.parameters, self.keep)
+                torch._foreach_add_(self.parameters, 0.0)
+
+    def mask_gradients(self) -> None:
+        """Multiply the gradient of every masked parameter by its mask, in place (one fused multiply).
+
+        The fused form of :func:`mask_gradients`, for the point after the backward pass and before gradient
+        clipping and the optimizer step; parameters without ``.grad`` are skipped. A pruned entry's gradient
+        becomes ``0.0`` or ``-0.0``, which count as zero in a norm and in the optimizer's update.
+        """
+        pairs = [(p.grad, keep) for p, keep in zip(self.parameters, self.keep) if p.grad is not None]
+        if pairs:
+            with torch.no_grad():
+                torch._foreach_mul_([g for g, _ in pairs], [keep for _, keep in pairs])
 
 
 def mask_gradients(model: nn.Module, masks: Mapping[str, Tensor]) -> None:

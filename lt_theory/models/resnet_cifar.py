@@ -186,7 +186,18 @@ class CIFARResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
         self.fc = nn.Linear(channels, num_classes)
+        self.reset_parameters()
 
+    def reset_parameters(self) -> None:
+        """Apply the network's own initialisation: every convolution's weight drawn again from He et al.
+        (2015)'s normal, ``std = sqrt(2 / (k * k * c_in))``, from the global random generator.
+
+        The other layers (BatchNorm, the classifier) keep their values: for a complete fresh initialisation,
+        call ``reset_parameters`` of every submodule first, children before parents (what
+        :class:`~lt_theory.callbacks.imp.IMPPruner`'s ``random_reinit`` control does), then this one.
+        ``__init__`` ends with this call, so a seeded construction draws the same weights as before the method
+        existed.
+        """
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
