@@ -447,3 +447,37 @@ def test_a_dropout_network_with_a_cosine_schedule_is_reproduced_from_the_rng_sta
     parent, _, _ = _fit(tmp_path, [lmc], module_and_data=(module, data))
     for k in (3, STEPS_PER_EPOCH):
         assert _equal_states(torch.load(lmc.results[k]["weights"]), parent.state_dict()), k
+
+
+def test_a_sibling_preempted_mid_training_resumes_from_its_own_progress_checkpoint(tmp_path, monkeypatch):
+    from lt_theory.callbacks.lmc import _SiblingStart
+
+    reference = _lmc(tmp_path / "reference", spawn_steps=[2])
+    _fit(tmp_path / "reference", [reference])
+
+    starts, killed = [], []
+
+    def recording_start(self, trainer, pl_module):
+        starts.append(trainer.global_step)
+
+    def kill_once_at_step_8(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 8 and not killed:
+            killed.append(True)
+            raise _Killed("preempted while training a sibling")
+
+    monkeypatch.setattr(_SiblingStart, "on_train_start", recording_start, raising=False)
+    monkeypatch.setattr(_SiblingStart, "on_train_batch_end", kill_once_at_step_8, raising=False)
+    root = tmp_path / "preempted"
+    with pytest.raises(_Killed):
+        last = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+        _fit(root, [_lmc(root, spawn_steps=[2]), last], enable_checkpointing=True)
+    resumed = _lmc(root, spawn_steps=[2])
+    last = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+    _fit(root, [resumed, last], ckpt_path=root / "ckpt" / "last.ckpt", enable_checkpointing=True)
+    # the second attempt starts from the sibling's last progress checkpoint (step 7: the kill comes before
+    # the checkpoint of step 8), not from the snapshot at step 2, and ends where an uninterrupted one does
+    assert starts == [2, 7]
+    final = torch.load(resumed.results[2]["weights"])
+    assert _equal_states(final, torch.load(reference.results[2]["weights"]))
+    assert resumed.results[2]["test_error_barrier"] == reference.results[2]["test_error_barrier"]
+    assert not list((root / "lmc").glob("*_progress"))  # removed once the sibling is done

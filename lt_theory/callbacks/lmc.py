@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import shutil
 import warnings
 from collections.abc import Sequence, Sized
 from numbers import Integral, Real
@@ -47,6 +48,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states  # noqa: E402
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
@@ -174,17 +176,23 @@ def _accelerator_flag(trainer: Trainer) -> str:
 
 
 class _SiblingStart(Callback):
-    """In a sibling's Trainer: put the global RNG where the parent's was at the snapshot, or re-seed it."""
+    """In a sibling's Trainer: put the global RNG where the parent's was at the snapshot, or re-seed it; when
+    the sibling resumes from its own progress checkpoint, where the sibling's was."""
 
-    def __init__(self, global_seed: int | None) -> None:
-        self.global_seed = global_seed
+    def __init__(self, global_seed: int | None, from_progress: bool = False) -> None:
+        self.global_seed, self.from_progress = global_seed, from_progress
         self.rng_states: dict | None = None
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self.rng_states = checkpoint.get(_RNG_KEY)
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[_RNG_KEY] = _collect_rng_states(include_cuda=torch.cuda.is_available())
+
     def on_fit_start(self, trainer, pl_module) -> None:
-        if self.global_seed is not None:
+        if self.from_progress and self.rng_states is not None:
+            _set_rng_states(self.rng_states)
+        elif self.global_seed is not None:
             torch.manual_seed(self.global_seed)
             torch.cuda.manual_seed_all(self.global_seed)
             random.seed(self.global_seed)
@@ -680,7 +688,9 @@ class LinearModeConnectivity(TheoryCallback):
         module = _detached_copy(pl_module, trainer)
         if hasattr(module, "_metric_attributes"):
             module._metric_attributes = None  # Lightning's cache of metric names, keyed by the parent's ids
-        child = self._child_trainer(trainer, k, final_step, _SiblingStart(None if callable(reseed) else seed))
+        progress = self._sibling_progress(trainer, k, final_step, seed)
+        start = _SiblingStart(None if callable(reseed) else seed, from_progress=progress["resume"])
+        child = self._child_trainer(trainer, k, final_step, start, progress["checkpoint"])
         previous_seed = os.environ.get("PL_GLOBAL_SEED")
         if trainer.world_size > 1:
             os.environ["PL_GLOBAL_SEED"] = str(seed)  # DistributedSampler's seed
@@ -688,7 +698,8 @@ class LinearModeConnectivity(TheoryCallback):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")
                 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before.*")
-                child.fit(module, datamodule=datamodule, ckpt_path=self.snapshots[k], **_FULL_CHECKPOINT_LOAD)
+                ckpt_path = progress["path"] if progress["resume"] else self.snapshots[k]
+                child.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, **_FULL_CHECKPOINT_LOAD)
         finally:
             if previous_seed is None:
                 os.environ.pop("PL_GLOBAL_SEED", None)
@@ -699,7 +710,37 @@ class LinearModeConnectivity(TheoryCallback):
                 f"short:{k}",
                 f"the sibling of step {k} stopped at step {child.global_step}, not {final_step}.",
             )
+        if trainer.is_global_zero:
+            shutil.rmtree(
+                progress["directory"], ignore_errors=True
+            )  # the finished weights are stored instead
         return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
+
+    def _sibling_progress(self, trainer: Trainer, k: int, final_step: int, seed: int) -> dict:
+        """Where a sibling checkpoints its progress (about every tenth of its steps), and whether a preempted
+        sibling of the same snapshot, seed and end left a checkpoint to resume from."""
+        directory = self._dir / f"sibling_step={k}_to={final_step}_seed={seed}_progress"
+        path, source_file = directory / "last.ckpt", directory / "source.json"
+        snapshot = Path(self.snapshots[k])
+        resume = False
+        if trainer.is_global_zero:
+            source = {"snapshot": str(snapshot), "size": snapshot.stat().st_size}
+            source["mtime_ns"] = snapshot.stat().st_mtime_ns
+            resume = path.exists() and source_file.exists() and json.loads(source_file.read_text()) == source
+            if not resume:
+                shutil.rmtree(directory, ignore_errors=True)
+                directory.mkdir(parents=True, exist_ok=True)
+                source_file.write_text(json.dumps(source))
+        if trainer.world_size > 1:
+            resume = trainer.strategy.broadcast(resume, src=0)
+        checkpoint = ModelCheckpoint(
+            dirpath=directory,
+            filename="progress",
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=max(1, (final_step - k) // 10),
+        )
+        return {"directory": directory, "path": str(path), "resume": resume, "checkpoint": checkpoint}
 
     def _warn_if_loader_has_generator(self, trainer: Trainer) -> None:
         loader = trainer.train_dataloader
@@ -711,7 +752,9 @@ class LinearModeConnectivity(TheoryCallback):
                 "data order (only the global RNG is re-seeded). Give the data module `reseed_order(seed)`.",
             )
 
-    def _child_trainer(self, trainer: Trainer, k: int, final_step: int, start: Callback) -> Trainer:
+    def _child_trainer(
+        self, trainer: Trainer, k: int, final_step: int, start: Callback, progress: ModelCheckpoint
+    ) -> Trainer:
         accelerator = _accelerator_flag(trainer)
         devices = trainer.num_devices if accelerator == "cpu" else trainer.device_ids
         return Trainer(
@@ -731,10 +774,10 @@ class LinearModeConnectivity(TheoryCallback):
             reload_dataloaders_every_n_epochs=trainer.reload_dataloaders_every_n_epochs,
             use_distributed_sampler=getattr(trainer._accelerator_connector, "use_distributed_sampler", True),
             logger=False,
-            enable_checkpointing=False,
+            enable_checkpointing=True,
             enable_model_summary=False,
             enable_progress_bar=trainer.progress_bar_callback is not None,
-            callbacks=[start],
+            callbacks=[start, progress],
             default_root_dir=str(self._dir / f"sibling_step={k}"),
         )
 
