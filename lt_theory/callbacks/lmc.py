@@ -211,11 +211,11 @@ class LinearModeConnectivity(TheoryCallback):
     ``T``; also when a finished run is resumed, so that siblings a preemption interrupted are trained then),
     one sibling per ``k`` is trained from its snapshot to ``T`` by ``Trainer.fit(copy of the module,
     datamodule=copy of the data module, ckpt_path=snapshot)`` in a child Trainer with the parent's
-    accelerator, strategy, devices, precision, gradient accumulation and clipping, no logger, no checkpointing,
-    no other callback (a warning names those of the parent that change training, e.g. IMPPruner or weight
-    averaging) and no validation unless a ``ReduceLROnPlateau`` scheduler needs it, with the parent's
-    progress-bar setting. Its data order and augmentation come from
-    ``sibling_seed``:
+    accelerator, strategy, devices, precision, gradient accumulation and clipping, no logger, a progress
+    checkpoint about every tenth of its steps (a preempted sibling resumes from it; removed once the sibling
+    is done), no other callback (a warning names those of the parent that change training, e.g. IMPPruner or
+    weight averaging) and no validation unless a ``ReduceLROnPlateau`` scheduler needs it, with the parent's
+    progress-bar setting. Its data order and augmentation come from ``sibling_seed``:
 
     - an lt_theory data module (or any with a ``reseed_order(seed)`` method) is re-seeded by it; the global
       RNG continues from the parent's state at ``k``, so a sibling with the parent's own seed reproduces the
