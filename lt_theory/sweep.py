@@ -19,7 +19,8 @@ records) through ``TensorBoardLogger.log_hyperparams``, so TensorBoard's HPARAMS
 width, and writes them to ``result.json`` in its folder. Runs go sequentially on one machine, reusing one
 data module (restored to its initial state before each run, so a run sees the same data order as it would
 alone), or one per task of a SLURM job array (``--task_index``, default ``$SLURM_ARRAY_TASK_ID``). A run whose
-``result.json`` exists is not trained again (``--rerun true`` retrains it).
+``result.json`` exists is not trained again if it was made with the same settings, and refused
+with the settings that differ otherwise (``--rerun true`` retrains it from an empty folder).
 
 **aggregate**: reads every ``result.json`` under the sweep folder, averages the runs of each width, and draws
 the model-wise curve (train and test error against width and against parameter count) into the TensorBoard
@@ -68,8 +69,10 @@ import inspect
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +120,7 @@ DEFAULT_WIDTHS = (1, 2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 32, 48, 64)
 """The width grid of PreAct ResNet-18 (Nakkiran et al. 2019 sweep k = 1..64; the peak is near 10-12)."""
 
 RESULT_FILE = "result.json"
+SETTINGS_FILE = "settings.json"
 PREDICTIONS_FILE = "test_predictions.pt"
 AGGREGATE_DIR = "aggregate"
 AGGREGATE_FILE = "aggregate.json"
@@ -378,6 +382,13 @@ def _validate(cfg: Namespace) -> _Sweep:
     data = cfg.data
     data_class_path = data.class_path if isinstance(data, Namespace) else data["class_path"]
     data_init_args = _as_dict(data.init_args if isinstance(data, Namespace) else data.get("init_args"))
+    data_seed = data_init_args.pop("seed", None)  # jsonargparse fills in the class default
+    default_seed = inspect.signature(_import(data_class_path, "data.class_path")).parameters.get("seed")
+    if data_seed not in (None, cfg.seed, getattr(default_seed, "default", None)):
+        raise ValueError(
+            "`data.init_args.seed` is set by the sweep's `--seed` (initialisation, label noise, order and "
+            "splits together): give `--seed` instead"
+        )
     if splits is not None:
         data_class = _import(data_class_path, "data.class_path")
         if "train_split" not in inspect.signature(data_class).parameters:
@@ -422,6 +433,30 @@ def _build_datamodule(sweep: _Sweep, split: int | None) -> LightningDataModule:
     return data_class(**init_args)
 
 
+def _settings(sweep: _Sweep) -> dict:
+    """What a run's result depends on besides its width and split: a result is reused only under the same."""
+    return json.loads(
+        json.dumps(
+            {
+                "model": [sweep.model_class_path, sweep.model_width_arg, sweep.model_init_args],
+                "input_pool": sweep.model_input_pool,
+                "data": [sweep.data_class_path, sweep.data_init_args],
+                "module": sweep.module_args,
+                "trainer": sweep.trainer_args,
+                "probe": sweep.probe_args,
+                "seed": sweep.seed,
+                "splits": sweep.splits,
+            },
+            sort_keys=True,
+            default=str,
+        )
+    )
+
+
+def _changed_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    return sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+
+
 def _run_seed(sweep: _Sweep, task: SweepTask) -> int:
     """The initialisation seed: ``seed`` itself, or one derived from it per split in the bias-variance mode."""
     if task.split is None:
@@ -433,9 +468,21 @@ def _train(sweep: _Sweep, task: SweepTask, datamodule: LightningDataModule, data
     """Train one task and return its result record (on global rank zero; None elsewhere)."""
     run_dir = sweep.directory / task.name
     result_path = run_dir / RESULT_FILE
+    settings = _settings(sweep)
     if result_path.exists() and not sweep.rerun:
+        done = json.loads(result_path.read_text())
+        changed = _changed_settings(done.get("settings", {}), settings)
+        if changed:
+            raise ValueError(
+                f"{run_dir} holds a run made with other settings ({', '.join(changed)} differ): give this sweep "
+                "another `--name`, or `--rerun true` to train it again with the new settings"
+            )
         print(f"[sweep] {task.name}: done already ({result_path}); `--rerun true` trains it again")
-        return json.loads(result_path.read_text())
+        return done
+    if run_dir.exists() and (sweep.rerun or not _same_settings_in_progress(run_dir, settings)):
+        shutil.rmtree(run_dir)  # events, checkpoints (a SLURM requeue would resume them) and results
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
     datamodule.load_state_dict(data_state)  # the same data order and augmentation as a lone run
     seed = _run_seed(sweep, task)
     seed_everything(seed, workers=True, verbose=False)
@@ -490,6 +537,7 @@ def _train(sweep: _Sweep, task: SweepTask, datamodule: LightningDataModule, data
         "metrics": final,
         "num_test": None if probe.last_test_labels is None else len(probe.last_test_labels),
         "test_predictions": None,
+        "settings": settings,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     if task.split is not None and probe.last_test_logits is not None:
@@ -503,6 +551,13 @@ def _train(sweep: _Sweep, task: SweepTask, datamodule: LightningDataModule, data
         f"{final.get('train_error', math.nan):.4f}, test error {final.get('test_error', math.nan):.4f}"
     )
     return record
+
+
+def _same_settings_in_progress(run_dir: Path, settings: Mapping[str, Any]) -> bool:
+    """Whether an unfinished run in ``run_dir`` (a preempted SLURM task) was started with these settings, so
+    that its checkpoint may be resumed."""
+    path = run_dir / SETTINGS_FILE
+    return path.exists() and json.loads(path.read_text()) == settings
 
 
 def _final_metrics(probe: DoubleDescentProbe) -> dict[str, float]:
@@ -632,6 +687,13 @@ def model_wise_curve(
             f"the runs have different label-noise rates {sorted(noise, key=str)}: aggregate one rate at a time "
             "(give each rate its own `--name`)"
         )
+    kinds = {(r.get("split") is None, r.get("num_splits")) for r in results}
+    if len(kinds) > 1:
+        raise ValueError(
+            "the runs mix full-data runs and bias-variance runs, or different numbers of splits "
+            f"{sorted({k[1] for k in kinds}, key=str)}: models trained on n and on n/m examples cannot be averaged; "
+            "give each its own `--name`"
+        )
     by_width: dict[int, list[Mapping[str, Any]]] = {}
     for record in results:
         if "width" not in record or "test_error" not in record.get("metrics", {}):
@@ -686,9 +748,9 @@ def _test_error_noise_level(
     r"""The standard deviation of one point of the mean test-error curve, for the peak detector.
 
     At each width, the larger of the binomial standard error of an error rate on ``num_test`` examples,
-    :math:`\sqrt{e(1-e)/(N r)}` over :math:`r` runs, and the standard error of the mean of the runs' test
-    errors when there are two or more; the largest over the widths. None when no run recorded ``num_test``
-    (then :func:`find_peaks` estimates the noise from the curve).
+    :math:`\sqrt{e(1-e)/N}` (not divided by the number of runs: they share one test set), and the standard
+    error of the mean of the runs' test errors when there are two or more; the largest over the widths.
+    None when no run recorded ``num_test`` (then :func:`find_peaks` estimates the noise from the curve).
     """
     levels = []
     for width, error in zip(widths, test):
@@ -697,7 +759,7 @@ def _test_error_noise_level(
         if not sizes or not math.isfinite(error):
             continue
         e = min(max(error, 0.0), 1.0)
-        level = math.sqrt(e * (1 - e) / (min(sizes) * len(runs)))
+        level = math.sqrt(e * (1 - e) / min(sizes))  # the runs share the test set: its error does not average
         errors = [float(r["metrics"]["test_error"]) for r in runs]
         if len(errors) >= 2 and all(math.isfinite(x) for x in errors):
             level = max(level, statistics.stdev(errors) / math.sqrt(len(errors)))
@@ -716,6 +778,14 @@ def _bias_variance(by_width, widths, load_predictions) -> dict[str, list[float]]
     for width in widths:
         runs = [r for r in by_width[width] if r.get("split") is not None]
         m = runs[0].get("num_splits") if runs else None
+        if runs and sorted(r["split"] for r in runs) != list(range(m or 0)):
+            missing = sorted(set(range(m or 0)) - {r["split"] for r in runs})
+            warnings.warn(
+                f"width {width}: the bias-variance decomposition needs the runs of all {m} splits; "
+                f"split(s) {missing} have not finished (their SLURM tasks?): its bias and variance are NaN",
+                UserWarning,
+                stacklevel=2,
+            )
         values = dict.fromkeys(names, math.nan)
         splits = sorted(r["split"] for r in runs)
         if m and splits == list(range(m)):
@@ -844,7 +914,12 @@ def aggregate(
         raise ValueError(f"`logdir` must be the folder of a sweep, {str(directory)!r} is not a folder")
     results = _read_results(directory)
     if not results:
-        raise ValueError(f"`logdir` {str(directory)!r} holds no finished run (no */{RESULT_FILE})")
+        sweeps = sorted(str(p.parent.parent) for p in directory.glob(f"*/*/{RESULT_FILE}"))
+        hint = f"; the sweeps under it: {sorted(set(sweeps))}" if sweeps else ""
+        raise ValueError(
+            f"`logdir` {str(directory)!r} holds no finished run (no */{RESULT_FILE}): it must be the sweep's "
+            f"folder, <run --logdir>/<run --name>{hint}"
+        )
     curve = model_wise_curve(results, epsilon, smoothing, window, load_predictions=_load_predictions)
     out = directory / AGGREGATE_DIR
     if out.is_dir():
@@ -875,7 +950,11 @@ def _log_curve(curve: ModelWiseCurve, directory: Path) -> None:
         loggers.log_scalars(
             trainer, {f"dd/{name}_by_width": values[i] for name, values in series.items()}, width
         )
-        by_params = {f"dd/{name}_by_params": curve.metrics[name][i] for name in ("train_error", "test_error")}
+        by_params = {
+            f"dd/{name}_by_params": curve.metrics[name][i]
+            for name in ("train_error", "test_error")
+            if name in curve.metrics
+        }
         loggers.log_scalars(trainer, {k: v for k, v in by_params.items()}, params)
     for peak in curve.peaks:
         loggers.log_scalars(
@@ -1057,7 +1136,10 @@ def main(args: Sequence[str] | None = None) -> ModelWiseCurve | list[dict] | Non
     if cfg.run.print_tasks:
         _print_tasks(sweep)
         return None
-    results = run_sweep(sweep)
+    try:
+        results = run_sweep(sweep)
+    except ValueError as error:
+        parser.error(f"run: {error}")
     if sweep.task_index is None and sweep.aggregate and rank_zero_only.rank == 0:  # once under DDP
         return aggregate(sweep.directory, sweep.epsilon)
     return results

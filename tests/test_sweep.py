@@ -494,3 +494,46 @@ def test_every_sweep_config_parses_and_lists_its_tasks(config, capsys):
     assert "class_path: lt_theory" in capsys.readouterr().out
     assert main(["run", "--config", str(config), "--print_tasks=true"]) is None
     assert "tasks; as a SLURM array" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stale results: another config, a rerun, mixed runs
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_a_sweep_folder_made_with_other_settings_is_refused_and_rerun_starts_afresh(tmp_path, capsys):
+    _run(tmp_path, "--widths=[2]")
+    run = tmp_path / "tiny" / "width_0002"
+    before = json.loads((run / RESULT_FILE).read_text())
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        _run(tmp_path, "--widths=[2]", "--data.label_noise=0.0")
+    message = capsys.readouterr().err
+    assert "data differ" in message and "--rerun true" in message and "--name" in message, message
+    assert json.loads((run / RESULT_FILE).read_text()) == before  # untouched
+    curve = _run(tmp_path, "--widths=[2]", "--data.label_noise=0.0", "--rerun=true")
+    assert "train_error_noisy" in before["metrics"] and "train_error_noisy" not in curve.metrics
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1  # the first run's events are gone
+    assert json.loads((run / RESULT_FILE).read_text())["label_noise"] == 0.0
+
+
+def test_a_data_seed_other_than_the_sweeps_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _run(tmp_path, "--widths=[2]", "--data.seed=5")
+    assert "give `--seed` instead" in capsys.readouterr().err
+
+
+def test_full_data_and_bias_variance_runs_are_not_averaged_together():
+    plain = {"width": 2, "num_parameters": 20, "metrics": {"test_error": 0.3}}
+    split = {**plain, "split": 0, "num_splits": 2}
+    with pytest.raises(ValueError, match="cannot be averaged"):
+        model_wise_curve([plain, split])
+    with pytest.raises(ValueError, match="cannot be averaged"):
+        model_wise_curve([{**split, "num_splits": 4}, split])
+
+
+def test_a_partial_bias_variance_sweep_names_the_missing_splits():
+    run = {"width": 2, "num_parameters": 20, "split": 0, "num_splits": 3, "metrics": {"test_error": 0.3}}
+    with pytest.warns(UserWarning, match=r"split\(s\) \[1, 2\] have not finished"):
+        curve = model_wise_curve([run], load_predictions=lambda record: None)
+    assert curve.bias_variance == {}
