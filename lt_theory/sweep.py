@@ -539,7 +539,6 @@ def _train(sweep: _Sweep, task: SweepTask, datamodule: LightningDataModule, data
         "test_predictions": None,
         "settings": settings,
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
     if task.split is not None and probe.last_test_logits is not None:
         torch.save(
             {"logits": probe.last_test_logits, "labels": probe.last_test_labels}, run_dir / PREDICTIONS_FILE
