@@ -465,7 +465,10 @@ def test_the_slurm_array_template_runs_its_task_of_a_sweep_config(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/bin/bash\nexec "$@"\n')
     (bin_dir / "srun").chmod(0o755)
-    (bin_dir / "python").symlink_to(sys.executable)
+    # A wrapper, not a symlink: Python finds its virtual environment from the path it is started by, so a
+    # symlink in another folder would start the base interpreter without this environment's packages.
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
     script = Path(__file__).parents[1] / "recipes" / "slurm" / "sweep_array.sbatch"
     environment = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID="1")
     done = subprocess.run(
