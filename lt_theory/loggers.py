@@ -18,13 +18,15 @@ Example:
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.tensorboard.summary import custom_scalars
+
+from lt_theory.figures import render_rgb
 
 __all__ = [
     "add_custom_scalar_charts",
@@ -134,22 +136,27 @@ def log_tensorboard_scalars(
 def log_figure(trainer: Trainer, tag: str, figure, step: int | None = None, close: bool = True) -> None:
     """Log a matplotlib figure as an image to every TensorBoardLogger.
 
+    The figure is drawn once on its own Agg canvas (:func:`lt_theory.figures.render_rgb`), so no pyplot backend
+    is needed or switched.
+
     Args:
         trainer: the running trainer.
         tag: the image tag, e.g. ``"spectral/sigma_max_by_depth"``.
-        figure: a :class:`matplotlib.figure.Figure`.
+        figure: a :class:`matplotlib.figure.Figure` (from :func:`lt_theory.figures.new_figure`, or a pyplot one).
         step: the step to log at; defaults to ``trainer.global_step``.
-        close: close the figure afterwards (also when nothing was written), so figures do not pile up.
+        close: close a pyplot figure afterwards (also when nothing was written), so figures do not pile up;
+            figures made without pyplot need no closing.
     """
     try:
-        for writer in tensorboard_writers(trainer):
-            writer.add_figure(tag, figure, global_step=_step(trainer, step), close=False)
+        writers = tensorboard_writers(trainer)
+        image = render_rgb(figure) if writers else None
+        for writer in writers:
+            writer.add_image(tag, image, global_step=_step(trainer, step), dataformats="CHW")
             _emit()
     finally:
-        if close:
-            import matplotlib.pyplot as plt
-
-            plt.close(figure)
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        if close and pyplot is not None:
+            pyplot.close(figure)
 
 
 def log_histogram(trainer: Trainer, tag: str, values: torch.Tensor, step: int | None = None) -> None:
@@ -217,7 +224,7 @@ def add_custom_scalar_charts(
         panel = layout.setdefault(category, {})
         for title, tags in charts.items():
             panel[title] = [kind, list(tags)]
-        writer._get_file_writer().add_summary(custom_scalars(layout), _step(trainer, None))
+        writer.add_custom_scalars(layout)
         writer.flush()
         _emit()
 

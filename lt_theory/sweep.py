@@ -78,21 +78,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace  # noqa: E402
-from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
-from torch import nn  # noqa: E402
-
-from lt_theory import loggers  # noqa: E402
-from lt_theory.callbacks.double_descent import DoubleDescentProbe  # noqa: E402
-from lt_theory.data.datamodule import derived_seed  # noqa: E402
-from lt_theory.measures.risk import (  # noqa: E402
+from lt_theory import loggers
+from lt_theory.callbacks.double_descent import DoubleDescentProbe
+from lt_theory.data.datamodule import derived_seed
+from lt_theory.figures import FONT_SIZE, new_figure
+from lt_theory.measures.risk import (
     SMOOTHING_METHODS,
     Peak,
     cross_entropy_bias_variance,
@@ -100,7 +97,7 @@ from lt_theory.measures.risk import (  # noqa: E402
     interpolation_threshold,
     mse_bias_variance,
 )
-from lt_theory.module import ClassificationModule  # noqa: E402
+from lt_theory.module import ClassificationModule
 
 __all__ = [
     "DEFAULT_WIDTHS",
@@ -990,7 +987,7 @@ def _log_curve(curve: ModelWiseCurve, directory: Path) -> None:
 
 
 def _curve_figure(curve: ModelWiseCurve):
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = new_figure(11, 4, ncols=2)
     for axis, positions, label in (
         (axes[0], curve.widths, "width"),
         (axes[1], curve.num_parameters, "parameters"),
@@ -1007,22 +1004,20 @@ def _curve_figure(curve: ModelWiseCurve):
         axis.set_xscale("log")
         axis.set_xlabel(label)
         axis.set_ylabel("error")
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=FONT_SIZE)
     figure.suptitle("Model-wise double descent")
-    figure.tight_layout()
     return figure
 
 
 def _bias_variance_figure(curve: ModelWiseCurve):
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = new_figure(11, 4, ncols=2)
     for axis, prefix, title in ((axes[0], "", "cross-entropy"), (axes[1], "mse_", "squared error")):
         for name, style in (("risk", "o-"), ("bias_squared", "s--"), ("variance", "^:")):
             axis.plot(curve.widths, curve.bias_variance[prefix + name], style, label=name)
         axis.set_xscale("log")
         axis.set_xlabel("width")
         axis.set_title(title)
-        axis.legend(fontsize=7)
-    figure.tight_layout()
+        axis.legend(fontsize=FONT_SIZE)
     return figure
 
 

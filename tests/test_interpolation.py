@@ -382,7 +382,8 @@ def test_loss_and_error_non_finite_and_bad_input():
     with torch.no_grad():
         model.head[4].bias[0] = math.nan
     result = loss_and_error(model, DataLoader(make_images(), batch_size=8))
-    assert math.isnan(result.loss) and math.isnan(result.error)
+    # every row holds a NaN: all of them count as wrong, and the loss is NaN (evaluation's one rule)
+    assert math.isnan(result.loss) and result.error == 1.0 and result.num_examples == 37
     with pytest.raises(ValueError, match="loader"):
         loss_and_error(model, [])
     with pytest.raises(ValueError, match="loader"):

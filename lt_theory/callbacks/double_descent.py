@@ -25,19 +25,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sized
 
-import matplotlib
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch import LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
-from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
-from torch import Tensor  # noqa: E402
-from torch.utils.data import DataLoader, IterableDataset, Subset  # noqa: E402
-
-from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int  # noqa: E402
-from lt_theory.measures.risk import (  # noqa: E402
+from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int
+from lt_theory.figures import FONT_SIZE, new_figure
+from lt_theory.measures.evaluation import loss_and_error_of_outputs
+from lt_theory.measures.risk import (
     evaluate_classifier,
     find_peaks,
     interpolation_threshold,
@@ -320,13 +318,12 @@ class DoubleDescentProbe(TheoryCallback):
                     record["train_error_noisy"] = errors.train_error_noisy
                     record["memorized_fraction"] = errors.memorized_fraction
             else:
-                record["train_error"] = _error(logits, labels)
+                record["train_error"] = loss_and_error_of_outputs(logits, labels)[1]
         if "test" in sets:
             test_logits, test_labels = self._evaluate_everywhere(
                 trainer, pl_module, sets["test"], sets["transform"]
             )
-            record["test_error"] = _error(test_logits, test_labels)
-            record["test_loss"] = float(torch.nn.functional.cross_entropy(test_logits.float(), test_labels))
+            record["test_loss"], record["test_error"] = loss_and_error_of_outputs(test_logits, test_labels)
             self.last_test_logits, self.last_test_labels = test_logits.cpu(), test_labels.cpu()
         return record
 
@@ -417,7 +414,7 @@ class DoubleDescentProbe(TheoryCallback):
 
     def _log_curves(self, trainer: Trainer, peaks) -> None:
         epochs = [h["epoch"] for h in self.history]
-        figure, axis = plt.subplots(figsize=(6, 4))
+        figure, axis = new_figure(6, 4)
         for key, style in (("train_error", "-"), ("train_error_clean", "--"), ("train_error_noisy", ":")):
             axis.plot(epochs, [h.get(key, math.nan) for h in self.history], style, label=key)
         axis.plot(epochs, [h.get("test_error", math.nan) for h in self.history], "o-", label="test_error")
@@ -427,8 +424,7 @@ class DoubleDescentProbe(TheoryCallback):
             axis.annotate("peak", (peak.position, peak.value), textcoords="offset points", xytext=(0, 8))
         axis.set_xlabel("epoch")
         axis.set_ylabel("error")
-        axis.legend(fontsize=7)
-        figure.tight_layout()
+        axis.legend(fontsize=FONT_SIZE)
         self.log_figure(trainer, "curves", figure)
 
     # -- state ------------------------------------------------------------------------------------
@@ -439,12 +435,6 @@ class DoubleDescentProbe(TheoryCallback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = [dict(h) for h in state_dict["history"]]
         self.interpolation_epoch = state_dict["interpolation_epoch"]
-
-
-def _error(logits: Tensor, labels: Tensor) -> float:
-    """Fraction of rows whose argmax differs from the label (a row with NaN counts as wrong)."""
-    wrong = (logits.argmax(dim=1) != labels) | torch.isnan(logits).any(dim=1)
-    return float(wrong.double().mean())
 
 
 def _gather_rows(trainer: Trainer, rows: Tensor, n: int, fill: float) -> Tensor:

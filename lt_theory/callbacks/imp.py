@@ -56,21 +56,18 @@ from copy import deepcopy
 from numbers import Integral
 from pathlib import Path
 
-import matplotlib
+import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from lightning.fabric.utilities.apply_func import apply_to_collection  # noqa: E402
-from lightning.pytorch import LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int  # noqa: E402
-from lt_theory.loggers import log_tensorboard_scalars  # noqa: E402
-from lt_theory.measures.modes import forked_rng  # noqa: E402
-from lt_theory.measures.pruning import (  # noqa: E402
+from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int
+from lt_theory.figures import FONT_SIZE, new_figure
+from lt_theory.loggers import log_tensorboard_scalars
+from lt_theory.measures.modes import forked_rng
+from lt_theory.measures.pruning import (
     PRUNING_SCOPES,
     MaskEnforcer,
     apply_masks,
@@ -82,7 +79,7 @@ from lt_theory.measures.pruning import (  # noqa: E402
     random_masks_like,
     sparsity_report,
 )
-from lt_theory.measures.risk import evaluate_classifier  # noqa: E402
+from lt_theory.measures.risk import evaluate_classifier
 
 __all__ = ["IMP_CONTROLS", "IMPPruner", "accuracy_vs_remaining_figure", "load_ticket"]
 
@@ -180,7 +177,7 @@ def accuracy_vs_remaining_figure(
     Example:
         >>> figure = accuracy_vs_remaining_figure({"IMP": [(1.0, 0.9), (0.8, 0.91), (0.64, 0.9)]}, 0.9)
     """
-    figure, axis = plt.subplots(figsize=(5.5, 3.8))
+    figure, axis = new_figure(5.5, 3.8)
     for label, points in curves.items():
         points = [(r, a) for r, a in points if r > 0]
         axis.plot([100 * r for r, _ in points], [100 * a for _, a in points], "o-", label=label)
@@ -191,8 +188,7 @@ def accuracy_vs_remaining_figure(
     axis.set_xlabel("weights remaining (%)")
     axis.set_ylabel("accuracy (%)")
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
+    axis.legend(fontsize=FONT_SIZE)
     return figure
 
 
@@ -638,6 +634,8 @@ class IMPPruner(TheoryCallback):
         accuracy, loss = self._evaluate(trainer, pl_module)
         evaluated = not math.isnan(accuracy)  # NaN only without an evaluation set
         if diverged or (evaluated and not math.isfinite(loss)):
+            if evaluated:  # the diverged network's numbers, by the rule every callback shares
+                self.log_scalars(trainer, {"accuracy": accuracy, "loss": loss}, warn_nonfinite=False)
             self._stop_diverged(
                 trainer, "a non-finite training loss" if diverged else "a non-finite eval loss"
             )

@@ -40,26 +40,23 @@ from collections.abc import Sequence, Sized
 from numbers import Integral, Real
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor
+from torch.distributed.constants import default_pg_timeout
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states  # noqa: E402
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy  # noqa: E402
-from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
-from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
-from lightning.pytorch.utilities.seed import isolate_rng  # noqa: E402
-from torch import Tensor  # noqa: E402
-from torch.distributed.constants import default_pg_timeout  # noqa: E402
-from torch.utils.data import DataLoader, IterableDataset, Subset  # noqa: E402
-
-from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int  # noqa: E402
-from lt_theory.data.datamodule import derived_seed  # noqa: E402
-from lt_theory.measures.interpolation import (  # noqa: E402
+from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int
+from lt_theory.data.datamodule import derived_seed
+from lt_theory.figures import FONT_SIZE, new_figure
+from lt_theory.measures.interpolation import (
     BN_MODES,
     DEFAULT_NUM_ALPHAS,
     error_barrier,
@@ -807,6 +804,8 @@ class LinearModeConnectivity(TheoryCallback):
             pl_module,
             lambda: self._paths(trainer, pl_module, sibling_state, trainer.strategy.root_device),
         )
+        if diverged:  # the path's errors are numbers (NaN rows count as wrong), but no barrier exists
+            result.update(dict.fromkeys(self._barrier_names(""), math.nan))
         result.update(
             final_step=final_step,
             parent=fingerprint,
@@ -957,7 +956,7 @@ def _as_float(value) -> float:
 
 
 def _path_figure(record: dict, title: str):
-    figure, axis = plt.subplots(figsize=(5, 3.5))
+    figure, axis = new_figure(5, 3.5)
     alphas = record["alphas"]
     for split, style in (("train", "--"), ("test", "-")):
         if f"{split}_error" in record:
@@ -965,14 +964,13 @@ def _path_figure(record: dict, title: str):
             axis.plot(alphas, values, style + "o", markersize=3, label=f"{split} error")
     axis.set_xlabel("alpha")
     axis.set_ylabel("error")
-    axis.set_title(title, fontsize=9)
-    axis.legend(fontsize=7)
-    figure.tight_layout()
+    axis.set_title(title, fontsize=FONT_SIZE)
+    axis.legend(fontsize=FONT_SIZE)
     return figure
 
 
 def _stability_figure(results: dict, threshold: float):
-    figure, axis = plt.subplots(figsize=(5, 3.5))
+    figure, axis = new_figure(5, 3.5)
     steps = sorted(results)
     for split, style in (("train", "--"), ("test", "-")):
         name = f"{split}_error_barrier"
@@ -984,6 +982,5 @@ def _stability_figure(results: dict, threshold: float):
         axis.set_xscale("symlog", linthresh=min(positive))
     axis.set_xlabel("spawn step k")
     axis.set_ylabel("error barrier")
-    axis.legend(fontsize=7)
-    figure.tight_layout()
+    axis.legend(fontsize=FONT_SIZE)
     return figure

@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch import LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int  # noqa: E402
-from lt_theory.callbacks.probe import Probe  # noqa: E402
-from lt_theory.measures.ntk import (  # noqa: E402
+from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int
+from lt_theory.callbacks.probe import Probe
+from lt_theory.figures import new_figure
+from lt_theory.measures.ntk import (
     KERNEL_KINDS,
     empirical_ntk,
     kernel_alignment,
@@ -196,14 +193,13 @@ class NTKDrift(TheoryCallback):
         top_k = min(self.top_k, self.probe.inputs.shape[0])
         initial = kernel_spectrum(self.initial_kernel, top_k).eigenvalues.cpu()
         now = kernel_spectrum(kernel, top_k).eigenvalues.cpu()
-        figure, axis = plt.subplots(figsize=(5, 3.5))
+        figure, axis = new_figure(5, 3.5)
         ranks = range(1, len(initial) + 1)
         axis.semilogy(ranks, initial.clamp_min(1e-30), "o-", label="initialisation")
         axis.semilogy(ranks, now.clamp_min(1e-30), "s-", label=f"step {trainer.global_step}")
         axis.set_xlabel("eigenvalue rank")
         axis.set_ylabel(f"eigenvalue of the {self.kind} kernel")
         axis.legend()
-        figure.tight_layout()
         self.log_figure(trainer, "eigenspectrum", figure)
 
     def verdict(self) -> str:

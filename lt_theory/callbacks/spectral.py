@@ -16,24 +16,21 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor, nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch import LightningModule, Trainer  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from lt_theory.callbacks.base import TheoryCallback, check_positive_int  # noqa: E402
-from lt_theory.callbacks.probe import Probe  # noqa: E402
-from lt_theory.measures.lipschitz import (  # noqa: E402
+from lt_theory.callbacks.base import TheoryCallback, check_positive_int
+from lt_theory.callbacks.probe import Probe
+from lt_theory.figures import FONT_SIZE, new_figure
+from lt_theory.measures.lipschitz import (
     UnsupportedModelError,
     jacobian_lipschitz_lower_bound,
     lipschitz_upper_bound,
     naive_lipschitz_product,
 )
-from lt_theory.measures.modes import eval_mode  # noqa: E402
-from lt_theory.measures.spectral import (  # noqa: E402
+from lt_theory.measures.modes import eval_mode
+from lt_theory.measures.spectral import (
     normalized_margins,
     operator_norm,
     operator_spectrum,
@@ -311,12 +308,11 @@ class SpectralNormMonitor(TheoryCallback):
         return {f"margin_normalized/p{q}": float(v) for q, v in zip((10, 50, 90), quantiles)}
 
     def _log_depth_figure(self, trainer: Trainer, sigmas: list[float]) -> None:
-        figure, axis = plt.subplots(figsize=(max(5.0, 0.25 * len(sigmas)), 3.5))
+        figure, axis = new_figure(max(5.0, 0.3 * len(sigmas)), 4.0)
         axis.plot(range(len(sigmas)), sigmas, "o-")
-        axis.set_xticks(range(len(sigmas)), list(self.layers), rotation=90, fontsize=6)
+        axis.set_xticks(range(len(sigmas)), list(self.layers), rotation=90, fontsize=FONT_SIZE)
         axis.set_ylabel("operator norm sigma_max")
         axis.set_title(f"step {trainer.global_step}")
-        figure.tight_layout()
         self.log_figure(trainer, "sigma_max_by_depth", figure)
 
     # -- hooks ------------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ endpoints reproduce model_a's and model_b's own evaluations exactly.
 models' parameters, buffers, ``.grad``, train/eval flags and the global RNG state are left as they were. A
 ``DataLoader`` without a ``generator`` draws its seeds from the global RNG each time it is iterated; inside
 the fork that draw is undone, so such a loader that shuffles yields the same order at every :math:`\alpha`
-(and the caller's global RNG does not move). NaN or Inf in the outputs give a NaN loss and error, and NaN
+(and the caller's global RNG does not move). A row of outputs with a NaN or an Inf counts as misclassified
+and makes the loss NaN or Inf (:mod:`lt_theory.measures.evaluation`'s rule for a diverged network); NaN
 values give a NaN barrier, never an exception.
 """
 
@@ -79,6 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lt_theory.measures.evaluation import evaluate, model_device
 from lt_theory.measures.modes import eval_mode, forked_rng
 
 __all__ = [
@@ -109,8 +111,8 @@ class LossAndError(NamedTuple):
     """Result of :func:`loss_and_error`.
 
     Attributes:
-        loss: mean loss over the examples (NaN if an output was not finite).
-        error: fraction of the examples misclassified, in [0, 1] (NaN if an output was not finite).
+        loss: mean loss over the examples (NaN or Inf if an output was not finite).
+        error: fraction of the examples misclassified, in [0, 1] (a row with a non-finite output is wrong).
         num_examples: examples evaluated.
     """
 
@@ -205,12 +207,6 @@ def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     ]
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _inputs(batch: object, name: str) -> Tensor:
     """The inputs of a batch: the batch itself if a tensor, else its first element."""
     if isinstance(batch, Tensor):
@@ -219,19 +215,6 @@ def _inputs(batch: object, name: str) -> Tensor:
         return batch[0]
     raise ValueError(
         f"`{name}` must yield tensors of inputs or (inputs, ...) tuples/lists, got a {type(batch).__name__}"
-    )
-
-
-def _inputs_and_targets(batch: object, name: str) -> tuple[Tensor, Tensor]:
-    if (
-        isinstance(batch, (list, tuple))
-        and len(batch) >= 2
-        and isinstance(batch[0], Tensor)
-        and isinstance(batch[1], Tensor)
-    ):
-        return batch[0], batch[1]
-    raise ValueError(
-        f"`{name}` must yield (inputs, targets, ...) tuples or lists of tensors, got {batch!r:.80}"
     )
 
 
@@ -415,7 +398,7 @@ def reset_batchnorm_statistics(
     norms = _batchnorms(model)
     if not norms:
         return model
-    device = _model_device(model)
+    device = model_device(model)
     saved = [
         (norm.momentum, norm.running_mean.clone(), norm.running_var.clone(), norm.num_batches_tracked.clone())
         for norm in norms
@@ -487,9 +470,10 @@ def loss_and_error(
     examples when ``loss_fn`` returns the batch mean (the default ``F.cross_entropy``) or a vector of
     per-example losses (summed instead). ``error`` is the fraction of examples whose ``argmax`` output differs
     from the target (from ``argmax`` of the target too when the targets are one-hot or soft labels of the
-    output's shape). The model runs in eval mode under ``torch.no_grad`` and ``torch.random.fork_rng``; its
-    flags are restored (also on error), and nothing else about it or the global RNG changes. If any output is
-    NaN or Inf, both results are NaN.
+    output's shape). This is :func:`lt_theory.measures.evaluation.evaluate`, whose rule for a diverged network
+    every callback shares: a row with a NaN or Inf output counts as misclassified, and the loss is then NaN or
+    Inf. The model runs in eval mode under ``torch.no_grad`` and a forked RNG; its flags are restored (also on
+    error), and nothing else about it or the global RNG changes.
 
     Args:
         model: a classifier mapping a batch of inputs to ``(batch, classes)`` outputs.
@@ -512,44 +496,10 @@ def loss_and_error(
         >>> loss_and_error(model, batches).num_examples
         4
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise ValueError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
-    if transform is not None and not callable(transform):
-        raise ValueError(f"`transform` must be callable or None, got {type(transform).__name__}")
-    device = _model_device(model)
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    total_wrong = torch.zeros((), dtype=torch.int64, device=device)
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    count = 0
-    with eval_mode(model), torch.no_grad(), forked_rng(device):
-        for batch in loader:
-            x, y = _inputs_and_targets(batch, "loader")
-            x, y = x.to(device), y.to(device)
-            out = model(transform(x) if transform is not None else x)
-            n = x.shape[0]
-            if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != n:
-                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ValueError(f"`model` must return (batch, classes) outputs, got {shape} for {n} inputs")
-            loss = loss_fn(out, y)
-            if loss.numel() == 1:
-                total_loss += loss.detach().to(torch.float64).reshape(()) * n
-            elif loss.shape == (n,):
-                total_loss += loss.detach().to(torch.float64).sum()
-            else:
-                raise ValueError(
-                    f"`loss_fn` must return the batch mean or one loss per example, got shape {tuple(loss.shape)}"
-                )
-            labels = y.argmax(dim=1) if y.ndim == 2 else y
-            total_wrong += (out.argmax(dim=1) != labels).sum()
-            finite &= torch.isfinite(out).all()
-            count += n
-    if count == 0:
-        raise ValueError("`loader` yielded no example")
-    if not bool(finite):
-        return LossAndError(math.nan, math.nan, count)
-    return LossAndError(float(total_loss) / count, int(total_wrong) / count, count)
+    result = evaluate(model, loader, loss=loss_fn, transform=transform)
+    return LossAndError(result.loss, result.error, result.num_examples)
 
 
 def _alphas(alphas: object) -> Tensor:
@@ -704,7 +654,7 @@ def linear_paths(
     state_a = _state(model_a, "model_a")
     state_b = _state(model_b, "model_b")
     _check_compatible(state_a, state_b, "model_a", "model_b")
-    device = torch.device(device) if device is not None else _model_device(template)
+    device = torch.device(device) if device is not None else model_device(template)
     if bn_loader is None:
         bn_loader = next(iter(loaders.values()))
 

@@ -121,7 +121,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lt_theory.measures.modes import eval_mode, forked_rng
+from lt_theory.measures.evaluation import CLASSIFIER_LOSSES, evaluate, predicted_classes
 
 __all__ = [
     "CLASSIFIER_LOSSES",
@@ -140,7 +140,6 @@ __all__ = [
     "noisy_label_errors",
 ]
 
-CLASSIFIER_LOSSES = ("cross_entropy", "mse")
 """The losses :func:`evaluate_classifier` reports."""
 
 SMOOTHING_METHODS = ("median", "mean", None)
@@ -234,8 +233,7 @@ def _predictions(outputs: object, name: str) -> Tensor:
     """Integer predictions from integer predictions ``(N,)`` or floating logits/scores ``(N, C)``."""
     outputs = _check_tensor(outputs, name)
     if outputs.ndim == 2 and outputs.is_floating_point() and outputs.shape[1] >= 1:
-        # A row holding NaN counts as an error: its prediction is set to -1, which no label equals.
-        return torch.where(torch.isnan(outputs).any(dim=1), -1, outputs.argmax(dim=1))
+        return predicted_classes(outputs)  # -1 for a row holding NaN or Inf: an error whatever the label
     if outputs.ndim == 1 and _is_integer_tensor(outputs):
         return outputs.long()
     raise ValueError(
@@ -355,15 +353,10 @@ class ClassifierEvaluation(NamedTuple):
     predictions: Tensor
     """``logits.argmax(dim=1)``."""
     loss: float
-    """Mean loss over the ``N`` examples (NaN if a logit is NaN)."""
+    """Mean loss over the ``N`` examples (NaN or Inf if a logit is not finite)."""
     error: float
-    """Fraction of examples whose prediction differs from the label (a row with NaN counts as wrong)."""
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    """Fraction of examples misclassified, a row with a NaN or Inf logit counted as wrong (the rule of
+    :mod:`lt_theory.measures.evaluation`, shared by every callback)."""
 
 
 def evaluate_classifier(
@@ -414,58 +407,12 @@ def evaluate_classifier(
         >>> result.logits.shape, 0.0 <= result.error <= 1.0
         (torch.Size([5, 3]), True)
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if loss not in CLASSIFIER_LOSSES:
         raise ValueError(f"`loss` must be one of {CLASSIFIER_LOSSES}, got {loss!r}")
-    if transform is not None and not callable(transform):
-        raise ValueError(f"`transform` must be callable or None, got {type(transform).__name__}")
-    device = _model_device(model) if device is None else torch.device(device)
-    all_logits: list[Tensor] = []
-    all_labels: list[Tensor] = []
-    with eval_mode(model), forked_rng(device), torch.no_grad():
-        for batch in batches:
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                got = f"length {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
-                raise ValueError(f"`batches` must yield sequences (inputs, labels, ...), got {got}")
-            inputs = _check_tensor(batch[0], "inputs of a batch")
-            labels = _check_tensor(batch[1], "labels of a batch")
-            if labels.ndim != 1 or not _is_integer_tensor(labels):
-                raise ValueError(
-                    "the labels of a batch must be a 1-D integer tensor, got dtype "
-                    f"{labels.dtype} and shape {tuple(labels.shape)}"
-                )
-            inputs = inputs.to(device, non_blocking=True)
-            if transform is not None:
-                inputs = transform(inputs)
-            logits = model(inputs)
-            if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
-                shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-                raise ValueError(
-                    f"`model` must return logits of shape (b, C) for a batch of b = {labels.shape[0]} "
-                    f"labels, got {shape}"
-                )
-            if all_logits and logits.shape[1] != all_logits[0].shape[1]:
-                raise ValueError(
-                    f"`model` returned {logits.shape[1]} classes for a batch after {all_logits[0].shape[1]}"
-                )
-            all_logits.append(logits)
-            all_labels.append(labels.to(device, non_blocking=True).long())
-    if not all_labels or sum(t.shape[0] for t in all_labels) == 0:
-        raise ValueError("`batches` yielded no example to evaluate")
-    logits = torch.cat(all_logits)
-    labels = torch.cat(all_labels)
-    predictions = logits.argmax(dim=1)
-    scores = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    if loss == "cross_entropy":
-        mean_loss = F.cross_entropy(scores, labels)
-    else:
-        target = F.one_hot(labels, scores.shape[1]).to(scores.dtype)
-        mean_loss = (scores - target).pow(2).sum(dim=1).mean()
-    wrong = (predictions != labels) | torch.isnan(logits).any(dim=1)
-    error = wrong.to(torch.float64).mean()
-    values = torch.stack([mean_loss.to(torch.float64), error]).tolist()  # one read-back
-    return ClassifierEvaluation(logits, labels, predictions, values[0], values[1])
+    result = evaluate(model, batches, loss=loss, transform=transform, device=device, keep_outputs=True)
+    return ClassifierEvaluation(
+        result.outputs, result.labels, predicted_classes(result.outputs), result.loss, result.error
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
