@@ -48,16 +48,13 @@ of the weights.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Callable, Mapping
-from copy import deepcopy
 from numbers import Integral
 from pathlib import Path
 
 import torch
-from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -80,81 +77,26 @@ from lt_theory.measures.pruning import (
     sparsity_report,
 )
 from lt_theory.measures.risk import evaluate_classifier
+from lt_theory.training.state import (
+    OPTIMIZER_STATES,
+    capture_training_state,
+    cpu_copy,
+    file_sha256,
+    restore_training_state,
+    save_atomically,
+)
+from lt_theory.training.tickets import load_ticket, reference_masks, save_ticket, ticket_path
 
 __all__ = ["IMP_CONTROLS", "IMPPruner", "accuracy_vs_remaining_figure", "load_ticket"]
 
 IMP_CONTROLS = ("random_reinit", "random_prune")
 """The lottery-ticket controls of Frankle & Carbin (2019) that ``IMPPruner(control=...)`` runs."""
 
-_OPTIMIZER_STATES = ("reset", "rewind")
 _EVAL_SPLITS = ("val", "test")
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Tickets on disk.
-
-
-def load_ticket(path: str | os.PathLike, model: nn.Module) -> dict[str, Tensor]:
-    """Load a ticket saved by :class:`IMPPruner` into ``model``: its starting weights and buffers, then its masks.
-
-    The ticket of level :math:`\\ell` holds the masks :math:`m_\\ell` and the state the level was trained from
-    (the step-:math:`k` snapshot, or the fresh initialisation of ``control="random_reinit"``). Loading it and
-    training with the masks enforced (e.g. ``IMPPruner``'s :class:`~lt_theory.measures.pruning.MaskEnforcer`
-    after each step, with the LR schedule started at step :math:`k`) reproduces the sparse network.
-
-    Args:
-        path: a ``ticket_level<l>.pt`` file written by :class:`IMPPruner`.
-        model: a module with the structure of the one pruned (the ``LightningModule``, e.g. a
-            ``ClassificationModule`` with the same ``net``).
-
-    Returns:
-        The masks (parameter name -> bool tensor on the parameter's device, ``True`` = kept), already applied.
-
-    Raises:
-        ValueError: if the file is not an IMPPruner ticket or does not fit ``model``.
-
-    Example:
-        >>> # masks = load_ticket("runs/imp/version_0/imp/ticket_level03.pt", module)
-        >>> # trainer.fit(module, ...) with IMPPruner-style mask enforcement, or evaluate it directly
-    """
-    ticket = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ticket, Mapping) or "masks" not in ticket or "start_state" not in ticket:
-        raise ValueError(f"{str(path)!r} is not a ticket written by IMPPruner (no `masks` / `start_state`)")
-    saved, expected = list(ticket["start_state"]), list(model.state_dict())
-    if set(saved) != set(expected):
-        missing = [k for k in expected if k not in ticket["start_state"]]
-        unexpected = [k for k in saved if k not in set(expected)]
-        raise ValueError(
-            f"the ticket {str(path)!r} does not fit {type(model).__name__}: it holds the state of the "
-            f"LightningModule IMPPruner pruned, with keys such as {saved[0]!r} (prefix "
-            f"{saved[0].split('.')[0] + '.'!r}), while the model's keys are such as "
-            f"{expected[0] if expected else None!r}; {len(missing)} key(s) missing (e.g. "
-            f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}). Load it into the "
-            "LightningModule (e.g. a ClassificationModule with the same `net`), not into its bare network."
-        )
-    try:
-        model.load_state_dict(ticket["start_state"])
-    except RuntimeError as error:  # same keys, other shapes
-        raise ValueError(f"the ticket {str(path)!r} does not fit {type(model).__name__}: {error}") from error
-    masks = masks_from_state(ticket["masks"], model)
-    apply_masks(model, masks)
-    return masks
-
-
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _save_atomically(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(obj, partial)
-    partial.replace(path)
-
-
-def _cpu_copy(obj):
-    """A copy of a nested collection with every tensor detached and copied to the CPU."""
-    return apply_to_collection(obj, Tensor, lambda t: t.detach().to("cpu", copy=True))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -175,7 +117,12 @@ def accuracy_vs_remaining_figure(
         A matplotlib ``Figure``.
 
     Example:
-        >>> figure = accuracy_vs_remaining_figure({"IMP": [(1.0, 0.9), (0.8, 0.91), (0.64, 0.9)]}, 0.9)
+        >>> figure = accuracy_vs_remaining_figure({"IMP": [(1.0, 0.9), (0.8, 0.91), (0.64, 0.9), (0.0, 0.1)]}, 0.9)
+        >>> imp, dense = figure.axes[0].get_lines()
+        >>> [float(x) for x in imp.get_xdata()], [float(y) for y in imp.get_ydata()]  # in %; none at 0% (log x)
+        ([100.0, 80.0, 64.0], [90.0, 91.0, 90.0])
+        >>> dense.get_label(), [float(y) for y in dense.get_ydata()]
+        ('dense', [90.0, 90.0])
     """
     figure, axis = new_figure(5.5, 3.8)
     for label, points in curves.items():
@@ -325,7 +272,21 @@ class IMPPruner(TheoryCallback):
         >>> from lightning.pytorch import Trainer
         >>> pruner = IMPPruner(levels=10, fraction=0.2, rewind_step=2000, epochs_per_level=160)
         >>> trainer = Trainer(max_epochs=-1, callbacks=[pruner])
+        >>> pruner.remaining_fraction()  # level 0 trains the dense network
+        1.0
         >>> # trainer.fit(module, datamodule=CIFAR10DataModule(...)); then load_ticket(pruner.ticket_paths[-1], module)
+        >>> # pruner.history then holds one dict per completed level, e.g. the first three (391 steps an epoch):
+        >>> pruner.history = [
+        ...     {"level": 0, "remaining_fraction": 1.0, "accuracy": 0.9123, "loss": 0.31, "step": 62560},
+        ...     {"level": 1, "remaining_fraction": 0.8, "accuracy": 0.9141, "loss": 0.30, "step": 123120},
+        ...     {"level": 2, "remaining_fraction": 0.64, "accuracy": 0.9087, "loss": 0.32, "step": 183680},
+        ... ]
+        >>> print(pruner.summary())
+        | level | weights remaining | accuracy |
+        |---|---|---|
+        | 0 | 100.00% | 91.23% |
+        | 1 | 80.00% | 91.41% |
+        | 2 | 64.00% | 90.87% |
     """
 
     prefix = "imp"
@@ -368,7 +329,7 @@ class IMPPruner(TheoryCallback):
             )
         _check_choice("scope", scope, PRUNING_SCOPES)
         _check_choice("control", control, (None, *IMP_CONTROLS))
-        _check_choice("optimizer_state", optimizer_state, _OPTIMIZER_STATES)
+        _check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATES)
         _check_choice("eval_split", eval_split, _EVAL_SPLITS)
         if not isinstance(prune_output_layer, bool):
             raise ValueError(f"`prune_output_layer` must be True or False, got {prune_output_layer!r}")
@@ -552,20 +513,15 @@ class IMPPruner(TheoryCallback):
 
     def _snapshot(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Keep the full training state of step k (CPU copies); write it next to the checkpoints."""
-        self._rewind = {
-            "step": trainer.global_step,
-            "model": _cpu_copy(pl_module.state_dict()),
-            "optimizers": [_cpu_copy(opt.state_dict()) for opt in trainer.optimizers],
-            "schedulers": [deepcopy(cfg.scheduler.state_dict()) for cfg in trainer.lr_scheduler_configs],
-        }
+        self._rewind = capture_training_state(trainer, pl_module)
         directory = self._checkpoint_dir(trainer)
         if directory is None:
             return
         path = Path(directory) / f"imp_rewind_step{self.rewind_step}.pt"
         digest = None
         if trainer.is_global_zero:
-            _save_atomically(self._rewind, path)
-            digest = _file_digest(path)
+            save_atomically(self._rewind, path)
+            digest = file_sha256(path)
         self._rewind_file = {"path": str(path), "sha256": trainer.strategy.broadcast(digest, src=0)}
 
     @staticmethod
@@ -582,7 +538,7 @@ class IMPPruner(TheoryCallback):
                 f"IMPPruner cannot resume: the step-{self.rewind_step} snapshot {str(path)!r}, written next to "
                 "the checkpoints, is missing; keep it beside the checkpoint (or restart the IMP)."
             )
-        if _file_digest(path) != self._rewind_file["sha256"]:
+        if file_sha256(path) != self._rewind_file["sha256"]:
             raise ValueError(
                 f"IMPPruner cannot resume: {str(path)!r} is not the step-{self.rewind_step} snapshot of this run "
                 "(its SHA-256 differs from the one in the checkpoint); another run wrote over it."
@@ -696,58 +652,23 @@ class IMPPruner(TheoryCallback):
 
     def _reference_masks(self, level: int) -> dict[str, Tensor]:
         """The masks of ``ticket_level<level>.pt`` in ``reference_tickets``, checked against this run."""
-        path = Path(self.reference_tickets) / f"ticket_level{level:02d}.pt"
-        if not path.is_file():
-            raise ValueError(
-                f"IMPPruner(control={self.control!r}) needs the IMP's level-{level} ticket {str(path)!r}, which "
-                "does not exist (yet): run the IMP (control=None) to at least this level first, or resume this "
-                "control from its checkpoint once the IMP has written the ticket."
-            )
-        ticket = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(ticket, Mapping) or "masks" not in ticket:
-            raise ValueError(f"{str(path)!r} is not a ticket written by IMPPruner (no `masks`)")
-        if ticket.get("control") is not None:
-            raise ValueError(
-                f"{str(path)!r} was written by a control run (control={ticket['control']!r}); "
-                "`reference_tickets` must be the ticket directory of the IMP run itself (control=None)"
-            )
-        masks = dict(ticket["masks"])
-        if list(masks) != list(self.pruned_names):
-            raise ValueError(
-                f"the masks of {str(path)!r} prune {sorted(masks)[:3]}..., this run prunes "
-                f"{sorted(self.pruned_names)[:3]}... ({len(masks)} vs {len(self.pruned_names)} tensors): the "
-                "control needs the IMP run's model and include / exclude / prune_output_layer settings"
-            )
-        for setting in ("fraction", "rewind_step", "scope"):
-            if setting in ticket and ticket[setting] != getattr(self, setting):
-                rank_zero_warn(
-                    f"IMPPruner(control={self.control!r}): the reference IMP run used {setting}="
-                    f"{ticket[setting]!r}, this run {getattr(self, setting)!r}",
-                    category=UserWarning,
-                )
-        return masks
+        settings = {name: getattr(self, name) for name in ("fraction", "rewind_step", "scope")}
+        return reference_masks(self.reference_tickets, level, self.pruned_names, self.control, settings)
 
     def _rewind_training_state(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Weights and buffers to step k (or a fresh init), optimizer emptied, schedulers back at step k."""
         if self._rewind is None:  # cannot happen: rewind_step < T, so step k comes before level 0 ends
             raise RuntimeError("IMPPruner: no step-k snapshot at a level's end")
-        if self.control == "random_reinit":
+        reinitialize = self.control == "random_reinit"
+        if reinitialize:
             self._reinitialize(pl_module)
-        else:
-            pl_module.load_state_dict(self._rewind["model"])
+        restore_training_state(trainer, pl_module, self._rewind, self.optimizer_state, load_model=not reinitialize)
         apply_masks(pl_module, self.masks)
-        if self.control == "random_reinit":
-            self._reinit_state = _cpu_copy(pl_module.state_dict())
-        for optimizer, saved in zip(trainer.optimizers, self._rewind["optimizers"]):
-            if self.optimizer_state == "rewind":
-                optimizer.load_state_dict(deepcopy(saved))
+        if reinitialize:
+            self._reinit_state = cpu_copy(pl_module.state_dict())
+        if self.optimizer_state == "rewind":
+            for optimizer in trainer.optimizers:
                 mask_optimizer_state(optimizer, pl_module, self.masks)
-            else:
-                optimizer.state.clear()
-                for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
-                    group.update({key: deepcopy(v) for key, v in saved_group.items() if key != "params"})
-        for config, saved in zip(trainer.lr_scheduler_configs, self._rewind["schedulers"]):
-            config.scheduler.load_state_dict(deepcopy(saved))
         self._enforce = MaskEnforcer(pl_module, self.masks)
 
     def _reinitialize(self, pl_module: LightningModule) -> None:
@@ -800,10 +721,11 @@ class IMPPruner(TheoryCallback):
 
     def _save_ticket(self, trainer: Trainer, pl_module: LightningModule) -> None:
         directory = Path(self.ticket_dir) if self.ticket_dir is not None else Path(trainer.log_dir) / "imp"
-        path = directory / f"ticket_level{self.level:02d}.pt"
+        path = ticket_path(directory, self.level)
         if trainer.is_global_zero:
             masks = self.masks or {n: torch.ones_like(p, dtype=torch.bool) for n, p in self._named(pl_module)}
-            _save_atomically(
+            save_ticket(
+                path,
                 {
                     "level": self.level,
                     "remaining_fraction": self.remaining_fraction(),
@@ -816,7 +738,6 @@ class IMPPruner(TheoryCallback):
                     "control": self.control,
                     "history": list(self.history),
                 },
-                path,
             )
         self.ticket_paths.append(str(path))
 
@@ -827,7 +748,7 @@ class IMPPruner(TheoryCallback):
     def _level_start_state(self, pl_module: LightningModule) -> dict[str, Tensor]:
         if self.control == "random_reinit" and self.level > 0:
             return self._reinit_state
-        return self._rewind["model"] if self._rewind is not None else _cpu_copy(pl_module.state_dict())
+        return self._rewind["model"] if self._rewind is not None else cpu_copy(pl_module.state_dict())
 
     def _stop_diverged(self, trainer: Trainer, what: str) -> None:
         completed = len(self.history)

@@ -27,30 +27,19 @@ The mathematics (interpolation, BatchNorm reset, paths, barriers, stable point) 
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import inspect
 import json
 import math
 import os
-import random
-import shutil
-import warnings
 from collections.abc import Sequence, Sized
 from numbers import Integral, Real
 from pathlib import Path
 
-import numpy as np
 import torch
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
-from torch.distributed.constants import default_pg_timeout
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int
@@ -63,11 +52,20 @@ from lt_theory.measures.interpolation import (
     linear_paths,
     stable_point,
 )
+from lt_theory.training.child import (
+    SNAPSHOT_RNG_KEY,
+    TRAINING_CALLBACKS,
+    check_child_strategy,
+    train_from_snapshot,
+)
+from lt_theory.training.rng import rng_states
+from lt_theory.training.state import state_fingerprint
 
 __all__ = ["LinearModeConnectivity"]
 
 MODES = ("spawn", "init")
-_RNG_KEY = "lt_theory_lmc_rng_states"
+_WHO = "LinearModeConnectivity(mode='spawn') trains siblings"
+_HINT = "Use mode='init', or strategy='ddp' / one device."
 _SPLITS = ("train", "test")
 
 
@@ -96,106 +94,6 @@ def _check_spawn_steps(spawn_steps) -> list:
     if len(set(spawn_steps)) != len(spawn_steps):
         raise ValueError(f"`spawn_steps` must not repeat a step, got {list(spawn_steps)!r}")
     return list(spawn_steps)
-
-
-def _fingerprint(state: dict[str, Tensor]) -> str:
-    """A hash of a state dict's bytes: results of a sibling are reused only against the same parent."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:32]
-
-
-def _detached_copy(obj, trainer: Trainer | None, shared: Sequence[object] = ()):
-    """A deep copy of a module or data module without its trainer, sharing (not copying) ``shared``."""
-    memo: dict[int, object] = {id(item): item for item in shared if item is not None}
-    if trainer is not None:
-        memo[id(trainer)] = None
-    return copy.deepcopy(obj, memo)
-
-
-def _strategy_flag(trainer: Trainer) -> str | DDPStrategy:
-    """The ``strategy=`` of a child Trainer equivalent to the parent's (DDP with the parent's options)."""
-    strategy = trainer.strategy
-    name = type(strategy).__name__
-    if isinstance(strategy, SingleDeviceStrategy):
-        return "auto"
-    if type(strategy) is DDPStrategy and getattr(strategy, "_start_method", "popen") == "popen":
-        return DDPStrategy(
-            process_group_backend=strategy.process_group_backend,
-            timeout=getattr(strategy, "_timeout", None) or default_pg_timeout,
-            **getattr(strategy, "_ddp_kwargs", {}),  # find_unused_parameters, static_graph, ...
-        )
-    raise ValueError(
-        "LinearModeConnectivity(mode='spawn') trains siblings in a child Trainer and supports a single "
-        f"device or strategy='ddp', but the trainer uses {name}"
-        + (f" (start method {trainer.strategy._start_method!r})" if name == "DDPStrategy" else "")
-        + ". Use mode='init', or strategy='ddp' / one device."
-    )
-
-
-# the snapshot holds RNG states and optimizer objects, not only tensors (the argument is Lightning >= 2.6)
-_FULL_CHECKPOINT_LOAD = (
-    {"weights_only": False} if "weights_only" in inspect.signature(Trainer.fit).parameters else {}
-)
-
-_TRAINING_CALLBACKS = frozenset(
-    {
-        "IMPPruner",
-        "StochasticWeightAveraging",
-        "WeightAveraging",
-        "EMAWeightAveraging",
-        "GradientAccumulationScheduler",
-        "BackboneFinetuning",
-        "BaseFinetuning",
-    }
-)
-"""Callbacks that change training: a sibling trained without them is not the parent's procedure."""
-
-
-def _validation_flags(trainer: Trainer) -> dict:
-    """No validation in a sibling, unless a scheduler steps on a validation metric (ReduceLROnPlateau)."""
-    if not any(config.reduce_on_plateau for config in trainer.lr_scheduler_configs):
-        return {"limit_val_batches": 0, "num_sanity_val_steps": 0}
-    return {
-        "limit_val_batches": trainer.limit_val_batches,
-        "val_check_interval": trainer.val_check_interval,
-        "check_val_every_n_epoch": trainer.check_val_every_n_epoch,
-        "num_sanity_val_steps": 0,
-    }
-
-
-def _accelerator_flag(trainer: Trainer) -> str:
-    return {"CPUAccelerator": "cpu", "CUDAAccelerator": "gpu", "MPSAccelerator": "mps"}.get(
-        type(trainer.accelerator).__name__, "auto"
-    )
-
-
-class _SiblingStart(Callback):
-    """In a sibling's Trainer: put the global RNG where the parent's was at the snapshot, or re-seed it; when
-    the sibling resumes from its own progress checkpoint, where the sibling's was."""
-
-    def __init__(self, global_seed: int | None, from_progress: bool = False) -> None:
-        self.global_seed, self.from_progress = global_seed, from_progress
-        self.rng_states: dict | None = None
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        self.rng_states = checkpoint.get(_RNG_KEY)
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint[_RNG_KEY] = _collect_rng_states(include_cuda=torch.cuda.is_available())
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        if self.from_progress and self.rng_states is not None:
-            _set_rng_states(self.rng_states)
-        elif self.global_seed is not None:
-            torch.manual_seed(self.global_seed)
-            torch.cuda.manual_seed_all(self.global_seed)
-            random.seed(self.global_seed)
-            np.random.seed(self.global_seed % 2**32)
-        elif self.rng_states is not None:
-            _set_rng_states(self.rng_states)
 
 
 class LinearModeConnectivity(TheoryCallback):
@@ -294,7 +192,22 @@ class LinearModeConnectivity(TheoryCallback):
         >>> from lightning.pytorch import Trainer
         >>> lmc = LinearModeConnectivity(mode="spawn", spawn_steps=[0, 100, 500, 2000])
         >>> trainer = Trainer(max_steps=10_000, callbacks=[lmc])
-        >>> # trainer.fit(module, datamodule=CIFAR10DataModule(...)); lmc.results[500]["test_error_barrier"]
+        >>> # trainer.fit(module, datamodule=CIFAR10DataModule(...)) fills lmc.results, e.g. these barriers:
+        >>> lmc.results = {
+        ...     k: {"test_error_barrier": b, "train_error_barrier": b / 2, "test_loss_barrier": 2 * b}
+        ...     for k, b in [(0, 0.31), (100, 0.12), (500, 0.015), (2000, 0.004)]
+        ... }
+        >>> lmc.stable_point()  # the first k whose test error barrier is under threshold=0.02
+        500
+        >>> print(lmc.summary())
+        | spawn step k | test error barrier | train error barrier | test loss barrier |
+        |---|---|---|---|
+        | 0 | 0.3100 | 0.1550 | 0.6200 |
+        | 100 | 0.1200 | 0.0600 | 0.2400 |
+        | 500 | 0.0150 | 0.0075 | 0.0300 |
+        | 2000 | 0.0040 | 0.0020 | 0.0080 |
+        <BLANKLINE>
+        Stable from spawn step 500 (error barrier < 0.02).
     """
 
     prefix = "lmc"
@@ -371,7 +284,7 @@ class LinearModeConnectivity(TheoryCallback):
         if stage != "fit":
             return
         if self.mode == "spawn":
-            _strategy_flag(trainer)  # refuse what a child Trainer cannot reproduce, before training
+            check_child_strategy(trainer, _WHO, _HINT)  # refuse what a child Trainer cannot reproduce, now
             self._warn_about_training_callbacks(trainer)
         self._reset_run_state()  # a reused instance starts afresh; a resumed fit's state is loaded after setup
         # rank zero's choice of folder (a filesystem every rank sees, as for checkpoints)
@@ -394,7 +307,7 @@ class LinearModeConnectivity(TheoryCallback):
         changing = [
             type(c).__name__
             for c in trainer.callbacks
-            if c is not self and type(c).__name__ in _TRAINING_CALLBACKS
+            if c is not self and type(c).__name__ in TRAINING_CALLBACKS
         ]
         if changing:
             self.warn_once(
@@ -469,7 +382,7 @@ class LinearModeConnectivity(TheoryCallback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         if self._writing_snapshot:
-            checkpoint[_RNG_KEY] = _collect_rng_states(include_cuda=torch.cuda.is_available())
+            checkpoint[SNAPSHOT_RNG_KEY] = rng_states(include_cuda=torch.cuda.is_available())
 
     # -- snapshots ----------------------------------------------------------------------------------
 
@@ -583,7 +496,7 @@ class LinearModeConnectivity(TheoryCallback):
 
     def _run_siblings(self, trainer: Trainer, pl_module: LightningModule) -> None:
         final_step = trainer.global_step
-        fingerprint = _fingerprint(pl_module.state_dict())
+        fingerprint = state_fingerprint(pl_module.state_dict())
         for k in self.resolved_steps or []:
             if k >= final_step or k not in self.snapshots:
                 why = f"training ended at step {final_step}" if k >= final_step else "its snapshot is missing"
@@ -671,111 +584,16 @@ class LinearModeConnectivity(TheoryCallback):
             f"LinearModeConnectivity: training the sibling spawned at step {k} to step {final_step} "
             f"(data-order seed {seed}) from {self.snapshots[k]}"
         )
-        parent_data = trainer.datamodule
-        datamodule = _detached_copy(
-            parent_data,
+        return train_from_snapshot(
             trainer,
-            [getattr(parent_data, name, None) for name in ("train_dataset", "val_dataset", "test_dataset")],
-        )
-        reseed = getattr(datamodule, "reseed_order", None)
-        if callable(reseed):
-            reseed(seed)
-        else:
-            self._warn_if_loader_has_generator(trainer)
-        module = _detached_copy(pl_module, trainer)
-        if hasattr(module, "_metric_attributes"):
-            module._metric_attributes = None  # Lightning's cache of metric names, keyed by the parent's ids
-        progress = self._sibling_progress(trainer, k, final_step, seed)
-        start = _SiblingStart(None if callable(reseed) else seed, from_progress=progress["resume"])
-        child = self._child_trainer(trainer, k, final_step, start, progress["checkpoint"])
-        previous_seed = os.environ.get("PL_GLOBAL_SEED")
-        if trainer.world_size > 1:
-            os.environ["PL_GLOBAL_SEED"] = str(seed)  # DistributedSampler's seed
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")
-                warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before.*")
-                ckpt_path = progress["path"] if progress["resume"] else self.snapshots[k]
-                child.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, **_FULL_CHECKPOINT_LOAD)
-        finally:
-            if previous_seed is None:
-                os.environ.pop("PL_GLOBAL_SEED", None)
-            else:
-                os.environ["PL_GLOBAL_SEED"] = previous_seed
-        if child.global_step != final_step:
-            self.warn_once(
-                f"short:{k}",
-                f"the sibling of step {k} stopped at step {child.global_step}, not {final_step}.",
-            )
-        if trainer.is_global_zero:
-            shutil.rmtree(
-                progress["directory"], ignore_errors=True
-            )  # the finished weights are stored instead
-        return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
-
-    def _sibling_progress(self, trainer: Trainer, k: int, final_step: int, seed: int) -> dict:
-        """Where a sibling checkpoints its progress (about every tenth of its steps), and whether a preempted
-        sibling of the same snapshot, seed and end left a checkpoint to resume from."""
-        directory = self._dir / f"sibling_step={k}_to={final_step}_seed={seed}_progress"
-        path, source_file = directory / "last.ckpt", directory / "source.json"
-        snapshot = Path(self.snapshots[k])
-        resume = False
-        if trainer.is_global_zero:
-            source = {"snapshot": str(snapshot), "size": snapshot.stat().st_size}
-            source["mtime_ns"] = snapshot.stat().st_mtime_ns
-            resume = path.exists() and source_file.exists() and json.loads(source_file.read_text()) == source
-            if not resume:
-                shutil.rmtree(directory, ignore_errors=True)
-                directory.mkdir(parents=True, exist_ok=True)
-                source_file.write_text(json.dumps(source))
-        if trainer.world_size > 1:
-            resume = trainer.strategy.broadcast(resume, src=0)
-        checkpoint = ModelCheckpoint(
-            dirpath=directory,
-            filename="progress",
-            save_last=True,
-            save_top_k=0,
-            every_n_train_steps=max(1, (final_step - k) // 10),
-        )
-        return {"directory": directory, "path": str(path), "resume": resume, "checkpoint": checkpoint}
-
-    def _warn_if_loader_has_generator(self, trainer: Trainer) -> None:
-        loader = trainer.train_dataloader
-        if isinstance(loader, DataLoader) and loader.generator is not None:
-            self.warn_once(
-                "own-generator",
-                f"the training loader of {type(trainer.datamodule).__name__} shuffles with its own generator "
-                "and the data module has no `reseed_order(seed)` method, so the siblings see the parent's "
-                "data order (only the global RNG is re-seeded). Give the data module `reseed_order(seed)`.",
-            )
-
-    def _child_trainer(
-        self, trainer: Trainer, k: int, final_step: int, start: Callback, progress: ModelCheckpoint
-    ) -> Trainer:
-        accelerator = _accelerator_flag(trainer)
-        devices = trainer.num_devices if accelerator == "cpu" else trainer.device_ids
-        return Trainer(
-            accelerator=accelerator,
-            strategy=_strategy_flag(trainer),
-            devices=devices,
-            num_nodes=trainer.num_nodes,
-            precision=trainer.precision,
-            deterministic=None,  # keeps torch's flags as the parent's Trainer set them
+            pl_module,
+            self.snapshots[k],
+            start_step=k,
             max_steps=final_step,
-            max_epochs=-1,
-            limit_train_batches=trainer.limit_train_batches,
-            **_validation_flags(trainer),
-            accumulate_grad_batches=trainer.accumulate_grad_batches,
-            gradient_clip_val=trainer.gradient_clip_val,
-            gradient_clip_algorithm=trainer.gradient_clip_algorithm,
-            reload_dataloaders_every_n_epochs=trainer.reload_dataloaders_every_n_epochs,
-            use_distributed_sampler=getattr(trainer._accelerator_connector, "use_distributed_sampler", True),
-            logger=False,
-            enable_checkpointing=True,
-            enable_model_summary=False,
-            enable_progress_bar=trainer.progress_bar_callback is not None,
-            callbacks=[start, progress],
-            default_root_dir=str(self._dir / f"sibling_step={k}"),
+            order_seed=seed,
+            progress_dir=self._dir / f"sibling_step={k}_to={final_step}_seed={seed}_progress",
+            root_dir=self._dir / f"sibling_step={k}",
+            warn=self.warn_once,
         )
 
     def _sibling_result(

@@ -1,0 +1,43 @@
+"""Training state shared by every callback that rewinds or forks a run (Lightning glue, no mathematics).
+
+- :mod:`~lt_theory.training.state`: a whole training state (weights, buffers, optimizers, LR schedulers)
+  captured at a step and put back, atomic files, fingerprints (IMPPruner's rewind).
+- :mod:`~lt_theory.training.rng`: the global RNG states through their public APIs.
+- :mod:`~lt_theory.training.child`: a child run trained from a snapshot of its parent in a Trainer of its own
+  (LinearModeConnectivity's siblings).
+
+The Lightning internals this needs are in :mod:`lt_theory.compat`.
+"""
+
+from lt_theory.training.child import (
+    SNAPSHOT_RNG_KEY,
+    TRAINING_CALLBACKS,
+    check_child_strategy,
+    train_from_snapshot,
+)
+from lt_theory.training.rng import rng_states, set_rng_states
+from lt_theory.training.state import (
+    OPTIMIZER_STATES,
+    capture_training_state,
+    cpu_copy,
+    file_sha256,
+    restore_training_state,
+    save_atomically,
+    state_fingerprint,
+)
+
+__all__ = [
+    "OPTIMIZER_STATES",
+    "SNAPSHOT_RNG_KEY",
+    "TRAINING_CALLBACKS",
+    "capture_training_state",
+    "check_child_strategy",
+    "cpu_copy",
+    "file_sha256",
+    "restore_training_state",
+    "rng_states",
+    "save_atomically",
+    "set_rng_states",
+    "state_fingerprint",
+    "train_from_snapshot",
+]

@@ -1,0 +1,274 @@
+"""Child runs: a copy of a module trained from a snapshot of its parent's run, in a Trainer of its own.
+
+A snapshot is a Lightning checkpoint written by ``trainer.save_checkpoint`` at step :math:`k` (weights,
+buffers, optimizers, LR schedulers, loop position, data-module state) with the global RNG states under
+:data:`SNAPSHOT_RNG_KEY`. :func:`train_from_snapshot` trains a copy of the parent's module and data module from
+it to a given step, in a child Trainer with the parent's accelerator, strategy (one device or DDP), devices,
+precision, gradient accumulation and clipping. Only the data order and the augmentation differ, through
+``order_seed``: a data module with ``reseed_order(seed)`` (the lt_theory ones) is re-seeded and the global RNG
+continues from the snapshot's, so a child with the parent's own seed reproduces the parent exactly; any other
+data module gets the global RNG seeded instead. A preempted child resumes from its own progress checkpoint.
+Used by :class:`~lt_theory.callbacks.lmc.LinearModeConnectivity` for its siblings.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+import random
+import shutil
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lt_theory.compat import ddp_options, uses_distributed_sampler
+from lt_theory.training.rng import rng_states, set_rng_states
+
+__all__ = ["SNAPSHOT_RNG_KEY", "TRAINING_CALLBACKS", "check_child_strategy", "train_from_snapshot"]
+
+SNAPSHOT_RNG_KEY = "lt_theory_lmc_rng_states"
+"""Where a snapshot (and a child's progress checkpoint) keeps the global RNG states."""
+
+TRAINING_CALLBACKS = frozenset(
+    {
+        "IMPPruner",
+        "StochasticWeightAveraging",
+        "WeightAveraging",
+        "EMAWeightAveraging",
+        "GradientAccumulationScheduler",
+        "BackboneFinetuning",
+        "BaseFinetuning",
+    }
+)
+"""Callbacks that change training: a child trained without them is not the parent's procedure."""
+
+# a snapshot holds RNG states and optimizer objects, not only tensors (the argument is Lightning >= 2.6)
+_FULL_CHECKPOINT_LOAD = (
+    {"weights_only": False} if "weights_only" in inspect.signature(Trainer.fit).parameters else {}
+)
+
+
+def check_child_strategy(
+    trainer: Trainer, who: str = "A child run", hint: str = "Use strategy='ddp' or one device."
+) -> str | DDPStrategy:
+    """The ``strategy=`` of a child Trainer equivalent to the parent's (DDP with the parent's options).
+
+    Args:
+        trainer: the parent's trainer.
+        who: the start of the error message: what trains in a child Trainer.
+        hint: the end of the error message: what to do instead.
+
+    Raises:
+        ValueError: for a strategy other than one device or DDP started by ``popen``, naming it.
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy, SingleDeviceStrategy):
+        return "auto"
+    if type(strategy) is DDPStrategy:
+        options = ddp_options(strategy)
+        if options.start_method == "popen":
+            return DDPStrategy(
+                process_group_backend=strategy.process_group_backend,
+                timeout=options.timeout,
+                **options.ddp_kwargs,  # find_unused_parameters, static_graph, ...
+            )
+    name = type(strategy).__name__
+    method = f" (start method {ddp_options(strategy).start_method!r})" if type(strategy) is DDPStrategy else ""
+    raise ValueError(
+        f"{who} in a child Trainer and supports a single device or strategy='ddp', but the trainer uses "
+        f"{name}{method}. {hint}"
+    )
+
+
+def _detached_copy(obj, trainer: Trainer | None, shared: Sequence[object] = ()):
+    """A deep copy of a module or data module without its trainer, sharing (not copying) ``shared``."""
+    memo: dict[int, object] = {id(item): item for item in shared if item is not None}
+    if trainer is not None:
+        memo[id(trainer)] = None
+    return copy.deepcopy(obj, memo)
+
+
+def _validation_flags(trainer: Trainer) -> dict:
+    """No validation in a child, unless a scheduler steps on a validation metric (ReduceLROnPlateau)."""
+    if not any(config.reduce_on_plateau for config in trainer.lr_scheduler_configs):
+        return {"limit_val_batches": 0, "num_sanity_val_steps": 0}
+    return {
+        "limit_val_batches": trainer.limit_val_batches,
+        "val_check_interval": trainer.val_check_interval,
+        "check_val_every_n_epoch": trainer.check_val_every_n_epoch,
+        "num_sanity_val_steps": 0,
+    }
+
+
+def _accelerator_flag(trainer: Trainer) -> str:
+    return {"CPUAccelerator": "cpu", "CUDAAccelerator": "gpu", "MPSAccelerator": "mps"}.get(
+        type(trainer.accelerator).__name__, "auto"
+    )
+
+
+def _child_trainer(trainer: Trainer, max_steps: int, callbacks: list[Callback], root_dir: Path) -> Trainer:
+    accelerator = _accelerator_flag(trainer)
+    return Trainer(
+        accelerator=accelerator,
+        strategy=check_child_strategy(trainer),
+        devices=trainer.num_devices if accelerator == "cpu" else trainer.device_ids,
+        num_nodes=trainer.num_nodes,
+        precision=trainer.precision,
+        deterministic=None,  # keeps torch's flags as the parent's Trainer set them
+        max_steps=max_steps,
+        max_epochs=-1,
+        limit_train_batches=trainer.limit_train_batches,
+        **_validation_flags(trainer),
+        accumulate_grad_batches=trainer.accumulate_grad_batches,
+        gradient_clip_val=trainer.gradient_clip_val,
+        gradient_clip_algorithm=trainer.gradient_clip_algorithm,
+        reload_dataloaders_every_n_epochs=trainer.reload_dataloaders_every_n_epochs,
+        use_distributed_sampler=uses_distributed_sampler(trainer),
+        logger=False,
+        enable_checkpointing=True,
+        enable_model_summary=False,
+        enable_progress_bar=trainer.progress_bar_callback is not None,
+        callbacks=callbacks,
+        default_root_dir=str(root_dir),
+    )
+
+
+class ChildStart(Callback):
+    """In a child's Trainer: put the global RNG where the parent's was at the snapshot, or re-seed it; when
+    the child resumes from its own progress checkpoint, where the child's was."""
+
+    def __init__(self, global_seed: int | None, from_progress: bool = False) -> None:
+        self.global_seed, self.from_progress = global_seed, from_progress
+        self.rng_states: dict | None = None
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self.rng_states = checkpoint.get(SNAPSHOT_RNG_KEY)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[SNAPSHOT_RNG_KEY] = rng_states(include_cuda=torch.cuda.is_available())
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.from_progress and self.rng_states is not None:
+            set_rng_states(self.rng_states)
+        elif self.global_seed is not None:
+            torch.manual_seed(self.global_seed)
+            torch.cuda.manual_seed_all(self.global_seed)
+            random.seed(self.global_seed)
+            np.random.seed(self.global_seed % 2**32)
+        elif self.rng_states is not None:
+            set_rng_states(self.rng_states)
+
+
+def _progress(trainer: Trainer, snapshot: Path, directory: Path, start_step: int, max_steps: int) -> dict:
+    """Where a child checkpoints its progress (about every tenth of its steps), and whether a preempted child
+    of the same snapshot left a checkpoint to resume from."""
+    path, source_file = directory / "last.ckpt", directory / "source.json"
+    resume = False
+    if trainer.is_global_zero:
+        source = {"snapshot": str(snapshot), "size": snapshot.stat().st_size}
+        source["mtime_ns"] = snapshot.stat().st_mtime_ns
+        resume = path.exists() and source_file.exists() and json.loads(source_file.read_text()) == source
+        if not resume:
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True, exist_ok=True)
+            source_file.write_text(json.dumps(source))
+    if trainer.world_size > 1:
+        resume = trainer.strategy.broadcast(resume, src=0)
+    checkpoint = ModelCheckpoint(
+        dirpath=directory,
+        filename="progress",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=max(1, (max_steps - start_step) // 10),
+    )
+    return {"path": str(path), "resume": resume, "checkpoint": checkpoint}
+
+
+def _warn_if_loader_has_generator(trainer: Trainer, warn: Callable[[str, str], None]) -> None:
+    loader = trainer.train_dataloader
+    if isinstance(loader, DataLoader) and loader.generator is not None:
+        warn(
+            "own-generator",
+            f"the training loader of {type(trainer.datamodule).__name__} shuffles with its own generator "
+            "and the data module has no `reseed_order(seed)` method, so the siblings see the parent's "
+            "data order (only the global RNG is re-seeded). Give the data module `reseed_order(seed)`.",
+        )
+
+
+def train_from_snapshot(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    snapshot: str | os.PathLike,
+    start_step: int,
+    max_steps: int,
+    order_seed: int,
+    progress_dir: str | os.PathLike,
+    root_dir: str | os.PathLike,
+    warn: Callable[[str, str], None],
+) -> dict[str, Tensor]:
+    """Train a copy of ``pl_module`` from ``snapshot`` (written at ``start_step``) to ``max_steps``.
+
+    Every rank enters (the child uses the parent's devices). The parent's module and data module are not
+    changed: the child trains deep copies (the data module's datasets are shared, not copied).
+
+    Args:
+        trainer: the parent's trainer (its fit may have ended).
+        pl_module: the parent's module.
+        snapshot: the Lightning checkpoint of the parent at ``start_step``, with :data:`SNAPSHOT_RNG_KEY`.
+        start_step: the step the snapshot was written at.
+        max_steps: the step the child trains to.
+        order_seed: the seed of the child's data order and augmentation.
+        progress_dir: the child's progress checkpoints, removed once it is done.
+        root_dir: the child Trainer's ``default_root_dir``.
+        warn: ``warn(key, message)``, called once per problem the caller should hear about.
+
+    Returns:
+        The child's final state dict, on the CPU.
+    """
+    snapshot, progress_dir = Path(snapshot), Path(progress_dir)
+    parent_data = trainer.datamodule
+    shared = [getattr(parent_data, name, None) for name in ("train_dataset", "val_dataset", "test_dataset")]
+    datamodule = _detached_copy(parent_data, trainer, shared)
+    reseed = getattr(datamodule, "reseed_order", None)
+    if callable(reseed):
+        reseed(order_seed)
+    else:
+        _warn_if_loader_has_generator(trainer, warn)
+    module = _detached_copy(pl_module, trainer)
+    if hasattr(module, "_metric_attributes"):
+        module._metric_attributes = None  # Lightning's cache of metric names, keyed by the parent's ids
+    progress = _progress(trainer, snapshot, progress_dir, start_step, max_steps)
+    start = ChildStart(None if callable(reseed) else order_seed, from_progress=progress["resume"])
+    child = _child_trainer(trainer, max_steps, [start, progress["checkpoint"]], Path(root_dir))
+    previous_seed = os.environ.get("PL_GLOBAL_SEED")
+    if trainer.world_size > 1:
+        os.environ["PL_GLOBAL_SEED"] = str(order_seed)  # DistributedSampler's seed
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")
+            warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before.*")
+            ckpt_path = progress["path"] if progress["resume"] else str(snapshot)
+            child.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, **_FULL_CHECKPOINT_LOAD)
+    finally:
+        if previous_seed is None:
+            os.environ.pop("PL_GLOBAL_SEED", None)
+        else:
+            os.environ["PL_GLOBAL_SEED"] = previous_seed
+    if child.global_step != max_steps:
+        warn(
+            f"short:{start_step}",
+            f"the sibling of step {start_step} stopped at step {child.global_step}, not {max_steps}.",
+        )
+    if trainer.is_global_zero:
+        shutil.rmtree(progress_dir, ignore_errors=True)  # the caller stores the final weights
+    return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}

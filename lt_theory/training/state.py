@@ -1,0 +1,118 @@
+"""A whole training state captured at one step and put back later, and the files that hold it.
+
+A run forked or rewound at step :math:`k` must continue exactly as the original did from :math:`k`: the
+weights and all buffers (BatchNorm statistics), every optimizer's state (momentum, Adam moments) and
+hyper-parameters, and every LR scheduler's state. :func:`capture_training_state` takes CPU copies of these;
+:func:`restore_training_state` loads them into a running Trainer, the optimizers either rewound with their
+state or emptied with only their hyper-parameters kept (Frankle et al. 2020 rewind the weights and the
+schedule; open_lth empties the optimizer). The loop position and the RNG states are the Trainer's (a
+Lightning checkpoint) and :mod:`lt_theory.training.rng`'s.
+
+Files the package writes for later runs are written atomically (:func:`save_atomically`) and identified by
+their SHA-256 (:func:`file_sha256`); a state dict by the hash of its bytes (:func:`state_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
+
+__all__ = [
+    "OPTIMIZER_STATES",
+    "capture_training_state",
+    "cpu_copy",
+    "file_sha256",
+    "restore_training_state",
+    "save_atomically",
+    "state_fingerprint",
+]
+
+OPTIMIZER_STATES = ("reset", "rewind")
+
+
+def cpu_copy(obj: Any) -> Any:
+    """A copy of a nested collection with every tensor detached and copied to the CPU."""
+    return apply_to_collection(obj, Tensor, lambda t: t.detach().to("cpu", copy=True))
+
+
+def state_fingerprint(state: dict[str, Tensor]) -> str:
+    """A hash of a state dict's keys and bytes: equal for bit-identical weights, and only for them."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def save_atomically(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a partial file renamed into place: a crash never leaves a truncated ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(obj, partial)
+    partial.replace(path)
+
+
+def capture_training_state(trainer: Trainer, module: LightningModule) -> dict[str, Any]:
+    """CPU copies of the module's state dict, every optimizer's and every LR scheduler's, at this step.
+
+    Args:
+        trainer: the running trainer.
+        module: its LightningModule.
+
+    Returns:
+        ``{"step", "model", "optimizers", "schedulers"}``.
+    """
+    return {
+        "step": trainer.global_step,
+        "model": cpu_copy(module.state_dict()),
+        "optimizers": [cpu_copy(optimizer.state_dict()) for optimizer in trainer.optimizers],
+        "schedulers": [deepcopy(config.scheduler.state_dict()) for config in trainer.lr_scheduler_configs],
+    }
+
+
+def restore_training_state(
+    trainer: Trainer,
+    module: LightningModule,
+    state: dict[str, Any],
+    optimizer_state: str = "rewind",
+    load_model: bool = True,
+) -> None:
+    """Put a captured state back into a running Trainer (the loop position is not changed).
+
+    Args:
+        trainer: the running trainer.
+        module: its LightningModule.
+        state: what :func:`capture_training_state` returned.
+        optimizer_state: ``"rewind"`` loads each optimizer's captured state; ``"reset"`` empties it and keeps
+            only the captured hyper-parameters of each parameter group (learning rate, momentum, ...).
+        load_model: also load the captured weights and buffers.
+
+    Raises:
+        ValueError: for an unknown ``optimizer_state``.
+    """
+    if optimizer_state not in OPTIMIZER_STATES:
+        raise ValueError(f"`optimizer_state` must be one of {OPTIMIZER_STATES}, got {optimizer_state!r}")
+    if load_model:
+        module.load_state_dict(state["model"])
+    for optimizer, saved in zip(trainer.optimizers, state["optimizers"]):
+        if optimizer_state == "rewind":
+            optimizer.load_state_dict(deepcopy(saved))
+        else:
+            optimizer.state.clear()
+            for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+                group.update({key: deepcopy(value) for key, value in saved_group.items() if key != "params"})
+    for config, saved in zip(trainer.lr_scheduler_configs, state["schedulers"]):
+        config.scheduler.load_state_dict(deepcopy(saved))

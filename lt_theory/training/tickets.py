@@ -1,0 +1,168 @@
+"""Lottery tickets on disk: the file IMPPruner writes at each level's end, read back safely.
+
+A ticket of level :math:`\\ell` (Frankle & Carbin 2019) is the pair (masks :math:`m_\\ell`, the weights the
+level was trained from: the step-:math:`k` snapshot, or a control's fresh initialisation). The file
+``ticket_level<ll>.pt`` holds a dict of tensors, numbers, strings, lists and dicts only:
+
+``level``, ``remaining_fraction``, ``accuracy``, ``masks`` (parameter name -> bool tensor), ``start_state``
+(the LightningModule's state dict), ``rewind_step``, ``fraction``, ``scope``, ``control`` and ``history``.
+
+Tickets are files people share, so they are read with ``torch.load(weights_only=True)``, which runs no code
+from the file; a file that is not a ticket is refused with a ``ValueError`` naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from lt_theory.measures.pruning import apply_masks, masks_from_state
+from lt_theory.training.state import save_atomically
+
+__all__ = ["load_ticket", "read_ticket", "reference_masks", "save_ticket", "ticket_path"]
+
+_REQUIRED = ("masks", "start_state")
+
+
+def ticket_path(directory: str | os.PathLike, level: int) -> Path:
+    """``<directory>/ticket_level<ll>.pt``."""
+    return Path(directory) / f"ticket_level{level:02d}.pt"
+
+
+def save_ticket(path: str | os.PathLike, ticket: Mapping) -> None:
+    """Write a ticket atomically (a crash never leaves a truncated file).
+
+    Args:
+        path: where, usually :func:`ticket_path`.
+        ticket: the fields listed in the module docstring.
+    """
+    missing = [key for key in _REQUIRED if key not in ticket]
+    if missing:
+        raise ValueError(f"a ticket needs {list(_REQUIRED)}, this one lacks {missing}")
+    save_atomically(dict(ticket), path)
+
+
+def read_ticket(path: str | os.PathLike) -> dict:
+    """The fields of a ticket file, read without running code from it.
+
+    Args:
+        path: a ``ticket_level<ll>.pt`` file written by :class:`~lt_theory.callbacks.imp.IMPPruner`.
+
+    Returns:
+        The ticket's dict.
+
+    Raises:
+        ValueError: if the file is missing, damaged, holds objects other than tensors and plain Python
+            values, or is not a ticket.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no ticket file at {str(path)!r}")
+    try:
+        ticket = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise ValueError(
+            f"{str(path)!r} cannot be read as an IMPPruner ticket (a dict of tensors and plain values): "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        ) from None
+    if not isinstance(ticket, Mapping) or any(key not in ticket for key in _REQUIRED):
+        raise ValueError(f"{str(path)!r} is not a ticket written by IMPPruner (no `masks` / `start_state`)")
+    return dict(ticket)
+
+
+def load_ticket(path: str | os.PathLike, model: nn.Module) -> dict[str, Tensor]:
+    """Load a ticket saved by :class:`~lt_theory.callbacks.imp.IMPPruner` into ``model``: its starting weights
+    and buffers, then its masks.
+
+    Loading it and training with the masks enforced (e.g. :class:`~lt_theory.measures.pruning.MaskEnforcer`
+    after each step, with the LR schedule started at step :math:`k`) reproduces the sparse network.
+
+    Args:
+        path: a ``ticket_level<l>.pt`` file written by IMPPruner.
+        model: a module with the structure of the one pruned (the ``LightningModule``, e.g. a
+            ``ClassificationModule`` with the same ``net``).
+
+    Returns:
+        The masks (parameter name -> bool tensor on the parameter's device, ``True`` = kept), already applied.
+
+    Raises:
+        ValueError: if the file is not an IMPPruner ticket or does not fit ``model``.
+
+    Example:
+        >>> # masks = load_ticket("runs/imp/version_0/imp/ticket_level03.pt", module)
+        >>> # trainer.fit(module, ...) with IMPPruner-style mask enforcement, or evaluate it directly
+    """
+    ticket = read_ticket(path)
+    saved, expected = list(ticket["start_state"]), list(model.state_dict())
+    if set(saved) != set(expected):
+        missing = [k for k in expected if k not in ticket["start_state"]]
+        unexpected = [k for k in saved if k not in set(expected)]
+        raise ValueError(
+            f"the ticket {str(path)!r} does not fit {type(model).__name__}: it holds the state of the "
+            f"LightningModule IMPPruner pruned, with keys such as {saved[0]!r} (prefix "
+            f"{saved[0].split('.')[0] + '.'!r}), while the model's keys are such as "
+            f"{expected[0] if expected else None!r}; {len(missing)} key(s) missing (e.g. "
+            f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}). Load it into the "
+            "LightningModule (e.g. a ClassificationModule with the same `net`), not into its bare network."
+        )
+    try:
+        model.load_state_dict(ticket["start_state"])
+    except RuntimeError as error:  # same keys, other shapes
+        raise ValueError(f"the ticket {str(path)!r} does not fit {type(model).__name__}: {error}") from error
+    masks = masks_from_state(ticket["masks"], model)
+    apply_masks(model, masks)
+    return masks
+
+
+def reference_masks(
+    directory: str | os.PathLike, level: int, pruned_names: Sequence[str], control: str, settings: Mapping
+) -> dict[str, Tensor]:
+    """The masks of an IMP run's level-``level`` ticket, for a control run that follows it.
+
+    Args:
+        directory: the IMP run's ticket folder (its ``reference_tickets``).
+        level: the level whose masks the control trains.
+        pruned_names: the parameters the control run prunes; the ticket must prune the same.
+        control: the control's name, for the messages.
+        settings: the control's ``fraction``, ``rewind_step`` and ``scope``; a difference is warned about.
+
+    Returns:
+        The masks as stored (parameter name -> bool tensor, on the CPU).
+
+    Raises:
+        ValueError: if the ticket does not exist yet, was written by a control run, or prunes other parameters.
+    """
+    path = ticket_path(directory, level)
+    if not path.is_file():
+        raise ValueError(
+            f"IMPPruner(control={control!r}) needs the IMP's level-{level} ticket {str(path)!r}, which "
+            "does not exist (yet): run the IMP (control=None) to at least this level first, or resume this "
+            "control from its checkpoint once the IMP has written the ticket."
+        )
+    ticket = read_ticket(path)
+    if ticket.get("control") is not None:
+        raise ValueError(
+            f"{str(path)!r} was written by a control run (control={ticket['control']!r}); "
+            "`reference_tickets` must be the ticket directory of the IMP run itself (control=None)"
+        )
+    masks = dict(ticket["masks"])
+    if list(masks) != list(pruned_names):
+        raise ValueError(
+            f"the masks of {str(path)!r} prune {sorted(masks)[:3]}..., this run prunes "
+            f"{sorted(pruned_names)[:3]}... ({len(masks)} vs {len(pruned_names)} tensors): the "
+            "control needs the IMP run's model and include / exclude / prune_output_layer settings"
+        )
+    for setting, value in settings.items():
+        if setting in ticket and ticket[setting] != value:
+            rank_zero_warn(
+                f"IMPPruner(control={control!r}): the reference IMP run used {setting}={ticket[setting]!r}, "
+                f"this run {value!r}",
+                category=UserWarning,
+            )
+    return masks

@@ -1,0 +1,94 @@
+"""lt_theory.training and lt_theory.compat: RNG states, state fingerprints, ticket files, Lightning internals.
+
+The capture and restore of a whole training state and the child runs are tested end to end by the IMPPruner
+rewind tests (bit-identical weights, buffers, learning rate and scheduler state after each rewind) and the
+LinearModeConnectivity sibling tests (a sibling with the parent's seed ends bit-identical to the parent).
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+from lightning.fabric.utilities.seed import _collect_rng_states
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import DDPStrategy
+
+from lt_theory.compat import ddp_options, uses_distributed_sampler
+from lt_theory.models import MLP
+from lt_theory.training import rng_states, set_rng_states, state_fingerprint
+from lt_theory.training.tickets import load_ticket, read_ticket, save_ticket
+
+
+def _draws() -> tuple:
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+@pytest.mark.parametrize("collect", [rng_states, _collect_rng_states], ids=["ours", "lightning"])
+def test_rng_states_restore_every_generator(collect):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    states = collect(include_cuda=True)
+    first = _draws()
+    assert _draws() != first
+    set_rng_states(states)  # also a state Lightning wrote into an older snapshot
+    assert _draws() == first
+
+
+def test_state_fingerprint_sees_one_bit():
+    state = MLP((4,), hidden=(8,), num_classes=3).state_dict()
+    copy = {key: value.clone() for key, value in state.items()}
+    assert state_fingerprint(copy) == state_fingerprint(state)
+    key = next(iter(copy))
+    copy[key].view(-1).view(torch.int32)[0] ^= 1  # the lowest bit of one float
+    assert state_fingerprint(copy) != state_fingerprint(state)
+
+
+def test_ddp_options_read_what_the_strategy_was_built_with():
+    strategy = DDPStrategy(timeout=timedelta(seconds=77), start_method="spawn", find_unused_parameters=True)
+    options = ddp_options(strategy)
+    assert options.start_method == "spawn"
+    assert options.timeout == timedelta(seconds=77)
+    assert options.ddp_kwargs == {"find_unused_parameters": True}
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_uses_distributed_sampler_reads_the_trainer_flag(flag):
+    trainer = Trainer(accelerator="cpu", use_distributed_sampler=flag, logger=False, enable_checkpointing=False)
+    assert uses_distributed_sampler(trainer) is flag
+
+
+class _NotATensor:
+    pass
+
+
+def _ticket(model) -> dict:
+    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in model.named_parameters() if p.ndim > 1}
+    return {"level": 0, "masks": masks, "start_state": model.state_dict(), "control": None, "history": []}
+
+
+def test_a_ticket_round_trips_and_bad_files_are_refused_naming_them(tmp_path):
+    model = MLP((4,), hidden=(8,), num_classes=3)
+    good = tmp_path / "ticket_level00.pt"
+    save_ticket(good, _ticket(model))
+    other = MLP((4,), hidden=(8,), num_classes=3)
+    masks = load_ticket(good, other)
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
+    assert set(masks) == {"net.1.weight", "net.3.weight"} and all(bool(m.all()) for m in masks.values())
+
+    with_code = tmp_path / "with_object.pt"
+    torch.save({**_ticket(model), "extra": _NotATensor()}, with_code)  # unpickling it would build the object
+    with pytest.raises(ValueError, match="with_object.pt"):
+        read_ticket(with_code)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated.pt"):
+        read_ticket(truncated)
+    not_a_ticket = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), not_a_ticket)
+    with pytest.raises(ValueError, match="not a ticket"):
+        read_ticket(not_a_ticket)
+    with pytest.raises(ValueError, match="no ticket file"):
+        read_ticket(tmp_path / "missing.pt")
