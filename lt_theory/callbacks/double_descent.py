@@ -23,16 +23,14 @@ is drawn by :mod:`lt_theory.sweep` from one such probe per run.
 from __future__ import annotations
 
 import math
-from collections.abc import Sized
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int
+from lt_theory.callbacks.evaluation_sets import EvaluationSets, evaluation_sets
 from lt_theory.figures import FONT_SIZE, new_figure
 from lt_theory.measures.evaluation import loss_and_error_of_outputs
 from lt_theory.measures.risk import (
@@ -58,54 +56,6 @@ def _has_noise_records(datamodule) -> bool:
         and hasattr(test, "images")
         and hasattr(test, "labels")
     )
-
-
-class _TensorSet:
-    """An evaluation set held as tensors (an lt_theory split): ``images`` go through ``transform``."""
-
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int) -> None:
-        self.images, self.labels, self.batch_size = images, labels, batch_size
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batches(self, rank: int, world: int):
-        images, labels = (self.images, self.labels) if world == 1 else self._shard(rank, world)
-        for start in range(0, len(labels), self.batch_size):
-            yield images[start : start + self.batch_size], labels[start : start + self.batch_size]
-
-    def _shard(self, rank: int, world: int) -> tuple[Tensor, Tensor]:
-        shard = torch.arange(rank, len(self.labels), world)
-        return self.images[shard], self.labels[shard]
-
-
-class _DatasetSet:
-    """An evaluation set held as a map-style dataset (any data module), read by a sequential DataLoader.
-
-    The loader is built once per rank over ``Subset(dataset, indices[rank::world])`` with the collate function
-    and worker count of the loader the dataset came from; it never touches that loader or its sampler.
-    """
-
-    def __init__(self, dataset, indices: Tensor, like: DataLoader, batch_size: int) -> None:
-        self.dataset, self.indices, self.like, self.batch_size = dataset, indices, like, batch_size
-        self._loader: DataLoader | None = None
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def batches(self, rank: int, world: int):
-        if self._loader is None:
-            workers = self.like.num_workers
-            self._loader = DataLoader(
-                Subset(self.dataset, self.indices[rank::world].tolist()),
-                batch_size=self.batch_size,
-                shuffle=False,
-                collate_fn=self.like.collate_fn,
-                num_workers=workers,
-                persistent_workers=workers > 0,
-                generator=torch.Generator().manual_seed(0),  # workers' base seed: not the global RNG
-            )
-        return self._loader
 
 
 class DoubleDescentProbe(TheoryCallback):
@@ -158,8 +108,22 @@ class DoubleDescentProbe(TheoryCallback):
     Example:
         >>> from lightning.pytorch import Trainer
         >>> from lt_theory.data import SyntheticCIFARDataModule
-        >>> trainer = Trainer(callbacks=[DoubleDescentProbe(every_n_epochs=1)])
-        >>> # trainer.fit(module, datamodule=SyntheticCIFARDataModule(label_noise=0.15))
+        >>> probe = DoubleDescentProbe(every_n_epochs=1)
+        >>> trainer = Trainer(callbacks=[probe])
+        >>> # trainer.fit(module, datamodule=SyntheticCIFARDataModule(label_noise=0.15)) fills probe.history
+        >>> # (also restored on a resume), e.g. ten epochs whose test error rises while the train error falls:
+        >>> test = [0.50, 0.40, 0.33, 0.36, 0.44, 0.45, 0.38, 0.31, 0.28, 0.27]
+        >>> train = [0.60, 0.45, 0.30, 0.18, 0.09, 0.03, 0.01, 0.0, 0.0, 0.0]
+        >>> history = [
+        ...     {"epoch": epoch, "train_error": a, "test_error": b}
+        ...     for epoch, (a, b) in enumerate(zip(train, test), start=1)
+        ... ]
+        >>> probe.load_state_dict({"history": history, "interpolation_epoch": 7})
+        >>> [(peak.position, peak.value) for peak in probe.peaks()]
+        [(6, 0.45)]
+        >>> print(probe.summary())
+        After 10 epochs: train error 0 test error 0.27. The training set was interpolated at epoch 7.
+        Test-error peak(s): epoch 6 (test error 0.45): epoch-wise double descent.
     """
 
     prefix = "dd"
@@ -191,7 +155,7 @@ class DoubleDescentProbe(TheoryCallback):
         self.interpolation_epoch: int | None = None
         self.last_test_logits: Tensor | None = None
         self.last_test_labels: Tensor | None = None
-        self._sets: dict[str, object] | None = None
+        self._sets: EvaluationSets | None = None
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -221,76 +185,21 @@ class DoubleDescentProbe(TheoryCallback):
                 "(e.g. 0.15, as Nakkiran et al.) to watch memorisation.",
             )
 
-    def _train_subset(self, size: int) -> Tensor:
-        if self.train_subset_size is None or self.train_subset_size >= size:
-            return torch.arange(size)
-        generator = torch.Generator().manual_seed(self.seed)
-        return torch.randperm(size, generator=generator)[: self.train_subset_size].sort().values
-
     # -- evaluation sets --------------------------------------------------------------------------
 
-    def _evaluation_sets(self, trainer: Trainer) -> dict[str, object]:
-        """``{"train": ..., "test": ...}`` (either may be missing), and the noise records of the subset."""
-        if self._sets is not None:
-            return self._sets
-        datamodule = trainer.datamodule
-        sets: dict[str, object] = {}
-        if _has_noise_records(datamodule):
-            train, test = datamodule.train_dataset, datamodule.test_dataset
-            subset = self._train_subset(len(train.labels))
-            everything = len(subset) == len(train.labels)
-            images, labels = (
-                (train.images, train.labels) if everything else (train.images[subset], train.labels[subset])
+    def _evaluation_sets(self, trainer: Trainer) -> EvaluationSets:
+        """The training subset (with its noise records) and the test set, resolved once."""
+        if self._sets is None:
+            self._sets = evaluation_sets(
+                trainer, self.train_subset_size, None, self.seed, self.eval_batch_size, self.warn_once
             )
-            is_noisy = torch.zeros(len(train.labels), dtype=torch.bool)
-            is_noisy[train.noisy_indices] = True
-            sets["train"] = _TensorSet(images, labels, self.eval_batch_size)
-            sets["clean_labels"] = train.clean_labels[subset]
-            sets["is_noisy"] = is_noisy[subset]
-            sets["test"] = _TensorSet(test.images, test.labels, self.eval_batch_size)
-            sets["transform"] = datamodule.preprocess
-        else:
-            sets["transform"] = (
-                getattr(datamodule, "preprocess", None)
-                if callable(getattr(datamodule, "preprocess", None))
-                else None
-            )
-            loader = trainer.train_dataloader
-            if not isinstance(loader, DataLoader):
-                loader = datamodule.train_dataloader()
-            train = self._dataset_set(loader, "train_dataloader()", subset=True)
-            if train is not None:
-                sets["train"] = train
-            for hook in ("test_dataloader", "val_dataloader"):
-                if is_overridden(hook, datamodule):
-                    test = self._dataset_set(getattr(datamodule, hook)(), f"{hook}()", subset=False)
-                    if test is not None:
-                        sets["test"] = test
-                        break
-            else:
+            if self._sets.test is None:
                 self.warn_once(
                     "no-test-set",
-                    f"{type(datamodule).__name__} has no `test_dataloader` or `val_dataloader`, so "
+                    f"{type(trainer.datamodule).__name__} has no `test_dataloader` or `val_dataloader`, so "
                     "`dd/test_error` and `dd/test_loss` are off.",
                 )
-        self._sets = sets
-        return sets
-
-    def _dataset_set(self, loader, source: str, subset: bool) -> _DatasetSet | None:
-        dataset = getattr(loader, "dataset", None)
-        if (
-            not isinstance(loader, DataLoader)
-            or isinstance(dataset, IterableDataset)
-            or not isinstance(dataset, Sized)
-        ):
-            self.warn_once(
-                f"unsized:{source}",
-                f"`{source}` is not a DataLoader over a map-style dataset with a length, so the examples "
-                "it holds cannot be evaluated in a fixed order; the metrics on it are off.",
-            )
-            return None
-        indices = self._train_subset(len(dataset)) if subset else torch.arange(len(dataset))
-        return _DatasetSet(dataset, indices, loader, self.eval_batch_size)
+        return self._sets
 
     # -- evaluation -------------------------------------------------------------------------------
 
@@ -305,12 +214,12 @@ class DoubleDescentProbe(TheoryCallback):
     def _measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         sets = self._evaluation_sets(trainer)
         record: dict[str, float] = {}
-        if "train" in sets:
-            logits, labels = self._evaluate_everywhere(trainer, pl_module, sets["train"], sets["transform"])
-            if "clean_labels" in sets:
+        if sets.train is not None:
+            logits, labels = self._evaluate_everywhere(trainer, pl_module, sets.train, sets.transform)
+            if sets.clean_labels is not None:
                 device = logits.device
                 errors = noisy_label_errors(
-                    logits, labels, sets["clean_labels"].to(device), sets["is_noisy"].to(device)
+                    logits, labels, sets.clean_labels.to(device), sets.is_noisy.to(device)
                 )
                 record["train_error"] = errors.train_error
                 record["train_error_clean"] = errors.train_error_clean
@@ -319,10 +228,8 @@ class DoubleDescentProbe(TheoryCallback):
                     record["memorized_fraction"] = errors.memorized_fraction
             else:
                 record["train_error"] = loss_and_error_of_outputs(logits, labels)[1]
-        if "test" in sets:
-            test_logits, test_labels = self._evaluate_everywhere(
-                trainer, pl_module, sets["test"], sets["transform"]
-            )
+        if sets.test is not None:
+            test_logits, test_labels = self._evaluate_everywhere(trainer, pl_module, sets.test, sets.transform)
             record["test_loss"], record["test_error"] = loss_and_error_of_outputs(test_logits, test_labels)
             self.last_test_logits, self.last_test_labels = test_logits.cpu(), test_labels.cpu()
         return record

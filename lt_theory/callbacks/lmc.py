@@ -30,19 +30,18 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence, Sized
+from collections.abc import Sequence
 from numbers import Integral, Real
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int
+from lt_theory.callbacks.evaluation_sets import evaluation_sets
 from lt_theory.data.datamodule import derived_seed
 from lt_theory.figures import FONT_SIZE, new_figure
 from lt_theory.measures.interpolation import (
@@ -404,71 +403,26 @@ class LinearModeConnectivity(TheoryCallback):
         """``{"loaders": {"train": ..., "test": ...}, "transform": ...}`` for the paths, built once."""
         if self._sets is not None:
             return self._sets
-        datamodule = trainer.datamodule
-        transform = getattr(datamodule, "preprocess", None)
-        transform = transform if callable(transform) else None
-        loaders: dict[str, object] = {}
-        train = getattr(datamodule, "train_dataset", None)
-        if transform is not None and hasattr(train, "images") and hasattr(train, "labels"):
-            test = getattr(datamodule, "test_dataset", None) or getattr(datamodule, "val_dataset", None)
-            loaders["train"] = self._tensor_batches(train, self._subset(len(train.labels)))
-            if test is not None:
-                size = (
-                    len(test.labels)
-                    if self.test_subset_size is None
-                    else min(self.test_subset_size, len(test))
-                )
-                loaders["test"] = self._tensor_batches(test, torch.arange(size))
-        else:
-            loaders.update(self._generic_loaders(trainer, datamodule))
-        if "train" not in loaders:
+        sets = evaluation_sets(
+            trainer,
+            self.train_subset_size,
+            self.test_subset_size,
+            self.seed,
+            self.eval_batch_size,
+            self.warn_once,
+        )
+        if sets.train is None:
             raise ValueError(
-                f"LinearModeConnectivity needs the training set of {type(datamodule).__name__} as a "
+                f"LinearModeConnectivity needs the training set of {type(trainer.datamodule).__name__} as a "
                 "map-style dataset with a length (a DataLoader over it) to evaluate the path; found none."
             )
-        if "test" not in loaders:
-            self.warn_once(
-                "no-test-set", "the data module has no test or validation set: only train barriers."
-            )
-        self._sets = {"loaders": loaders, "transform": transform}
+        loaders = {"train": sets.train}
+        if sets.test is None:
+            self.warn_once("no-test-set", "the data module has no test or validation set: only train barriers.")
+        else:
+            loaders["test"] = sets.test
+        self._sets = {"loaders": loaders, "transform": sets.transform}
         return self._sets
-
-    def _subset(self, size: int) -> Tensor:
-        if self.train_subset_size is None or self.train_subset_size >= size:
-            return torch.arange(size)
-        generator = torch.Generator().manual_seed(self.seed)
-        return torch.randperm(size, generator=generator)[: self.train_subset_size].sort().values
-
-    def _tensor_batches(self, split, indices: Tensor) -> list[tuple[Tensor, Tensor]]:
-        images, labels = split.images[indices], split.labels[indices]
-        step = self.eval_batch_size
-        return [(images[i : i + step], labels[i : i + step]) for i in range(0, len(labels), step)]
-
-    def _generic_loaders(self, trainer: Trainer, datamodule: LightningDataModule) -> dict:
-        loaders = {}
-        train_loader = trainer.train_dataloader  # the loader in use; the data module's hook otherwise
-        if not isinstance(train_loader, DataLoader):
-            train_loader = datamodule.train_dataloader()
-        if _is_map_loader(train_loader):
-            loaders["train"] = self._subset_loader(train_loader, self._subset(len(train_loader.dataset)))
-        for hook in ("test_dataloader", "val_dataloader"):
-            if is_overridden(hook, datamodule):
-                loader = getattr(datamodule, hook)()
-                if _is_map_loader(loader):
-                    size = len(loader.dataset)
-                    size = size if self.test_subset_size is None else min(size, self.test_subset_size)
-                    loaders["test"] = self._subset_loader(loader, torch.arange(size))
-                    break
-        return loaders
-
-    def _subset_loader(self, like: DataLoader, indices: Tensor) -> DataLoader:
-        return DataLoader(
-            Subset(like.dataset, indices.tolist()),
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            collate_fn=like.collate_fn,
-            generator=torch.Generator().manual_seed(0),  # workers' base seed: not the global RNG
-        )
 
     def _paths(self, trainer: Trainer, model_a, model_b, device) -> dict:
         """Train and test paths between two networks, with their barriers, as plain Python numbers."""
@@ -758,15 +712,6 @@ class LinearModeConnectivity(TheoryCallback):
         self.history = [dict(h) for h in state_dict["history"]]
         self.init_weights = state_dict["init_weights"]
         self._init_state = None
-
-
-def _is_map_loader(loader) -> bool:
-    dataset = getattr(loader, "dataset", None)
-    return (
-        isinstance(loader, DataLoader)
-        and not isinstance(dataset, IterableDataset)
-        and isinstance(dataset, Sized)
-    )
 
 
 def _as_float(value) -> float:
