@@ -10,52 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from numbers import Integral, Real
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lt_theory import loggers
+from lt_theory.checks import check_positive_int
 
-__all__ = ["TheoryCallback", "check_fraction", "check_positive_int"]
-
-
-def check_positive_int(name: str, value, allow_none: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is an int >= 1 (or None when allowed).
-
-    Args:
-        name: the argument's name, quoted in the message.
-        value: the value given.
-        allow_none: accept ``None`` (meaning "never" / "off").
-
-    Raises:
-        ValueError: naming ``name`` and what it accepts.
-    """
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        accepted = "a positive integer" + (" or None" if allow_none else "")
-        raise ValueError(f"`{name}` must be {accepted}, got {value!r}")
-
-
-def check_fraction(name: str, value, low_open: bool = False, high_open: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is a real number in [0, 1] (ends open as asked).
-
-    Args:
-        name: the argument's name, quoted in the message.
-        value: the value given.
-        low_open: exclude 0.
-        high_open: exclude 1.
-
-    Raises:
-        ValueError: naming ``name`` and the accepted interval.
-    """
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
-    if not ok:
-        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
-        raise ValueError(f"`{name}` must be a number in {interval}, got {value!r}")
+__all__ = ["TheoryCallback"]
 
 
 class TheoryCallback(Callback):

@@ -29,8 +29,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int
+from lt_theory.callbacks.base import TheoryCallback
 from lt_theory.callbacks.evaluation_sets import EvaluationSets, evaluation_sets
+from lt_theory.checks import check_fraction, check_positive_int
 from lt_theory.figures import FONT_SIZE, new_figure
 from lt_theory.measures.evaluation import loss_and_error_of_outputs
 from lt_theory.measures.risk import (

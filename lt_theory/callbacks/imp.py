@@ -60,7 +60,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int
+from lt_theory.callbacks.base import TheoryCallback
+from lt_theory.checks import check_choice, check_fraction, check_positive_int
 from lt_theory.figures import FONT_SIZE, new_figure
 from lt_theory.loggers import log_tensorboard_scalars
 from lt_theory.measures.modes import forked_rng
@@ -327,10 +328,10 @@ class IMPPruner(TheoryCallback):
                 f"`rewind_step` must be smaller than the first level's length `steps_per_level`="
                 f"{steps_per_level}, got {rewind_step}"
             )
-        _check_choice("scope", scope, PRUNING_SCOPES)
-        _check_choice("control", control, (None, *IMP_CONTROLS))
-        _check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATES)
-        _check_choice("eval_split", eval_split, _EVAL_SPLITS)
+        check_choice("scope", scope, PRUNING_SCOPES)
+        check_choice("control", control, (None, *IMP_CONTROLS))
+        check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATES)
+        check_choice("eval_split", eval_split, _EVAL_SPLITS)
         if not isinstance(prune_output_layer, bool):
             raise ValueError(f"`prune_output_layer` must be True or False, got {prune_output_layer!r}")
         for name, names in (("include", include), ("exclude", exclude)):
@@ -857,8 +858,3 @@ class IMPPruner(TheoryCallback):
         self._rewind_file = state_dict["rewind_file"]
         self._reinit_state = state_dict["reinit_state"]
         self._rewind = self._load_rewind_file() if self._rewind_file is not None else state_dict["rewind"]
-
-
-def _check_choice(name: str, value, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")

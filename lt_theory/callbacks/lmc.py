@@ -40,8 +40,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
-from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int
+from lt_theory.callbacks.base import TheoryCallback
 from lt_theory.callbacks.evaluation_sets import evaluation_sets
+from lt_theory.checks import check_fraction, check_positive_int
 from lt_theory.data.datamodule import derived_seed
 from lt_theory.figures import FONT_SIZE, new_figure
 from lt_theory.measures.interpolation import (

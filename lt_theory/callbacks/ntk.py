@@ -21,8 +21,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lt_theory.callbacks.base import TheoryCallback, check_fraction, check_positive_int
+from lt_theory.callbacks.base import TheoryCallback
 from lt_theory.callbacks.probe import Probe
+from lt_theory.checks import check_fraction, check_positive_int
 from lt_theory.figures import new_figure
 from lt_theory.measures.ntk import (
     KERNEL_KINDS,
@@ -70,8 +71,20 @@ class NTKDrift(TheoryCallback):
         ValueError: for a bad argument, naming it.
 
     Example:
+        >>> import torch
         >>> from lightning.pytorch import Trainer
-        >>> trainer = Trainer(callbacks=[NTKDrift(every_n_steps=100, probe_size=32)])
+        >>> ntk = NTKDrift(every_n_steps=100, probe_inputs=torch.zeros(32, 3, 32, 32))
+        >>> trainer = Trainer(callbacks=[ntk])
+        >>> # trainer.fit(module, datamodule=...) fills ntk.history, one dict per measurement, e.g.:
+        >>> ntk.history = [
+        ...     {"step": 0, "relative_change": 0.0, "distance_from_init": 0.0},
+        ...     {"step": 100, "relative_change": 0.3, "distance_from_init": 0.08},
+        ...     {"step": 200, "relative_change": 0.5, "distance_from_init": 0.12},
+        ... ]
+        >>> print(ntk.verdict())  # the last relative change against lazy_threshold=0.1
+        Over 200 steps the pntk kernel on 32 probe examples moved by a relative change of 0.5 (threshold 0.1)
+        and a kernel distance of 0.12 from initialisation; half of that distance was reached by step 100.
+        Verdict: feature learning (rich regime): the tangent kernel, and so the features, changed.
     """
 
     prefix = "ntk"

@@ -13,7 +13,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lt_theory.callbacks.base import check_positive_int
+from lt_theory.checks import check_positive_int
 
 __all__ = ["Probe"]
 
@@ -34,8 +34,16 @@ class Probe:
         ValueError: for a bad ``size``/``split``, or targets that do not match the inputs.
 
     Example:
-        >>> probe = Probe(size=32, split="train")
-        >>> # in a hook: probe.resolve(trainer) or probe.capture(batch); then probe.inputs, probe.targets
+        >>> import torch
+        >>> probe = Probe(size=2, split="train")
+        >>> probe.ready  # in a hook: probe.resolve(trainer) (the data module's probe) or probe.capture(batch)
+        False
+        >>> probe.capture((torch.arange(8.0).reshape(4, 2), torch.tensor([3, 1, 4, 1])))
+        >>> probe.inputs.tolist(), probe.targets.tolist()  # the first `size` examples of the batch
+        ([[0.0, 1.0], [2.0, 3.0]], [3, 1])
+        >>> probe.capture((torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)))  # kept: chosen once
+        >>> probe.on(torch.device("cpu"))[1].tolist()
+        [3, 1]
     """
 
     def __init__(

@@ -20,8 +20,9 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
-from lt_theory.callbacks.base import TheoryCallback, check_positive_int
+from lt_theory.callbacks.base import TheoryCallback
 from lt_theory.callbacks.probe import Probe
+from lt_theory.checks import check_positive_int
 from lt_theory.figures import FONT_SIZE, new_figure
 from lt_theory.measures.lipschitz import (
     UnsupportedModelError,
@@ -140,6 +141,10 @@ class SpectralNormMonitor(TheoryCallback):
     Example:
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[SpectralNormMonitor(every_n_steps=100, bound_every_n_steps=2000)])
+        >>> SpectralNormMonitor(every_n_steps=100, bound_every_n_steps=0)  # a bad argument, named
+        Traceback (most recent call last):
+            ...
+        ValueError: `bound_every_n_steps` must be a positive integer, got 0
     """
 
     prefix = "spectral"

@@ -32,6 +32,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from lt_theory.checks import check_fraction, check_int
 from lt_theory.data.augment import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -175,16 +176,16 @@ class CIFARDataModule(LightningDataModule):
         train_split: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        _check_integer("num_classes", num_classes, minimum=2)
-        _check_integer("batch_size", batch_size, minimum=1)
+        check_int("num_classes", num_classes, minimum=2)
+        check_int("batch_size", batch_size, minimum=1)
         if eval_batch_size is not None:
-            _check_integer("eval_batch_size", eval_batch_size, minimum=1)
-        _check_integer("num_workers", num_workers, minimum=0)
-        _check_integer("val_size", val_size, minimum=0)
-        _check_fraction("label_noise", label_noise)
+            check_int("eval_batch_size", eval_batch_size, minimum=1)
+        check_int("num_workers", num_workers, minimum=0)
+        check_int("val_size", val_size, minimum=0)
+        check_fraction("label_noise", label_noise)
         if not isinstance(augment, bool):
             raise ValueError(f"`augment` must be True or False, got {augment!r}")
-        _check_integer("seed", seed, minimum=0)
+        check_int("seed", seed, minimum=0)
         self.train_split = _check_train_split(train_split)
         self.num_classes = num_classes
         self.batch_size = batch_size
@@ -418,7 +419,7 @@ class CIFARDataModule(LightningDataModule):
             >>> bool((next(iter(a.train_dataloader()))[1] == next(iter(b.train_dataloader()))[1]).all())
             False
         """
-        _check_integer("order_seed", order_seed, minimum=0)
+        check_int("order_seed", order_seed, minimum=0)
         self.order_seed = int(order_seed)
         self._shuffle_generator.manual_seed(derived_seed("shuffle", order_seed))
         self._replay = (None, 0)
@@ -720,9 +721,9 @@ class SyntheticCIFARDataModule(CIFARDataModule):
             seed,
             train_split,
         )
-        _check_integer("num_train", num_train, minimum=1)
-        _check_integer("num_test", num_test, minimum=1)
-        _check_integer("data_seed", data_seed, minimum=0)
+        check_int("num_train", num_train, minimum=1)
+        check_int("num_test", num_test, minimum=1)
+        check_int("data_seed", data_seed, minimum=0)
         self.num_train = num_train
         self.num_test = num_test
         self.data_seed = data_seed
@@ -762,12 +763,6 @@ def channel_statistics(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[f
     return tuple(means), tuple(stds)
 
 
-def _check_integer(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"`{name}` must be {kind}, got {value!r}")
-
-
 def _check_train_split(value: Any) -> tuple[int, int] | None:
     """``(i, m)`` as a tuple of ints with ``m >= 2`` and ``0 <= i < m``, or None."""
     if value is None:
@@ -780,11 +775,6 @@ def _check_train_split(value: Any) -> tuple[int, int] | None:
             f"got {value!r}"
         )
     return int(value[0]), int(value[1])
-
-
-def _check_fraction(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")
 
 
 def _same_device(first: torch.device, second: torch.device) -> bool:

@@ -80,6 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lt_theory.checks import check_finite_real, check_positive_int
 from lt_theory.measures.evaluation import evaluate, model_device
 from lt_theory.measures.modes import eval_mode, forked_rng
 
@@ -141,24 +142,6 @@ class LinearPath(NamedTuple):
 
 # ------------------------------------------------------------------------------------------------------------
 # Argument checks and small helpers.
-
-
-def _check_positive_int(value: object, name: str, allow_none: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int >= 1 (or None where allowed)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        accepted = "a positive int" + (" or None" if allow_none else "")
-        raise ValueError(f"`{name}` must be {accepted}, got {value!r}")
-
-
-def _finite_real(value: object, name: str) -> float:
-    """``value`` as a Python float; ``ValueError`` naming ``name`` unless it is a finite real number."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite real number, got {value!r}")
-    return float(value)
 
 
 def _is_interpolable(tensor: Tensor) -> bool:
@@ -260,7 +243,7 @@ def interpolate_state(
         >>> interpolate_state(a, b, 0.25)
         {'w': tensor([1., 2.]), 'n': tensor(3)}
     """
-    alpha = _finite_real(alpha, "alpha")
+    alpha = check_finite_real("alpha", alpha)
     if buffers not in _BUFFER_MODES:
         raise ValueError(f"`buffers` must be one of {_BUFFER_MODES}, got {buffers!r}")
     buffer_names: set[str] = set()
@@ -390,7 +373,7 @@ def reset_batchnorm_statistics(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    _check_positive_int(num_batches, "num_batches", allow_none=True)
+    check_positive_int("num_batches", num_batches, allow_none=True)
     if method not in _RESET_METHODS:
         raise ValueError(f"`method` must be one of {_RESET_METHODS}, got {method!r}")
     if transform is not None and not callable(transform):
@@ -512,7 +495,7 @@ def _alphas(alphas: object) -> Tensor:
         grid = alphas.detach().to("cpu", torch.float64)
     elif isinstance(alphas, Sequence) and not isinstance(alphas, str):
         try:
-            grid = torch.tensor([_finite_real(a, "alphas") for a in alphas], dtype=torch.float64)
+            grid = torch.tensor([check_finite_real("alphas", a) for a in alphas], dtype=torch.float64)
         except ValueError:
             raise ValueError(f"`alphas` must hold finite real numbers, got {alphas!r}") from None
     else:
@@ -643,7 +626,7 @@ def linear_paths(
     grid = _alphas(alphas)
     if bn not in BN_MODES:
         raise ValueError(f"`bn` must be one of {BN_MODES}, got {bn!r}")
-    _check_positive_int(bn_batches, "bn_batches", allow_none=True)
+    check_positive_int("bn_batches", bn_batches, allow_none=True)
     if not callable(loss_fn):
         raise ValueError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
     if transform is not None and not callable(transform):
@@ -761,7 +744,7 @@ def stable_point(
         >>> stable_point([0, 100, 500, 2000], [0.3, 0.05, 0.01, 0.015])
         500
     """
-    threshold = _finite_real(threshold, "threshold")
+    threshold = check_finite_real("threshold", threshold)
     if isinstance(spawn_steps, (str, bytes)) or not isinstance(spawn_steps, Sequence):
         raise ValueError(f"`spawn_steps` must be a sequence of ints, got {type(spawn_steps).__name__}")
     steps = list(spawn_steps)

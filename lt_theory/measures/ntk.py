@@ -87,13 +87,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from numbers import Integral
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from lt_theory.checks import check_positive_int, check_tensor
 from lt_theory.measures.modes import eval_mode, forked_rng
 
 __all__ = [
@@ -123,21 +123,6 @@ the time per example is flat from 32 to 128 passes and grows beyond)."""
 # Argument checks.
 
 
-def _check_positive_int(value: object, name: str, allow_none: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int >= 1 (or None where allowed)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        accepted = "a positive int" + (" or None" if allow_none else "")
-        raise ValueError(f"`{name}` must be {accepted}, got {value!r}")
-
-
-def _check_tensor(value: object, name: str) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise ValueError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
-    return value
-
-
 def _float(kernel: Tensor) -> Tensor:
     """The kernel in a floating dtype of at least float32 (half precision is promoted)."""
     if kernel.dtype in (torch.float32, torch.float64):
@@ -147,7 +132,7 @@ def _float(kernel: Tensor) -> Tensor:
 
 def _matrix(kernel: object, name: str) -> Tensor:
     """A 2-D kernel as is, a 4-D full kernel as its flattened matrix; anything else raises ``ValueError``."""
-    kernel = _check_tensor(kernel, name)
+    kernel = check_tensor(name, kernel)
     if kernel.ndim == 4:
         return _float(flatten_kernel(kernel))
     if kernel.ndim != 2:
@@ -223,16 +208,16 @@ def empirical_ntk(
     """
     if kind not in KERNEL_KINDS:
         raise ValueError(f"`kind` must be one of {KERNEL_KINDS}, got {kind!r}")
-    _check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    _check_positive_int(memory_budget, "memory_budget")
+    check_positive_int("chunk_size", chunk_size, allow_none=True)
+    check_positive_int("memory_budget", memory_budget)
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     symmetric = x2 is None or x2 is x1
-    x1 = _check_tensor(x1, "x1")
+    x1 = check_tensor("x1", x1)
     if x1.ndim < 1 or x1.shape[0] < 1:
         raise ValueError(f"`x1` must have a batch dimension with at least one example, got {tuple(x1.shape)}")
     if not symmetric:
-        x2 = _check_tensor(x2, "x2")
+        x2 = check_tensor("x2", x2)
         if x2.ndim != x1.ndim or x2.shape[1:] != x1.shape[1:] or x2.shape[0] < 1:
             raise ValueError(
                 f"`x2` must hold at least one example of the shape of `x1`'s, {tuple(x1.shape[1:])}, "
@@ -441,7 +426,7 @@ def flatten_kernel(kernel: Tensor) -> Tensor:
         >>> flatten_kernel(torch.zeros(5, 3, 2, 2)).shape
         torch.Size([10, 6])
     """
-    kernel = _check_tensor(kernel, "kernel")
+    kernel = check_tensor("kernel", kernel)
     if kernel.ndim != 4:
         raise ValueError(f"`kernel` must have shape (N1, N2, O1, O2), got {tuple(kernel.shape)}")
     n1, n2, o1, o2 = kernel.shape
@@ -478,7 +463,7 @@ def kernel_distance(K1: Tensor, K2: Tensor) -> Tensor:
         >>> kernel_distance(torch.eye(2), torch.ones(2, 2))  # 1 - 2 / (sqrt(2) * 2)
         tensor(0.2929)
     """
-    K1, K2 = _check_tensor(K1, "K1"), _check_tensor(K2, "K2")
+    K1, K2 = check_tensor("K1", K1), check_tensor("K2", K2)
     if K1.shape != K2.shape:
         raise ValueError(f"`K2` must have the shape of `K1`, {tuple(K1.shape)}, got {tuple(K2.shape)}")
     a, b = _matrix(K1, "K1"), _matrix(K2, "K2")
@@ -504,7 +489,7 @@ def relative_change(K_t: Tensor, K_0: Tensor) -> Tensor:
         >>> relative_change(K_0 + torch.eye(2), K_0)  # sqrt(2) / sqrt(10)
         tensor(0.4472)
     """
-    K_t, K_0 = _check_tensor(K_t, "K_t"), _check_tensor(K_0, "K_0")
+    K_t, K_0 = check_tensor("K_t", K_t), check_tensor("K_0", K_0)
     if K_t.shape != K_0.shape:
         raise ValueError(f"`K_t` must have the shape of `K_0`, {tuple(K_0.shape)}, got {tuple(K_t.shape)}")
     now, ref = _matrix(K_t, "K_t"), _matrix(K_0, "K_0")
@@ -535,7 +520,7 @@ def _targets(y: Tensor, n: int, num_classes: int | None, dtype: torch.dtype) -> 
     if num_classes is None:
         num_classes = largest + 1
     else:
-        _check_positive_int(num_classes, "num_classes", allow_none=True)
+        check_positive_int("num_classes", num_classes, allow_none=True)
         if largest >= num_classes:
             raise ValueError(f"`num_classes` must exceed the largest label, {largest}, got {num_classes}")
     return torch.nn.functional.one_hot(y.long(), num_classes).to(dtype)
@@ -579,8 +564,8 @@ def kernel_alignment(
         >>> kernel_alignment(torch.eye(3), y)  # 1 / sqrt(2)
         tensor(0.7071)
     """
-    K = _check_tensor(K, "K")
-    y = _check_tensor(y, "y")
+    K = check_tensor("K", K)
+    y = check_tensor("y", y)
     if not isinstance(centered, bool):
         raise ValueError(f"`centered` must be a bool, got {centered!r}")
     if K.ndim == 4:
@@ -648,7 +633,7 @@ def kernel_spectrum(K: Tensor, top_k: int | None = None) -> KernelSpectrum:
     n = matrix.shape[0]
     if matrix.shape[1] != n:
         raise ValueError(f"`K` must be a square kernel, got shape {tuple(K.shape)}")
-    _check_positive_int(top_k, "top_k", allow_none=True)
+    check_positive_int("top_k", top_k, allow_none=True)
     if top_k is not None and top_k > n:
         raise ValueError(f"`top_k` must be at most the size of the kernel matrix, {n}, got {top_k}")
     k = n if top_k is None else int(top_k)

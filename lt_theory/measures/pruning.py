@@ -76,11 +76,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
-from numbers import Integral, Real
+from numbers import Integral
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from lt_theory.checks import check_fraction, check_int
 
 __all__ = [
     "PRUNABLE_MODULES",
@@ -109,19 +111,6 @@ PRUNING_SCOPES = ("global", "layerwise")
 
 # ------------------------------------------------------------------------------------------------------------
 # Argument checks.
-
-
-def _check_fraction(fraction: object) -> float:
-    """``fraction`` as a float, or ``ValueError`` unless it is a real number strictly between 0 and 1."""
-    if isinstance(fraction, bool) or not isinstance(fraction, Real) or not 0.0 < float(fraction) < 1.0:
-        raise ValueError(f"`fraction` must be a number strictly between 0 and 1, got {fraction!r}")
-    return float(fraction)
-
-
-def _check_levels(levels: object) -> int:
-    if isinstance(levels, bool) or not isinstance(levels, Integral) or levels < 0:
-        raise ValueError(f"`levels` must be an int >= 0, got {levels!r}")
-    return int(levels)
 
 
 def _check_masks(masks: object, name: str = "masks") -> Mapping[str, Tensor]:
@@ -306,7 +295,7 @@ def magnitude_masks(
         >>> magnitude_masks(weights, 0.4, current_masks=masks)["a"].tolist()  # round(0.4 * 3) = 1 more
         [True, False, False]
     """
-    fraction = _check_fraction(fraction)
+    fraction = check_fraction("fraction", fraction, low_open=True, high_open=True)
     if scope not in PRUNING_SCOPES:
         raise ValueError(f"`scope` must be one of {PRUNING_SCOPES}, got {scope!r}")
     if isinstance(model, nn.Module):
@@ -644,8 +633,8 @@ def remaining_fraction_after(levels: int, fraction: float) -> float:
         >>> round(remaining_fraction_after(3, 0.2), 6)
         0.512
     """
-    levels = _check_levels(levels)
-    return (1.0 - _check_fraction(fraction)) ** levels
+    levels = check_int("levels", levels, 0)
+    return (1.0 - check_fraction("fraction", fraction, low_open=True, high_open=True)) ** levels
 
 
 def remaining_counts(total: int, levels: int, fraction: float) -> list[int]:
@@ -671,8 +660,8 @@ def remaining_counts(total: int, levels: int, fraction: float) -> list[int]:
     """
     if isinstance(total, bool) or not isinstance(total, Integral) or total < 0:
         raise ValueError(f"`total` must be an int >= 0, got {total!r}")
-    levels = _check_levels(levels)
-    fraction = _check_fraction(fraction)
+    levels = check_int("levels", levels, 0)
+    fraction = check_fraction("fraction", fraction, low_open=True, high_open=True)
     counts = [int(total)]
     for _ in range(levels):
         counts.append(counts[-1] - _count_to_prune(fraction, counts[-1]))

@@ -121,6 +121,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lt_theory.checks import check_int, check_nonnegative, check_tensor
 from lt_theory.measures.evaluation import CLASSIFIER_LOSSES, evaluate, predicted_classes
 
 __all__ = [
@@ -150,26 +151,8 @@ SMOOTHING_METHODS = ("median", "mean", None)
 # Argument checks.
 
 
-def _check_tensor(value: object, name: str) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise ValueError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
-    return value
-
-
 def _is_integer_tensor(t: Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
-
-
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_nonnegative(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not (0 <= float(value) < math.inf):
-        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def _float_list(values: object, name: str) -> list[float]:
@@ -231,7 +214,7 @@ class NoisyLabelErrors(NamedTuple):
 
 def _predictions(outputs: object, name: str) -> Tensor:
     """Integer predictions from integer predictions ``(N,)`` or floating logits/scores ``(N, C)``."""
-    outputs = _check_tensor(outputs, name)
+    outputs = check_tensor(name, outputs)
     if outputs.ndim == 2 and outputs.is_floating_point() and outputs.shape[1] >= 1:
         return predicted_classes(outputs)  # -1 for a row holding NaN or Inf: an error whatever the label
     if outputs.ndim == 1 and _is_integer_tensor(outputs):
@@ -243,7 +226,7 @@ def _predictions(outputs: object, name: str) -> Tensor:
 
 
 def _labels(labels: object, n: int, name: str, device: torch.device) -> Tensor:
-    labels = _check_tensor(labels, name)
+    labels = check_tensor(name, labels)
     if labels.ndim != 1 or not _is_integer_tensor(labels):
         raise ValueError(
             f"`{name}` must be a 1-D integer tensor, got dtype {labels.dtype} and shape {tuple(labels.shape)}"
@@ -304,7 +287,7 @@ def noisy_label_errors(
     if noisy_indices is None:
         noisy = labels != clean_labels
     else:
-        noisy_indices = _check_tensor(noisy_indices, "noisy_indices").to(device)
+        noisy_indices = check_tensor("noisy_indices", noisy_indices).to(device)
         if noisy_indices.dtype == torch.bool:
             if noisy_indices.shape != (n,):
                 raise ValueError(
@@ -449,7 +432,7 @@ def interpolation_threshold(
     """
     errors = _float_list(train_errors, "train_errors")
     times = _positions(steps_or_epochs, len(errors), "steps_or_epochs", "train_errors")
-    epsilon = _check_nonnegative(epsilon, "epsilon")
+    epsilon = check_nonnegative("epsilon", epsilon)
     for time, error in zip(times, errors):
         if error <= epsilon:  # False for NaN
             return time
@@ -496,8 +479,8 @@ def effective_model_complexity(
             f"`sizes` must have one entry per entry of `train_errors` ({len(errors)}), got {len(raw)}"
         )
     for size in raw:
-        _check_int(size, "sizes", 1)
-    epsilon = _check_nonnegative(epsilon, "epsilon")
+        check_int("sizes", size, 1)
+    epsilon = check_nonnegative("epsilon", epsilon)
     by_size: dict[int, list[float]] = {}
     for size, error in zip(raw, errors):
         if not math.isnan(error):
@@ -654,13 +637,13 @@ def find_peaks(
     )
     if smoothing not in SMOOTHING_METHODS:
         raise ValueError(f"`smoothing` must be one of {SMOOTHING_METHODS}, got {smoothing!r}")
-    window = _check_int(window, "window", 1)
+    window = check_int("window", window, 1)
     if window % 2 == 0:
         raise ValueError(f"`window` must be odd (a centred window), got {window}")
-    min_prominence = _check_nonnegative(min_prominence, "min_prominence")
-    noise_factor = _check_nonnegative(noise_factor, "noise_factor")
+    min_prominence = check_nonnegative("min_prominence", min_prominence)
+    noise_factor = check_nonnegative("noise_factor", noise_factor)
     if noise_level is not None:
-        noise_level = _check_nonnegative(noise_level, "noise_level")
+        noise_level = check_nonnegative("noise_level", noise_level)
     if not isinstance(require_descent_before, bool):
         raise ValueError(f"`require_descent_before` must be a bool, got {require_descent_before!r}")
 
@@ -729,8 +712,8 @@ def disjoint_splits(n: int, m: int, generator: torch.Generator | int) -> list[Te
         >>> [len(split) for split in splits], len(set(torch.cat(splits).tolist()))
         ([3, 3, 3], 9)
     """
-    n = _check_int(n, "n", 1)
-    m = _check_int(m, "m", 2)
+    n = check_int("n", n, 1)
+    m = check_int("m", m, 2)
     if m > n:
         raise ValueError(f"`m` must be at most `n` ({n}) so that no split is empty, got {m}")
     if isinstance(generator, Integral) and not isinstance(generator, bool):
@@ -755,7 +738,7 @@ class BiasVariance(NamedTuple):
 
 def _ensemble(predictions: object, name: str) -> Tensor:
     """``(k, m, N, C)`` floating predictions from ``(m, N, C)`` or ``(k, m, N, C)``."""
-    predictions = _check_tensor(predictions, name)
+    predictions = check_tensor(name, predictions)
     if predictions.ndim not in (3, 4) or not predictions.is_floating_point():
         raise ValueError(
             f"`{name}` must be floating, of shape (m, N, C) for m models or (k, m, N, C) for k partitions, "
@@ -777,7 +760,7 @@ def _ensemble(predictions: object, name: str) -> Tensor:
 
 def _target_matrix(targets: object, n: int, c: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``(N, C)`` targets: one-hot rows for integer labels, the given float matrix otherwise."""
-    targets = _check_tensor(targets, "targets")
+    targets = check_tensor("targets", targets)
     if targets.ndim == 1 and _is_integer_tensor(targets):
         if targets.shape[0] != n:
             raise ValueError(f"`targets` must have one label per test point ({n}), got {targets.shape[0]}")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lt_theory.models.resnet_cifar import _positive_int
+from lt_theory.checks import check_positive_int
 
 __all__ = ["PreActBlock", "PreActResNet18"]
 
@@ -75,9 +75,9 @@ class PreActResNet18(nn.Module):
 
     def __init__(self, k: int = 64, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        _positive_int(k, "k")
-        _positive_int(num_classes, "num_classes")
-        _positive_int(in_channels, "in_channels")
+        check_positive_int("k", k)
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("in_channels", in_channels)
         self.k = k
         self.conv1 = nn.Conv2d(in_channels, k, 3, stride=1, padding=1, bias=False)
         channels = k

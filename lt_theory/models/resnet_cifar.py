@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lt_theory.checks import check_positive_int
+
 __all__ = [
     "BasicBlock",
     "CIFARResNet",
@@ -37,13 +39,6 @@ __all__ = [
 ]
 
 _SHORTCUTS = ("A", "B")
-
-
-def _positive_int(value: object, name: str) -> int:
-    """Return ``value`` if it is a positive ``int`` (not a ``bool``), else raise ``ValueError`` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-    return value
 
 
 class ZeroPadShortcut(nn.Module):
@@ -67,9 +62,9 @@ class ZeroPadShortcut(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 2) -> None:
         super().__init__()
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        self.out_channels = _positive_int(out_channels, "out_channels")
-        self.stride = _positive_int(stride, "stride")
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.out_channels = check_positive_int("out_channels", out_channels)
+        self.stride = check_positive_int("stride", stride)
         if out_channels < in_channels:
             raise ValueError(
                 f"`out_channels` must be at least `in_channels` ({in_channels}) for a zero-padding shortcut, "
@@ -162,9 +157,9 @@ class CIFARResNet(nn.Module):
             raise ValueError(
                 f"`depth` must be 6n + 2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), got {depth!r}"
             )
-        _positive_int(num_classes, "num_classes")
-        _positive_int(width, "width")
-        _positive_int(in_channels, "in_channels")
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("width", width)
+        check_positive_int("in_channels", in_channels)
         if shortcut not in _SHORTCUTS:
             raise ValueError(f"`shortcut` must be one of {_SHORTCUTS}, got {shortcut!r}")
         self.depth = depth

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from lt_theory.models.resnet_cifar import _positive_int
+from lt_theory.checks import check_positive_int
 
 __all__ = ["LeNet", "MLP"]
 
@@ -49,10 +49,10 @@ class MLP(nn.Module):
         if not in_shape:
             raise ValueError("`in_shape` must hold at least one positive int, got ()")
         for size in in_shape:
-            _positive_int(size, "in_shape")
+            check_positive_int("in_shape", size)
         for size in hidden:
-            _positive_int(size, "hidden")
-        _positive_int(num_classes, "num_classes")
+            check_positive_int("hidden", size)
+        check_positive_int("num_classes", num_classes)
         self.in_shape = in_shape
         self.hidden = hidden
         layers: list[nn.Module] = [nn.Flatten()]
@@ -86,8 +86,8 @@ class LeNet(nn.Module):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10) -> None:
         super().__init__()
-        _positive_int(in_channels, "in_channels")
-        _positive_int(num_classes, "num_classes")
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("num_classes", num_classes)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, 5),
             nn.ReLU(),
