@@ -32,7 +32,7 @@ from torch import Tensor
 from lt_theory.callbacks.base import TheoryCallback
 from lt_theory.callbacks.evaluation_sets import EvaluationSets, evaluation_sets
 from lt_theory.checks import check_fraction, check_positive_int
-from lt_theory.figures import FONT_SIZE, new_figure
+from lt_theory.figures import epochwise_figure
 from lt_theory.measures.evaluation import loss_and_error_of_outputs
 from lt_theory.measures.risk import (
     evaluate_classifier,
@@ -321,18 +321,7 @@ class DoubleDescentProbe(TheoryCallback):
         return " ".join(parts)
 
     def _log_curves(self, trainer: Trainer, peaks) -> None:
-        epochs = [h["epoch"] for h in self.history]
-        figure, axis = new_figure(6, 4)
-        for key, style in (("train_error", "-"), ("train_error_clean", "--"), ("train_error_noisy", ":")):
-            axis.plot(epochs, [h.get(key, math.nan) for h in self.history], style, label=key)
-        axis.plot(epochs, [h.get("test_error", math.nan) for h in self.history], "o-", label="test_error")
-        if self.interpolation_epoch is not None:
-            axis.axvline(self.interpolation_epoch, color="grey", linestyle="--", label="interpolation")
-        for peak in peaks:
-            axis.annotate("peak", (peak.position, peak.value), textcoords="offset points", xytext=(0, 8))
-        axis.set_xlabel("epoch")
-        axis.set_ylabel("error")
-        axis.legend(fontsize=FONT_SIZE)
+        figure = epochwise_figure(self.history, self.interpolation_epoch, peaks)
         self.log_figure(trainer, "curves", figure)
 
     # -- state ------------------------------------------------------------------------------------

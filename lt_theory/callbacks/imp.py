@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from lt_theory.callbacks.base import TheoryCallback
 from lt_theory.checks import check_choice, check_fraction, check_positive_int
-from lt_theory.figures import FONT_SIZE, new_figure
+from lt_theory.figures import accuracy_vs_remaining_figure
 from lt_theory.loggers import log_tensorboard_scalars
 from lt_theory.measures.modes import forked_rng
 from lt_theory.measures.pruning import (
@@ -94,50 +94,6 @@ IMP_CONTROLS = ("random_reinit", "random_prune")
 """The lottery-ticket controls of Frankle & Carbin (2019) that ``IMPPruner(control=...)`` runs."""
 
 _EVAL_SPLITS = ("val", "test")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Tickets on disk.
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The figure.
-
-
-def accuracy_vs_remaining_figure(
-    curves: Mapping[str, list[tuple[float, float]]], dense_accuracy: float | None = None
-):
-    """Accuracy against the percentage of weights remaining (log x axis, decreasing to the right).
-
-    Args:
-        curves: label -> ``[(remaining_fraction, accuracy), ...]``, one curve per run (IMP and its controls;
-            e.g. ``{"IMP": pruner.curve(), "random reinit": control.curve()}``).
-        dense_accuracy: the dense network's accuracy, drawn as a horizontal line; None draws none.
-
-    Returns:
-        A matplotlib ``Figure``.
-
-    Example:
-        >>> figure = accuracy_vs_remaining_figure({"IMP": [(1.0, 0.9), (0.8, 0.91), (0.64, 0.9), (0.0, 0.1)]}, 0.9)
-        >>> imp, dense = figure.axes[0].get_lines()
-        >>> [float(x) for x in imp.get_xdata()], [float(y) for y in imp.get_ydata()]  # in %; none at 0% (log x)
-        ([100.0, 80.0, 64.0], [90.0, 91.0, 90.0])
-        >>> dense.get_label(), [float(y) for y in dense.get_ydata()]
-        ('dense', [90.0, 90.0])
-    """
-    figure, axis = new_figure(5.5, 3.8)
-    for label, points in curves.items():
-        points = [(r, a) for r, a in points if r > 0]
-        axis.plot([100 * r for r, _ in points], [100 * a for _, a in points], "o-", label=label)
-    if dense_accuracy is not None and math.isfinite(dense_accuracy):
-        axis.axhline(100 * dense_accuracy, color="gray", linestyle="--", label="dense")
-    axis.set_xscale("log")
-    axis.invert_xaxis()
-    axis.set_xlabel("weights remaining (%)")
-    axis.set_ylabel("accuracy (%)")
-    axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=FONT_SIZE)
-    return figure
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from lt_theory.callbacks.base import TheoryCallback
 from lt_theory.callbacks.evaluation_sets import evaluation_sets
 from lt_theory.checks import check_fraction, check_positive_int
 from lt_theory.data.datamodule import derived_seed
-from lt_theory.figures import FONT_SIZE, new_figure
+from lt_theory.figures import error_along_path_figure, stability_figure
 from lt_theory.measures.interpolation import (
     BN_MODES,
     DEFAULT_NUM_ALPHAS,
@@ -613,9 +613,8 @@ class LinearModeConnectivity(TheoryCallback):
         explained = result.get("diverged") or result.get("failed")  # one warning of their own said why
         self.log_scalars(trainer, scalars, step=k, warn_nonfinite=not explained)
         if trainer.is_global_zero and not result.get("failed"):
-            self.log_figure(
-                trainer, "error_along_path", _path_figure(result, f"parent vs sibling spawned at {k}"), step=k
-            )
+            figure = error_along_path_figure(result, f"parent vs sibling spawned at {k}")
+            self.log_figure(trainer, "error_along_path", figure, step=k)
 
     def stable_point(self) -> int | None:
         """The first spawn step whose test error barrier (train if no test set) is under ``threshold``."""
@@ -633,7 +632,7 @@ class LinearModeConnectivity(TheoryCallback):
         text = self.summary()
         self.log_text(trainer, "summary", text)
         if trainer.is_global_zero:
-            self.log_figure(trainer, "stability", _stability_figure(self.results, self.threshold))
+            self.log_figure(trainer, "stability", stability_figure(self.results, self.threshold))
         rank_zero_info(f"LinearModeConnectivity: {text}")
 
     def summary(self) -> str:
@@ -690,7 +689,7 @@ class LinearModeConnectivity(TheoryCallback):
         scalars = {f"init_{name}": record[name] for name in self._barrier_names("") if name in record}
         self.log_scalars(trainer, scalars)
         if trainer.is_global_zero:
-            self.log_figure(trainer, "init_path", _path_figure(record, "initial weights -> current weights"))
+            self.log_figure(trainer, "init_path", error_along_path_figure(record, "initial weights -> current weights"))
 
     # -- state ----------------------------------------------------------------------------------------
 
@@ -717,34 +716,3 @@ class LinearModeConnectivity(TheoryCallback):
 
 def _as_float(value) -> float:
     return math.nan if value is None else float(value)
-
-
-def _path_figure(record: dict, title: str):
-    figure, axis = new_figure(5, 3.5)
-    alphas = record["alphas"]
-    for split, style in (("train", "--"), ("test", "-")):
-        if f"{split}_error" in record:
-            values = [_as_float(v) for v in record[f"{split}_error"]]
-            axis.plot(alphas, values, style + "o", markersize=3, label=f"{split} error")
-    axis.set_xlabel("alpha")
-    axis.set_ylabel("error")
-    axis.set_title(title, fontsize=FONT_SIZE)
-    axis.legend(fontsize=FONT_SIZE)
-    return figure
-
-
-def _stability_figure(results: dict, threshold: float):
-    figure, axis = new_figure(5, 3.5)
-    steps = sorted(results)
-    for split, style in (("train", "--"), ("test", "-")):
-        name = f"{split}_error_barrier"
-        if all(name in results[k] for k in steps):
-            axis.plot(steps, [_as_float(results[k][name]) for k in steps], style + "o", label=name)
-    axis.axhline(threshold, color="grey", linestyle=":", label=f"threshold {threshold:g}")
-    positive = [k for k in steps if k > 0]
-    if len(positive) > 1 and max(positive) > 10 * min(positive):  # spawn steps spread over decades
-        axis.set_xscale("symlog", linthresh=min(positive))
-    axis.set_xlabel("spawn step k")
-    axis.set_ylabel("error barrier")
-    axis.legend(fontsize=FONT_SIZE)
-    return figure
