@@ -1,4 +1,4 @@
-"""The contract of DESIGN.md, checked for every callback in the registry.
+"""The contract of docs/design.md, checked for every callback in the registry.
 
 (a) a monitor leaves training bit-identical; (b) checkpoint + resume with a fresh instance restores its state;
 (c) strategy="ddp" on 2 CPU processes finishes and only rank zero writes; (d) bad constructor arguments raise

@@ -1,6 +1,6 @@
 """What every lt_theory callback shares: argument checks, cadence, logger warnings, strategy checks.
 
-The contract (``DESIGN.md``) asks each callback to validate its arguments with a ``ValueError`` naming the
+The contract (``docs/design.md``) asks each callback to validate its arguments with a ``ValueError`` naming the
 argument, to warn once (and not crash) when there is no logger or no TensorBoard, to log NaN with one
 warning when a measurement is not finite, and to refuse sharded strategies at setup. :class:`TheoryCallback`
 does these once for all of them; the measurements themselves live in :mod:`lt_theory.measures`.

@@ -3,7 +3,7 @@
 A measurement that runs the model in evaluation mode must leave every submodule's own ``training`` flag as it
 found it (a user may keep a frozen BatchNorm in eval mode inside a training model, so ``model.train()`` is not
 a restore), and must not draw from the global random generators that drive training (dropout in a forward
-pass would, and so would a random initialisation inside the measurement). The contract of DESIGN.md asks
+pass would, and so would a random initialisation inside the measurement). The contract of docs/design.md asks
 monitors to leave training bit-identical; these two helpers are how the measures meet it.
 """
 
