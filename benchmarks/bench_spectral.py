@@ -52,7 +52,7 @@ from lt_theory.measures import (  # noqa: E402
     operator_spectrum,
     spectral_complexity,
 )
-from lt_theory.measures.spectral import _frequency_plan, _linear_map  # noqa: E402
+from lt_theory.measures.operators import frequency_plan, linear_map  # noqa: E402
 from lt_theory.models import PreActResNet18, resnet20  # noqa: E402
 from lt_theory.module import ClassificationModule  # noqa: E402
 
@@ -217,12 +217,12 @@ def per_method(args, device: torch.device) -> None:
     )
     for name, layer in setup.monitor.layers.items():
         shape = setup.monitor.input_shapes[name]
-        op = _linear_map(layer, shape)
+        op = linear_map(layer, shape)
         previous = operator_norm(layer, shape, method="lanczos").vector
         with torch.no_grad():  # one SGD-sized step of the weights since the previous measurement
             change = torch.randn(layer.weight.shape, generator=perturb).to(device)
             layer.weight.add_(1e-3 * layer.weight.norm() * change / change.norm())
-        if isinstance(layer, nn.Linear) or _frequency_plan(op).exact:
+        if isinstance(layer, nn.Linear) or frequency_plan(op).exact:
             reference, kind = operator_norm(layer, shape, method="fft").sigma_max, "exact (fft/svd)"
         elif op.in_numel * op.out_numel <= DENSE_ENTRIES:
             reference, kind = (
@@ -237,7 +237,7 @@ def per_method(args, device: torch.device) -> None:
         for method in ("power", "lanczos", "warm", "fft", "gram"):
             if method == "warm":
                 t, result = t_warm, warm
-            elif method == "fft" and not (isinstance(layer, nn.Linear) or _frequency_plan(op).exact):
+            elif method == "fft" and not (isinstance(layer, nn.Linear) or frequency_plan(op).exact):
                 cells.append(f"{'n/a':>17s}")
                 continue
             else:

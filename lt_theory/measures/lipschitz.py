@@ -62,22 +62,22 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from lt_theory.measures.modes import eval_mode
-from lt_theory.measures.spectral import (
-    _CONV_TYPES,
-    _DEFAULT_ITERATIONS,
-    _DEFAULT_TOLERANCE,
-    _conv_map,
-    _frequency_plan,
-    _gram_upper_bound,
-    _is_finite,
-    _layer_input_shapes,
-    _linear_map,
-    _LinearMap,
-    _ntuple,
-    _pad_operator_norm,
-    _random_unit,
-    batchnorm_lipschitz,
+from lt_theory.measures.operators import (
+    CONV_TYPES,
+    DEFAULT_ITERATIONS,
+    DEFAULT_TOLERANCE,
+    LinearMap,
+    conv_map,
+    frequency_plan,
+    gram_upper_bound,
+    is_finite,
+    layer_input_shapes,
+    linear_map,
+    ntuple,
+    pad_operator_norm,
+    random_unit,
 )
+from lt_theory.measures.spectral import batchnorm_lipschitz
 
 __all__ = [
     "JacobianNormResult",
@@ -153,17 +153,17 @@ def _traceable(model: nn.Module) -> nn.Module:
     return nn.Sequential(model) if _is_torch_layer(model) else model
 
 
-def _certified_norm(op: _LinearMap, method: str, n_iter: int | None, tol: float | None) -> float:
+def _certified_norm(op: LinearMap, method: str, n_iter: int | None, tol: float | None) -> float:
     """Certified upper bound of ``||A||_2``: Gram iteration, or the exact value where ``method="auto"``
     and the layer is exactly block-diagonalisable (SVD / FFT in float64)."""
-    if not _is_finite(op):
+    if not is_finite(op):
         return math.nan
-    plan = _frequency_plan(op)
+    plan = frequency_plan(op)
     if method == "auto" and plan.exact:
         return float(torch.linalg.svdvals(plan.blocks).max())
-    n_iter = _DEFAULT_ITERATIONS["gram"] if n_iter is None else n_iter
-    tol = _DEFAULT_TOLERANCE["gram"] if tol is None else tol
-    bound, _ = _gram_upper_bound(plan.blocks, n_iter, tol)
+    n_iter = DEFAULT_ITERATIONS["gram"] if n_iter is None else n_iter
+    tol = DEFAULT_TOLERANCE["gram"] if tol is None else tol
+    bound, _ = gram_upper_bound(plan.blocks, n_iter, tol)
     return bound * plan.factor
 
 
@@ -464,7 +464,7 @@ class _GraphBound:
         return self.lip(first)
 
     # -- norms of weighted layers -----------------------------------------------------------------------
-    def layer_norm(self, name: str, op: _LinearMap) -> float:
+    def layer_norm(self, name: str, op: LinearMap) -> float:
         if name in self.given:
             norm = float(self.given[name])
         else:
@@ -504,8 +504,8 @@ class _GraphBound:
     def call_module(self, node: torch.fx.Node, module: nn.Module) -> float:
         x = node.args[0] if node.args else None
         lin = self.single_input(node)
-        if isinstance(module, (nn.Linear, *_CONV_TYPES)):
-            return lin * self.layer_norm(node.target, _linear_map(module, self.shape(x)[1:]))
+        if isinstance(module, (nn.Linear, *CONV_TYPES)):
+            return lin * self.layer_norm(node.target, linear_map(module, self.shape(x)[1:]))
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             if module.running_var is None:
                 raise self.fail(node, "batch normalisation without running statistics is not affine")
@@ -540,19 +540,19 @@ class _GraphBound:
             return lin * _max_pool_factor(
                 in_shape[2:],
                 out_shape[2:],
-                _ntuple(module.kernel_size, nd, "kernel_size"),
-                _ntuple(stride, nd, "stride"),
-                _ntuple(module.padding, nd, "padding"),
-                _ntuple(module.dilation, nd, "dilation"),
+                ntuple(module.kernel_size, nd, "kernel_size"),
+                ntuple(stride, nd, "stride"),
+                ntuple(module.padding, nd, "padding"),
+                ntuple(module.dilation, nd, "dilation"),
             )
         if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
             nd = len(out_shape) - 2
             stride = module.stride if module.stride is not None else module.kernel_size
             return lin * _avg_pool_factor(
                 in_shape[2:],
-                _ntuple(module.kernel_size, nd, "kernel_size"),
-                _ntuple(stride, nd, "stride"),
-                _ntuple(module.padding, nd, "padding"),
+                ntuple(module.kernel_size, nd, "kernel_size"),
+                ntuple(stride, nd, "stride"),
+                ntuple(module.padding, nd, "padding"),
                 module.ceil_mode,
                 module.count_include_pad,
                 getattr(module, "divisor_override", None),
@@ -574,7 +574,7 @@ class _GraphBound:
         sizes = [shape[-1 - i] for i in range(len(pairs))]
         if any(left < 0 or right < 0 for left, right in pairs):
             raise ValueError("negative padding")
-        return _pad_operator_norm(sizes, pairs, mode)
+        return pad_operator_norm(sizes, pairs, mode)
 
     def reduced_count(self, node: torch.fx.Node, x, dim) -> int:
         shape = self.shape(x)
@@ -683,10 +683,10 @@ class _GraphBound:
             return lin * _max_pool_factor(
                 self.shape(args[0])[2:],
                 self.shape(node)[2:],
-                _ntuple(b["kernel_size"], nd, "kernel_size"),
-                _ntuple(stride, nd, "stride"),
-                _ntuple(b["padding"], nd, "padding"),
-                _ntuple(b["dilation"], nd, "dilation"),
+                ntuple(b["kernel_size"], nd, "kernel_size"),
+                ntuple(stride, nd, "stride"),
+                ntuple(b["padding"], nd, "padding"),
+                ntuple(b["dilation"], nd, "dilation"),
             )
         if target in _AVG_POOL:
             nd = _AVG_POOL[target]
@@ -706,9 +706,9 @@ class _GraphBound:
             stride = b["stride"] if b["stride"] not in (None, [], ()) else b["kernel_size"]
             return lin * _avg_pool_factor(
                 self.shape(args[0])[2:],
-                _ntuple(b["kernel_size"], nd, "kernel_size"),
-                _ntuple(stride, nd, "stride"),
-                _ntuple(b["padding"], nd, "padding"),
+                ntuple(b["kernel_size"], nd, "kernel_size"),
+                ntuple(stride, nd, "stride"),
+                ntuple(b["padding"], nd, "padding"),
                 b["ceil_mode"],
                 b["count_include_pad"],
                 b["divisor_override"],
@@ -738,9 +738,9 @@ class _GraphBound:
             name = b["weight"].target if isinstance(b["weight"], torch.fx.Node) else node.name
             in_shape = self.shape(args[0])[1:]
             if target is F.linear:
-                op = _LinearMap(weight.detach(), in_shape)
+                op = LinearMap(weight.detach(), in_shape)
             else:
-                op = _conv_map(weight, in_shape, b["stride"], b["padding"], b["dilation"], b["groups"])
+                op = conv_map(weight, in_shape, b["stride"], b["padding"], b["dilation"], b["groups"])
             return lin * self.layer_norm(name, op)
         raise self.fail(node)
 
@@ -787,8 +787,8 @@ def naive_lipschitz_product(
     """
     _check_common(method)
     given = dict(layer_norms or {})
-    types = (nn.Linear, *_CONV_TYPES, nn.modules.batchnorm._BatchNorm)
-    shapes = _layer_input_shapes(model, input_shape, types)
+    types = (nn.Linear, *CONV_TYPES, nn.modules.batchnorm._BatchNorm)
+    shapes = layer_input_shapes(model, input_shape, types)
     value, used = 1.0, {}
     for name, module in model.named_modules():
         for shape in shapes.get(name, []):
@@ -797,7 +797,7 @@ def naive_lipschitz_product(
             elif isinstance(module, nn.modules.batchnorm._BatchNorm):
                 norm = batchnorm_lipschitz(module)
             else:
-                norm = _certified_norm(_linear_map(module, shape), method, n_iter, tol)
+                norm = _certified_norm(linear_map(module, shape), method, n_iter, tol)
             used[name] = max(used.get(name, -math.inf), norm) if not math.isnan(norm) else norm
             value *= norm
     return LipschitzBound(value, used, False)
@@ -955,11 +955,11 @@ def jacobian_lipschitz_lower_bound(
                 raise ValueError(f"init has shape {tuple(init.shape)}, inputs {tuple(x.shape)}")
             v = init.detach().to(dtype=x.dtype, device=x.device).clone()
         else:
-            v = _random_unit(x.shape, x.dtype, x.device, generator)
+            v = random_unit(x.shape, x.dtype, x.device, generator)
         norms = v.reshape(n, -1).norm(dim=1)
         bad = ~(torch.isfinite(norms) & (norms > 0))
         if bool(bad.any()):
-            v[bad] = _random_unit(x.shape, x.dtype, x.device, generator)[bad]
+            v[bad] = random_unit(x.shape, x.dtype, x.device, generator)[bad]
             norms = v.reshape(n, -1).norm(dim=1)
         v = v / norms.reshape(n, *([1] * (x.dim() - 1)))
         previous = None
