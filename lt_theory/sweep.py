@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import math
 import os
 import shutil
@@ -98,6 +97,7 @@ from lt_theory.measures.risk import (
     mse_bias_variance,
 )
 from lt_theory.module import ClassificationModule
+from lt_theory.training.stored import changed_settings, comparable, read_json, write_json
 
 __all__ = [
     "DEFAULT_WIDTHS",
@@ -432,26 +432,18 @@ def _build_datamodule(sweep: _Sweep, split: int | None) -> LightningDataModule:
 
 def _settings(sweep: _Sweep) -> dict:
     """What a run's result depends on besides its width and split: a result is reused only under the same."""
-    return json.loads(
-        json.dumps(
-            {
-                "model": [sweep.model_class_path, sweep.model_width_arg, sweep.model_init_args],
-                "input_pool": sweep.model_input_pool,
-                "data": [sweep.data_class_path, sweep.data_init_args],
-                "module": sweep.module_args,
-                "trainer": sweep.trainer_args,
-                "probe": sweep.probe_args,
-                "seed": sweep.seed,
-                "splits": sweep.splits,
-            },
-            sort_keys=True,
-            default=str,
-        )
+    return comparable(
+        {
+            "model": [sweep.model_class_path, sweep.model_width_arg, sweep.model_init_args],
+            "input_pool": sweep.model_input_pool,
+            "data": [sweep.data_class_path, sweep.data_init_args],
+            "module": sweep.module_args,
+            "trainer": sweep.trainer_args,
+            "probe": sweep.probe_args,
+            "seed": sweep.seed,
+            "splits": sweep.splits,
+        }
     )
-
-
-def _changed_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    return sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
 
 
 def _run_seed(sweep: _Sweep, task: SweepTask) -> int:
@@ -467,8 +459,8 @@ def _train(sweep: _Sweep, task: SweepTask, datamodule: LightningDataModule, data
     result_path = run_dir / RESULT_FILE
     settings = _settings(sweep)
     if result_path.exists() and not sweep.rerun:
-        done = json.loads(result_path.read_text())
-        changed = _changed_settings(done.get("settings", {}), settings)
+        done = read_json(result_path)
+        changed = changed_settings(done.get("settings", {}), settings)
         if changed:
             raise ValueError(
                 f"{run_dir} holds a run made with other settings ({', '.join(changed)} differ): give this sweep "
@@ -479,7 +471,7 @@ def _train(sweep: _Sweep, task: SweepTask, datamodule: LightningDataModule, data
     if run_dir.exists() and (sweep.rerun or not _same_settings_in_progress(run_dir, settings)):
         shutil.rmtree(run_dir)  # events, checkpoints (a SLURM requeue would resume them) and results
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+    write_json(run_dir / SETTINGS_FILE, settings)
     datamodule.load_state_dict(data_state)  # the same data order and augmentation as a lone run
     seed = _run_seed(sweep, task)
     seed_everything(seed, workers=True, verbose=False)
@@ -541,7 +533,7 @@ def _train(sweep: _Sweep, task: SweepTask, datamodule: LightningDataModule, data
             {"logits": probe.last_test_logits, "labels": probe.last_test_labels}, run_dir / PREDICTIONS_FILE
         )
         record["test_predictions"] = PREDICTIONS_FILE
-    result_path.write_text(json.dumps(record, indent=2))
+    write_json(result_path, record)
     print(
         f"[sweep] {task.name}: {record['num_parameters']:,} parameters, train error "
         f"{final.get('train_error', math.nan):.4f}, test error {final.get('test_error', math.nan):.4f}"
@@ -553,7 +545,7 @@ def _same_settings_in_progress(run_dir: Path, settings: Mapping[str, Any]) -> bo
     """Whether an unfinished run in ``run_dir`` (a preempted SLURM task) was started with these settings, so
     that its checkpoint may be resumed."""
     path = run_dir / SETTINGS_FILE
-    return path.exists() and json.loads(path.read_text()) == settings
+    return path.exists() and not changed_settings(read_json(path), settings)
 
 
 def _final_metrics(probe: DoubleDescentProbe) -> dict[str, float]:
@@ -871,7 +863,7 @@ def _read_results(directory: Path) -> list[dict]:
     for path in sorted(directory.glob(f"*/{RESULT_FILE}")):
         if path.parent.name == AGGREGATE_DIR:
             continue
-        record = json.loads(path.read_text())
+        record = read_json(path)
         record["_dir"] = str(path.parent)
         results.append(record)
     return results
@@ -923,7 +915,7 @@ def aggregate(
             old.unlink()
     out.mkdir(parents=True, exist_ok=True)
     _log_curve(curve, directory)
-    (out / AGGREGATE_FILE).write_text(json.dumps(curve.as_dict(), indent=2))
+    write_json(out / AGGREGATE_FILE, curve.as_dict())
     print(_table(curve))
     print(curve.verdict)
     return curve

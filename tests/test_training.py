@@ -7,6 +7,7 @@ LinearModeConnectivity sibling tests (a sibling with the parent's seed ends bit-
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import timedelta
 
@@ -20,6 +21,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lt_theory.compat import ddp_options, uses_distributed_sampler
 from lt_theory.models import MLP
 from lt_theory.training import rng_states, set_rng_states, state_fingerprint
+from lt_theory.training.stored import changed_settings, read_json, write_json
 from lt_theory.training.tickets import load_ticket, read_ticket, save_ticket
 
 
@@ -92,3 +94,22 @@ def test_a_ticket_round_trips_and_bad_files_are_refused_naming_them(tmp_path):
         read_ticket(not_a_ticket)
     with pytest.raises(ValueError, match="no ticket file"):
         read_ticket(tmp_path / "missing.pt")
+
+
+def test_changed_settings_compare_what_json_keeps_and_name_every_difference():
+    assert changed_settings({"alphas": (0, 1), "seed": 0}, {"alphas": [0, 1], "seed": 0}) == []
+    assert changed_settings({"seed": 0, "bn": "reset"}, {"seed": 1, "bn": "reset", "splits": None}) == [
+        "seed",
+        "splits",
+    ]
+
+
+def test_stored_json_round_trips_nan_and_a_damaged_file_is_named(tmp_path):
+    path = tmp_path / "result.json"
+    write_json(path, {"barrier": math.nan, "settings": {"seed": 0}})
+    stored = read_json(path)
+    assert math.isnan(stored["barrier"]) and stored["settings"] == {"seed": 0}
+    assert not (tmp_path / "result.json.partial").exists()
+    path.write_text('{"barrier": 0.1, "sett')  # truncated by a crash or another writer
+    with pytest.raises(ValueError, match="result.json"):
+        read_json(path)

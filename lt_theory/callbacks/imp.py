@@ -86,6 +86,7 @@ from lt_theory.training.state import (
     restore_training_state,
     save_atomically,
 )
+from lt_theory.training.stored import changed_settings
 from lt_theory.training.tickets import load_ticket, reference_masks, save_ticket, ticket_path
 
 __all__ = ["IMP_CONTROLS", "IMPPruner", "accuracy_vs_remaining_figure", "load_ticket"]
@@ -781,11 +782,9 @@ class IMPPruner(TheoryCallback):
         if saved is None:  # a checkpoint written before the settings were saved
             return
         ours = self._settings()
-        differ = [
-            f"{name}={saved[name]!r} in the checkpoint, {ours[name]!r} here"
-            for name in ours
-            if name in saved and name != "levels" and saved[name] != ours[name]
-        ]
+        shared = [name for name in ours if name in saved and name != "levels"]  # levels may grow
+        changed = changed_settings({n: saved[n] for n in shared}, {n: ours[n] for n in shared})
+        differ = [f"{name}={saved[name]!r} in the checkpoint, {ours[name]!r} here" for name in changed]
         if "levels" in saved and ours["levels"] < saved["levels"]:
             differ.append(
                 f"levels={saved['levels']!r} in the checkpoint, {ours['levels']!r} here (may only grow)"

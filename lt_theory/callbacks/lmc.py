@@ -27,7 +27,6 @@ The mathematics (interpolation, BatchNorm reset, paths, barriers, stable point) 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -60,6 +59,7 @@ from lt_theory.training.child import (
 )
 from lt_theory.training.rng import rng_states
 from lt_theory.training.state import state_fingerprint
+from lt_theory.training.stored import changed_settings, read_json, write_json
 
 __all__ = ["LinearModeConnectivity"]
 
@@ -195,15 +195,15 @@ class LinearModeConnectivity(TheoryCallback):
         >>> # trainer.fit(module, datamodule=CIFAR10DataModule(...)) fills lmc.results, e.g. these barriers:
         >>> lmc.results = {
         ...     k: {"test_error_barrier": b, "train_error_barrier": b / 2, "test_loss_barrier": 2 * b}
-        ...     for k, b in [(0, 0.31), (100, 0.12), (500, 0.015), (2000, 0.004)]
+        ...     for k, b in [(0, 0.31), (100, 0.02), (500, 0.015), (2000, 0.004)]
         ... }
-        >>> lmc.stable_point()  # the first k whose test error barrier is under threshold=0.02
+        >>> lmc.stable_point()  # the first k whose test error barrier is under threshold=0.02 (100 is not)
         500
         >>> print(lmc.summary())
         | spawn step k | test error barrier | train error barrier | test loss barrier |
         |---|---|---|---|
         | 0 | 0.3100 | 0.1550 | 0.6200 |
-        | 100 | 0.1200 | 0.0600 | 0.2400 |
+        | 100 | 0.0200 | 0.0100 | 0.0400 |
         | 500 | 0.0150 | 0.0075 | 0.0300 |
         | 2000 | 0.0040 | 0.0020 | 0.0080 |
         <BLANKLINE>
@@ -519,14 +519,14 @@ class LinearModeConnectivity(TheoryCallback):
             and r.get("final_step") == final_step
             and r.get("parent") == fingerprint
             and r.get("sibling_seed") == seed
-            and r.get("settings") == self._evaluation_settings()
+            and not changed_settings(r.get("settings", {}), self._evaluation_settings())
             and not r.get("failed")
         )
         if not matches(result):
             result = None
             path = self._sibling_file(k, final_step, seed, fingerprint, ".json")
             if trainer.is_global_zero and path.exists():
-                stored = json.loads(path.read_text())
+                stored = read_json(path)
                 result = stored if matches(stored) else None
         if trainer.world_size > 1:
             result = trainer.strategy.broadcast(result, src=0)
@@ -590,7 +590,7 @@ class LinearModeConnectivity(TheoryCallback):
         if trainer.is_global_zero:
             torch.save(sibling_state, weights)
             json_file = self._sibling_file(k, final_step, seed, fingerprint, ".json")
-            json_file.write_text(json.dumps(result))  # NaN round-trips
+            write_json(json_file, result)
         return result
 
     @staticmethod

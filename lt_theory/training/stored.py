@@ -1,0 +1,56 @@
+"""Results kept on disk and reused only under the settings that made them.
+
+A sweep's run, a LinearModeConnectivity sibling and an IMP checkpoint each store what they were made with
+(``settings``, a JSON-able dict); a later run reuses the stored result, or resumes, only when its own
+settings are the same, and otherwise names the settings that differ. Settings are compared as their JSON
+forms (:func:`comparable`), so a tuple equals the list it is written as and any other object its ``str``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["changed_settings", "comparable", "read_json", "write_json"]
+
+
+def comparable(settings: Mapping[str, Any]) -> dict:
+    """``settings`` as it reads back from JSON (keys sorted, tuples as lists, other objects as ``str``)."""
+    return json.loads(json.dumps(dict(settings), sort_keys=True, default=str))
+
+
+def changed_settings(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The sorted names whose values differ between two settings (a name missing on one side differs).
+
+    Example:
+        >>> changed_settings({"seed": 0, "bn": "reset"}, {"seed": 1, "bn": "reset", "splits": None})
+        ['seed', 'splits']
+    """
+    stored, current = comparable(stored), comparable(current)
+    return sorted(key for key in set(stored) | set(current) if stored.get(key, ...) != current.get(key, ...))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON content of a file the package wrote.
+
+    Raises:
+        ValueError: naming the file, when it is not valid JSON (damaged, truncated, or another file).
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{str(path)!r} is not the JSON file lt_theory wrote ({error}): remove it (the result is made again)"
+        ) from None
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (a partial file renamed into place); NaN round-trips."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(obj, indent=2))
+    partial.replace(path)
