@@ -8,6 +8,7 @@ import functools
 import hashlib
 import http.server
 import io
+import os
 import pickle
 import tarfile
 import threading
@@ -29,9 +30,11 @@ from lt_theory.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
     CIFARDownloadError,
+    CIFARIntegrityError,
     SyntheticCIFARDataModule,
     apply_label_noise,
     channel_statistics,
+    cifar_files,
     download_cifar,
     make_synthetic_cifar,
     normalize,
@@ -99,13 +102,13 @@ def _write_official_tarball(directory: Path, name: str, seed: int) -> dict:
             b"fine_label_names": [n.encode() for n in class_names],
             b"coarse_label_names": [f"super_{i}".encode() for i in range(20)],
         }
+    payloads = {file: _pickle_bytes(content) for file, content in members.items()}
     tar_path = directory / Path(archive.url).name
     with tarfile.open(tar_path, "w:gz") as tar:
         folder = tarfile.TarInfo(archive.folder)
         folder.type = tarfile.DIRTYPE
         tar.addfile(folder)
-        for file, content in {**members, "readme.html": b"<html></html>"}.items():
-            payload = content if isinstance(content, bytes) else _pickle_bytes(content)
+        for file, payload in {**payloads, "readme.html": b"<html></html>"}.items():
             info = tarfile.TarInfo(f"{archive.folder}/{file}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
@@ -117,6 +120,7 @@ def _write_official_tarball(directory: Path, name: str, seed: int) -> dict:
         "test_images": _official_layout(test_rows),
         "test_labels": torch.tensor(test_labels),
         "class_names": class_names,
+        "file_md5": tuple((file, hashlib.md5(payload).hexdigest()) for file, payload in payloads.items()),
     }
 
 
@@ -160,6 +164,15 @@ def mirror(tmp_path_factory):
     thread.join()
 
 
+@pytest.fixture(autouse=True)
+def miniature_digests(mirror, monkeypatch):
+    """The miniature releases stand for the official ones: their files' digests replace the official ones
+    (as a user registers files they re-packed), so every read below is md5-checked."""
+    for name in CIFAR_ARCHIVES:
+        archive = dataclasses.replace(CIFAR_ARCHIVES[name], file_md5=mirror.releases[name]["file_md5"])
+        monkeypatch.setitem(CIFAR_ARCHIVES, name, archive)
+
+
 def _tree(root: Path) -> list[str]:
     return sorted(str(path.relative_to(root)) for path in root.rglob("*")) if root.exists() else ["<absent>"]
 
@@ -187,6 +200,61 @@ def test_download_and_read_give_back_the_written_pixels_and_labels(mirror, tmp_p
         assert torch.equal(images, release[f"{split}_images"])
         assert torch.equal(labels, release[f"{split}_labels"])
     assert read_cifar_class_names(tmp_path / "data", name) == release["class_names"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "flipped_byte", "substituted"],
+)
+def test_a_file_that_is_not_the_released_one_is_refused_before_it_is_unpickled(mirror, tmp_path, damage):
+    folder = _download(mirror, tmp_path, "cifar10")
+    batch = folder / "data_batch_1"
+    original = batch.read_bytes()
+    if damage == "truncated":
+        batch.write_bytes(original[: len(original) // 2])
+    elif damage == "flipped_byte":
+        batch.write_bytes(original[:-10] + bytes([original[-10] ^ 1]) + original[-9:])
+    else:  # a valid pickle of the right shape, other content: it would be read without the check
+        content = pickle.loads(original, encoding="bytes")
+        content[b"labels"] = [0] * len(content[b"labels"])
+        batch.write_bytes(_pickle_bytes(content))
+    expected = dict(CIFAR_ARCHIVES["cifar10"].file_md5)["data_batch_1"]
+    found = hashlib.md5(batch.read_bytes()).hexdigest()
+    with pytest.raises(CIFARIntegrityError) as error:
+        read_cifar_split(tmp_path, "cifar10", "train")
+    message = str(error.value)
+    assert str(batch) in message and expected in message and found in message
+    assert "download=True" in message and "verify" in message
+    module = CIFAR10DataModule(root=tmp_path, batch_size=8)
+    with pytest.raises(CIFARIntegrityError, match="data_batch_1"):
+        module.setup("fit")
+    if damage == "substituted":  # the opt-out for files one re-packed: read as they are
+        images, labels = read_cifar_split(tmp_path, "cifar10", "train", verify=False)
+        assert labels[: len(content[b"labels"])].eq(0).all()
+    if damage == "truncated":  # unchecked, a truncated pickle still names the file
+        with pytest.raises(CIFARIntegrityError, match="data_batch_1"):
+            read_cifar_split(tmp_path, "cifar10", "train", verify=False)
+
+
+def test_each_file_is_hashed_once_per_process_until_it_changes(mirror, tmp_path, monkeypatch):
+    folder = _download(mirror, tmp_path, "cifar10")
+    hashed = []
+    real_md5 = hashlib.md5
+
+    def counting_md5(*args, **kwargs):
+        hashed.append(1)
+        return real_md5(*args, **kwargs)
+
+    monkeypatch.setattr(cifar_files.hashlib, "md5", counting_md5)
+    read_cifar_split(tmp_path, "cifar10", "test")
+    read_cifar_split(tmp_path, "cifar10", "test")  # a second data module in the same process
+    assert len(hashed) == 1
+    test_batch = folder / "test_batch"
+    content = test_batch.read_bytes()
+    test_batch.write_bytes(content)
+    os.utime(test_batch, ns=(test_batch.stat().st_atime_ns, test_batch.stat().st_mtime_ns + 10**9))
+    read_cifar_split(tmp_path, "cifar10", "test")  # same bytes, newer file: hashed again, still accepted
+    assert len(hashed) == 2
 
 
 def test_pixel_layout_is_channel_then_row_then_column(mirror, tmp_path):

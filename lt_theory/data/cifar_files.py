@@ -15,7 +15,13 @@ their keys are ``bytes`` (``b"data"``, ``b"labels"``, ``b"fine_labels"``).
 
 Where to download from is the module-level table ``CIFAR_ARCHIVES``. A mirror is used by passing ``url``
 (and its ``md5``) to ``download_cifar`` or to the DataModules, or by replacing the entry in the table.
-Pickle runs code from the file it reads: the md5 check guards the download; only read files you trust.
+Pickle runs code from the file it reads, so every file is checked against the md5 of the official release
+(``CIFARArchive.file_md5``, the digests torchvision checks too) before it is unpickled; a file that differs
+(damaged, truncated, substituted) raises :class:`CIFARIntegrityError` naming it, the expected and the found
+digest, and the fix. A file is hashed once per process (cached by path, size and modification time), so the
+tasks of a job array sharing one data folder each hash it once. Files you re-packed yourself are read with
+``verify=False`` (``verify_files=False`` in the data modules), or registered with their own digests by
+replacing the entry of ``CIFAR_ARCHIVES`` (``dataclasses.replace(archive, file_md5=...)``).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class CIFARArchive:
         label_key: key of the labels in a data pickle.
         names_key: key of the class names in the meta pickle.
         pretty_name: name used in messages.
+        file_md5: ``(file, md5)`` of every file of the release, checked before a file is unpickled.
 
     Example:
         >>> CIFAR_ARCHIVES["cifar10"].folder
@@ -64,11 +71,16 @@ class CIFARArchive:
     label_key: bytes
     names_key: bytes
     pretty_name: str
+    file_md5: tuple[tuple[str, str], ...] = ()
 
     @property
     def files(self) -> tuple[str, ...]:
         """Every file the folder must hold."""
         return (*self.train_files, *self.test_files, self.meta_file)
+
+    def expected_md5(self, file: str) -> str | None:
+        """The official md5 of ``file``, or None when the table has none."""
+        return dict(self.file_md5).get(file)
 
 
 CIFAR_ARCHIVES: dict[str, CIFARArchive] = {
@@ -82,6 +94,15 @@ CIFAR_ARCHIVES: dict[str, CIFARArchive] = {
         label_key=b"labels",
         names_key=b"label_names",
         pretty_name="CIFAR-10",
+        file_md5=(
+            ("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+            ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+            ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+            ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+            ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
+            ("test_batch", "40351d587109b95175f43aff81a1287e"),
+            ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888"),
+        ),
     ),
     "cifar100": CIFARArchive(
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
@@ -93,6 +114,11 @@ CIFAR_ARCHIVES: dict[str, CIFARArchive] = {
         label_key=b"fine_labels",
         names_key=b"fine_label_names",
         pretty_name="CIFAR-100",
+        file_md5=(
+            ("train", "16019d7e3df5f24257cddd939b257f8d"),
+            ("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),
+            ("meta", "7973b15100ade9c7d40fb424638fde48"),
+        ),
     ),
 }
 
@@ -102,6 +128,14 @@ _COPY_BLOCK_BYTES = 1 << 20
 
 class CIFARDownloadError(RuntimeError):
     """Raised when downloading, checking or extracting a CIFAR archive fails; nothing is left behind."""
+
+
+class CIFARIntegrityError(ValueError):
+    """Raised when a CIFAR file on disk is not the official one (its md5 differs) or cannot be read."""
+
+
+# (path, size, mtime_ns) -> md5 of the files hashed in this process
+_VERIFIED_MD5: dict[tuple[str, int, int], str] = {}
 
 
 def cifar_folder(root: str | os.PathLike, name: str) -> Path:
@@ -196,13 +230,17 @@ def download_cifar(
     return folder
 
 
-def read_cifar_split(root: str | os.PathLike, name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def read_cifar_split(
+    root: str | os.PathLike, name: str, split: str, verify: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Read the official training or test images of ``name`` from the extracted folder under ``root``.
 
     Args:
         root: directory the archive was extracted into.
         name: ``"cifar10"`` or ``"cifar100"``.
         split: ``"train"`` (50,000 images, batches in order) or ``"test"`` (10,000).
+        verify: check each file's md5 against the official release before unpickling it; False only for
+            files you re-packed yourself and trust.
 
     Returns:
         ``(images, labels)``: ``uint8`` tensor ``(N, 3, 32, 32)`` and ``int64`` tensor ``(N,)``
@@ -210,6 +248,7 @@ def read_cifar_split(root: str | os.PathLike, name: str, split: str) -> tuple[to
 
     Raises:
         ValueError: if ``name`` or ``split`` is unknown or a file is malformed.
+        CIFARIntegrityError: if a file is not the official one (md5) or cannot be unpickled, naming it.
         FileNotFoundError: if a file is missing; the message names the folder and how to get the data.
 
     Example:
@@ -222,16 +261,17 @@ def read_cifar_split(root: str | os.PathLike, name: str, split: str) -> tuple[to
         raise ValueError(f"`split` must be 'train' or 'test', got {split!r}")
     check_cifar_present(root, name)
     files = archive.train_files if split == "train" else archive.test_files
-    parts = [_read_data_file(cifar_folder(root, name) / file, archive.label_key) for file in files]
+    parts = [_read_data_file(archive, cifar_folder(root, name) / file, verify) for file in files]
     return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
 
 
-def read_cifar_class_names(root: str | os.PathLike, name: str) -> list[str]:
+def read_cifar_class_names(root: str | os.PathLike, name: str, verify: bool = True) -> list[str]:
     """Read the class names of ``name`` (CIFAR-100: the 100 fine names) from its meta file.
 
     Args:
         root: directory the archive was extracted into.
         name: ``"cifar10"`` or ``"cifar100"``.
+        verify: check the file's md5 against the official release before unpickling it.
 
     Returns:
         Class names, indexed by label.
@@ -246,7 +286,7 @@ def read_cifar_class_names(root: str | os.PathLike, name: str) -> list[str]:
     """
     archive = _archive(name)
     check_cifar_present(root, name)
-    meta = _load_pickle(cifar_folder(root, name) / archive.meta_file)
+    meta = _load_pickle(archive, cifar_folder(root, name) / archive.meta_file, verify)
     if archive.names_key not in meta:
         raise ValueError(f"{archive.meta_file} has no key {archive.names_key!r}: not the official format")
     return [_as_text(class_name) for class_name in meta[archive.names_key]]
@@ -288,8 +328,9 @@ def _archive(name: str) -> CIFARArchive:
     return CIFAR_ARCHIVES[name]
 
 
-def _read_data_file(path: Path, label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = _load_pickle(path)
+def _read_data_file(archive: CIFARArchive, path: Path, verify: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    label_key = archive.label_key
+    batch = _load_pickle(archive, path, verify)
     if b"data" not in batch or label_key not in batch:
         raise ValueError(f"{path} lacks the keys b'data' and {label_key!r}: not the official format")
     data = np.asarray(batch[b"data"], dtype=np.uint8)
@@ -302,9 +343,44 @@ def _read_data_file(path: Path, label_key: bytes) -> tuple[torch.Tensor, torch.T
     return images, labels
 
 
-def _load_pickle(path: Path) -> dict:
-    with open(path, "rb") as file:
-        content = pickle.load(file, encoding="bytes")
+def _file_md5(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED_MD5:
+        digest = hashlib.md5()
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(_COPY_BLOCK_BYTES), b""):
+                digest.update(block)
+        _VERIFIED_MD5[key] = digest.hexdigest()
+    return _VERIFIED_MD5[key]
+
+
+def _fix(archive: CIFARArchive, path: Path) -> str:
+    return (
+        f"Remove {path.parent} and pass `download=True` (it extracts the official archive {archive.url} "
+        "again), or extract that archive yourself; for files you re-packed and trust, pass `verify=False` "
+        "(`verify_files=False` in the data modules)."
+    )
+
+
+def _load_pickle(archive: CIFARArchive, path: Path, verify: bool) -> dict:
+    expected = archive.expected_md5(path.name)
+    if verify and expected is not None:
+        found = _file_md5(path)
+        if found != expected:
+            raise CIFARIntegrityError(
+                f"{path} is not the official {archive.pretty_name} file {path.name!r}: md5 {found}, expected "
+                f"{expected}. It is damaged, truncated or was replaced, and is not unpickled (unpickling runs "
+                f"code from the file). {_fix(archive, path)}"
+            )
+    try:
+        with open(path, "rb") as file:
+            content = pickle.load(file, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as error:
+        raise CIFARIntegrityError(
+            f"{path} cannot be read as a {archive.pretty_name} batch ({type(error).__name__}: {error}). "
+            f"{_fix(archive, path)}"
+        ) from None
     if not isinstance(content, dict):
         raise ValueError(f"{path} does not hold a dictionary: not the official format")
     return content

@@ -580,6 +580,9 @@ class CIFAR10DataModule(CIFARDataModule):
         download: fetch and check the official archive in ``prepare_data`` when it is missing.
         url: download from this mirror instead of ``CIFAR_ARCHIVES["cifar10"].url``.
         md5: expected md5 of the archive at ``url``; defaults to the official one.
+        verify_files: check every file's md5 against the official release before unpickling it (a damaged or
+            substituted file raises ``CIFARIntegrityError`` naming it); False only for files you re-packed
+            yourself and trust.
         batch_size, eval_batch_size, num_workers, val_size, label_noise, augment, seed, train_split: see
             ``CIFARDataModule``.
 
@@ -606,6 +609,7 @@ class CIFAR10DataModule(CIFARDataModule):
         download: bool = False,
         url: str | None = None,
         md5: str | None = None,
+        verify_files: bool = True,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -626,8 +630,10 @@ class CIFAR10DataModule(CIFARDataModule):
             seed,
             train_split,
         )
-        if not isinstance(download, bool):
-            raise ValueError(f"`download` must be True or False, got {download!r}")
+        for flag, value in (("download", download), ("verify_files", verify_files)):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{flag}` must be True or False, got {value!r}")
+        self.verify_files = verify_files
         self.root = root
         self.download = download
         self.url = url
@@ -643,15 +649,15 @@ class CIFAR10DataModule(CIFARDataModule):
         if self.download and not cifar_is_present(self.root, self.dataset_name):
             self.prepare_data()  # setup() called without prepare_data(), outside a Trainer
         check_cifar_present(self.root, self.dataset_name)
-        train_images, train_labels = read_cifar_split(self.root, self.dataset_name, "train")
-        test_images, test_labels = read_cifar_split(self.root, self.dataset_name, "test")
+        train_images, train_labels = read_cifar_split(self.root, self.dataset_name, "train", self.verify_files)
+        test_images, test_labels = read_cifar_split(self.root, self.dataset_name, "test", self.verify_files)
         return train_images, train_labels, test_images, test_labels
 
     def _channel_statistics(self, train_images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return self.channel_mean, self.channel_std
 
     def _read_class_names(self) -> list[str]:
-        return read_cifar_class_names(self.root, self.dataset_name)
+        return read_cifar_class_names(self.root, self.dataset_name, self.verify_files)
 
 
 class CIFAR100DataModule(CIFAR10DataModule):
