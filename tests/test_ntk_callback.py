@@ -7,6 +7,7 @@ epochs) unless a test needs another model. Logged values are read back from a CS
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import warnings
@@ -151,6 +152,135 @@ def test_logged_numbers_equal_the_measures_applied_independently(kind, tmp_path,
 
 
 # ------------------------------------------------------------------------------------------------------------
+# What the callback computes itself, against kernels built here with torch.func.
+
+
+class KeepStates(Callback):
+    """Copies of the module's state at the given global steps (train start included)."""
+
+    def __init__(self, steps) -> None:
+        self.steps, self.states = set(steps), {}
+
+    def _keep(self, trainer, pl_module) -> None:
+        if trainer.global_step in self.steps:
+            self.states[trainer.global_step] = {
+                k: v.detach().clone() for k, v in pl_module.state_dict().items()
+            }
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._keep(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._keep(trainer, pl_module)
+
+
+def pntk_by_hand(module: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:
+    """The pNTK of ``module`` at ``state`` in float64, eval mode: ``J J^T`` for the gradients ``J`` of
+    ``g(x) = sum_a f_a(x) / sqrt(O)`` with respect to every parameter (no lt_theory code)."""
+    model = copy.deepcopy(module).double()
+    model.load_state_dict(state)
+    model.eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def g(p, example):
+        out = torch.func.functional_call(model, (p, buffers), (example[None],))[0]
+        return out.sum() / math.sqrt(out.numel())
+
+    jacobians = torch.func.vmap(torch.func.grad(g), in_dims=(None, 0))(params, x.double())
+    return sum(j.reshape(len(x), -1) @ j.reshape(len(x), -1).T for j in jacobians.values())
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (1 - (a * b).sum() / (a.norm() * b.norm())).item()
+
+
+class FigureData:
+    """Stands in for ``log_figure``: keeps the y data of every line, by step."""
+
+    def __init__(self) -> None:
+        self.lines: dict[int, list[list[float]]] = {}
+
+    def __call__(self, trainer, name, figure, step=None) -> None:
+        assert name == "eigenspectrum"
+        self.lines[trainer.global_step] = [list(line.get_ydata()) for line in figure.axes[0].get_lines()]
+
+
+def test_velocity_is_per_step_elapsed_across_a_resume_with_another_cadence(tmp_path):
+    """Measured at 0, 3, 6 (every 3), stopped at step 6 and resumed every 4: 8, 12. The gaps are 3, 3, 2, 4,
+    so dividing by ``every_n_steps``, by the steps since initialisation, or forgetting the previous step
+    across the checkpoint gives other velocities. Kernels come from the weights recorded at those steps."""
+    keep = KeepStates({0, 3, 6, 8, 12})
+    module, data = make_module_and_data(seed=0)
+    first, first_figures = NTKDrift(every_n_steps=3, probe_size=PROBE), FigureData()
+    first.log_figure = first_figures
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first_logger = CSVLogger(tmp_path, name="first")
+        trainer = make_trainer(tmp_path, [first, keep], logger=first_logger, max_steps=6)
+        trainer.fit(module, datamodule=data)
+        checkpoint = tmp_path / "step6.ckpt"
+        trainer.save_checkpoint(checkpoint)
+        module, data = make_module_and_data(seed=0)
+        second, second_figures = NTKDrift(every_n_steps=4, probe_size=PROBE), FigureData()
+        second.log_figure = second_figures
+        second_logger = CSVLogger(tmp_path, name="second")
+        trainer = make_trainer(tmp_path, [second, keep], logger=second_logger)
+        trainer.fit(module, datamodule=data, ckpt_path=checkpoint)
+    assert trainer.global_step == 12 and sorted(keep.states) == [0, 3, 6, 8, 12]
+    series = {quantity: {} for quantity in TAGS}
+    for part in (logged(first_logger), logged(second_logger)):
+        for quantity, values in part.items():
+            series[quantity].update(values)
+    assert sorted(series["velocity"]) == [3, 6, 8, 12]
+
+    x, _, _ = make_module_and_data(seed=0)[1].probe(PROBE, split="train", seed=0)
+    assert torch.equal(second.probe.inputs, x)
+    reference, _ = make_module_and_data(seed=0)
+    kernels = {step: pntk_by_hand(reference, state, x) for step, state in keep.states.items()}
+    previous = 0
+    for step in (3, 6, 8, 12):
+        expected = cosine_distance(kernels[step], kernels[previous]) / (step - previous)
+        assert_close(series["velocity"][step], expected, f"velocity at step {step}")
+        previous = step
+    for step, kernel in kernels.items():
+        initial = kernels[0]
+        change = ((kernel - initial).norm() / initial.norm()).item()
+        assert_close(series["relative_change"][step], change, f"relative change at step {step}")
+        assert_close(
+            series["distance_from_init"][step], cosine_distance(kernel, initial), f"distance at {step}"
+        )
+        assert_close(series["trace"][step], kernel.trace().item(), f"trace at step {step}")
+        eigenvalues = torch.linalg.eigvalsh(kernel).flip(0)
+        assert_close(series["eig_max"][step], eigenvalues[0].item(), f"eig_max at step {step}")
+        # the figure: the top eigenvalues at initialisation and at this step
+        if step > 0:
+            figures = first_figures if step <= 6 else second_figures
+            at_init, now = figures.lines[step]
+            scale = eigenvalues[0].item()
+            for drawn, exact in ((at_init, torch.linalg.eigvalsh(initial).flip(0)), (now, eigenvalues)):
+                torch.testing.assert_close(
+                    torch.tensor(drawn, dtype=torch.float64),
+                    exact.clamp_min(1e-30),
+                    rtol=1e-4,
+                    atol=1e-5 * scale,
+                )
+    assert sorted(first_figures.lines) == [3, 6] and sorted(second_figures.lines) == [8, 12]
+
+    # the verdict of the resumed run, from the kernels above: regime against the threshold, the half-way step
+    change = ((kernels[12] - kernels[0]).norm() / kernels[0].norm()).item()
+    distances = {step: cosine_distance(kernels[step], kernels[0]) for step in sorted(kernels)}
+    half = next(step for step, d in distances.items() if d >= 0.5 * distances[12])
+    text = second.verdict()
+    assert f"relative change of {change:.3g} " in text and f"kernel distance of {distances[12]:.3g} " in text
+    assert f"half of that distance was reached by step {half}." in text
+    second.lazy_threshold = change * (1 + 1e-3)
+    assert "Verdict: lazy" in second.verdict()
+    second.lazy_threshold = change * (1 - 1e-3)
+    assert "Verdict: feature learning" in second.verdict()
+
+
+# ------------------------------------------------------------------------------------------------------------
 # A model linear in its parameters has a constant kernel.
 
 
@@ -239,6 +369,8 @@ def test_verdict_on_crafted_histories():
     rich = crafted([(0, 0.0, 0.0, 0.2), (100, 0.5, 0.2, 0.4), (200, 0.9, 0.3, 0.6)])
     assert "Verdict: feature learning (rich regime)" in rich.verdict()
     assert "half of that distance was reached by step 100" in rich.verdict()  # 0.2 >= 0.3 / 2
+    exactly_half = crafted([(0, 0.0, 0.0, 0.2), (100, 0.5, 0.25, 0.4), (200, 0.9, 0.5, 0.6)])
+    assert "half of that distance was reached by step 100" in exactly_half.verdict()  # 0.25 >= 0.5 / 2
     assert "Verdict: lazy" in crafted([(0, 0.0, 0.0, 0.2), (200, 0.9, 0.3, 0.6)], threshold=0.95).verdict()
     assert "Verdict: feature learning" in crafted([(0, 0.0, 0.0, 0.2), (9, 0.1, 0.1, 0.2)]).verdict()
     # not measurable: the last defined numbers are quoted

@@ -178,7 +178,8 @@ def test_evaluate_classifier_with_a_model_that_predicts_known_labels(noisy_data)
     assert torch.equal(result.predictions, predicted)
     assert torch.equal(result.labels, train.labels)
     assert result.error == 30 / 200
-    assert result.loss == pytest.approx(F.cross_entropy(result.logits, train.labels).item(), abs=0, rel=1e-12)
+    reference = F.cross_entropy(result.logits.double(), train.labels).item()  # float64
+    assert result.loss == pytest.approx(reference, abs=0, rel=1e-7)
     errors = noisy_label_errors(result.logits, train.labels, train.clean_labels, noisy)
     assert (errors.memorized_fraction, errors.corrected_fraction) == (10 / 40, 30 / 40)
     assert (errors.train_error_clean, errors.train_error_noisy) == (0.0, 30 / 40)
@@ -258,11 +259,13 @@ def test_evaluate_classifier_restores_flags_on_error_and_rejects_bad_input():
         evaluate_classifier(model, [])
     with pytest.raises(ValueError, match="`loss`"):
         evaluate_classifier(model, [(torch.zeros(1, 2), torch.tensor([0]))], loss="hinge")
-    with pytest.raises(ValueError, match="sequences"):
+    with pytest.raises(ValueError, match="tuples or lists"):
         evaluate_classifier(model, [torch.zeros(1, 2)])
-    with pytest.raises(ValueError, match="shape \\(b, C\\)"):
+    with pytest.raises(ValueError, match="targets of a batch"):  # 2 outputs, 1 label
         evaluate_classifier(model, [(torch.zeros(2, 2), torch.tensor([0]))])
-    with pytest.raises(ValueError, match="labels of a batch"):
+    with pytest.raises(ValueError, match="\\(batch, classes\\) outputs"):
+        evaluate_classifier(nn.Flatten(0), [(torch.zeros(2, 2), torch.tensor([0, 1]))])
+    with pytest.raises(ValueError, match="targets of a batch"):
         evaluate_classifier(model, [(torch.zeros(1, 2), torch.tensor([0.0]))])
 
 
@@ -341,12 +344,47 @@ def test_find_peaks_small_exact_example_against_scipy():
     ]
     assert (peaks[0].left_base, peaks[0].right_base) == (30, 100)
     assert (peaks[1].left_base, peaks[1].right_base) == (60, 100)
-    signal = pytest.importorskip("scipy.signal")
-    prominences, _, _ = signal.peak_prominences(curve, [p.index for p in peaks])
-    assert [p.prominence for p in peaks] == prominences.tolist()
+    from scipy import signal  # a test dependency (the `dev` extra): a missing scipy fails, it does not skip
+
+    prominences, left_bases, right_bases = signal.peak_prominences(curve, [p.index for p in peaks])
+    assert [p.prominence for p in peaks] == prominences.tolist() == [2.0, 0.5]
+    bases = [(positions[int(left)], positions[int(right)]) for left, right in zip(left_bases, right_bases)]
+    assert bases == [(30, 100), (60, 100)]
     # A threshold of 0.2 relative to the range 5 (1 absolute) keeps only the first; 0.1 (0.5) keeps both.
     assert [p.index for p in find_peaks(curve, smoothing=None, min_prominence=0.2, noise_factor=0.0)] == [5]
     assert len(find_peaks(curve, smoothing=None, min_prominence=0.1, noise_factor=0.0)) == 2
+
+
+def test_find_peaks_without_thresholds_is_scipy_on_random_curves():
+    """With smoothing and every threshold off, the peaks are ``scipy.signal.find_peaks``'s, with its
+    prominences and bases: on random Gaussian curves and on integer curves full of ties and plateaus (without
+    smoothing a plateau's points have equal raw values and it is reported at its first; scipy at its middle,
+    so scipy's ``left_edges`` are compared)."""
+    from scipy import signal
+
+    generator = torch.Generator().manual_seed(0)
+    plateaus = 0
+    for trial in range(100):
+        n = int(torch.randint(3, 40, (1,), generator=generator))
+        if trial % 2:
+            curve = torch.randint(0, 6, (n,), generator=generator).double().tolist()
+        else:
+            curve = torch.randn(n, generator=generator, dtype=torch.float64).tolist()
+        peaks = find_peaks(
+            curve, smoothing=None, min_prominence=0.0, noise_factor=0.0, require_descent_before=False
+        )
+        _, found = signal.find_peaks(curve, prominence=0.0, plateau_size=1)
+        expected = list(
+            zip(
+                found["left_edges"].tolist(),
+                found["prominences"].tolist(),
+                found["left_bases"].tolist(),
+                found["right_bases"].tolist(),
+            )
+        )
+        assert [(p.index, p.prominence, p.left_base, p.right_base) for p in peaks] == expected, curve
+        plateaus += int((found["plateau_sizes"] > 1).sum())
+    assert plateaus > 20  # the integer curves did exercise plateaus
 
 
 def test_find_peaks_one_noisy_double_descent_peak():
