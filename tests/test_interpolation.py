@@ -678,3 +678,28 @@ def test_reset_leaves_out_a_single_example_batch_with_batchnorm1d_and_pools_floa
     hidden = data[:16] @ model[0].weight.T + model[0].bias
     assert torch.allclose(reset[1].running_mean, hidden.mean(0), atol=1e-12)
     assert torch.allclose(reset[1].running_var, hidden.var(0), atol=1e-12)
+
+
+@pytest.mark.parametrize("seeds", [(0, 1), (2, 3), (4, 5)])
+def test_coarse_to_fine_evaluates_the_documented_points_with_the_whole_grids_values(seeds):
+    """Every 4th point of a 13-point grid, then the points strictly between the coarse neighbours of each coarse
+    maximum (error and loss, both sets): the values at those points are the whole grid's, bit for bit."""
+    model_a, model_b = make_cnn(seeds[0]), make_cnn(seeds[1])
+    loaders = {"train": DataLoader(make_images(seed=1), batch_size=8), "test": DataLoader(make_images(seed=2))}
+    full = linear_paths(model_a, model_b, loaders, alphas=13)
+    coarse = linear_paths(model_a, model_b, loaders, alphas=13, coarse_every=4)
+    coarse_points = [0, 4, 8, 12]
+    expected = set(coarse_points)
+    for path in full.values():
+        for values in (path.error, path.loss):
+            at = [float(values[i]) for i in coarse_points]
+            j = at.index(max(at))
+            expected |= set(range(coarse_points[max(j - 1, 0)] + 1, coarse_points[min(j + 1, 3)]))
+    for name, path in coarse.items():
+        indices = [round(float(a) * 12) for a in path.alphas]
+        assert indices == sorted(expected), name
+        assert torch.equal(path.alphas, full[name].alphas[indices])
+        assert torch.equal(path.error, full[name].error[indices]) and torch.equal(path.loss, full[name].loss[indices])
+        peak = int(full[name].error.argmax())
+        if peak in indices:  # the maximum was refined into the coarse path: the same barrier
+            assert error_barrier(path.error) == error_barrier(full[name].error)
