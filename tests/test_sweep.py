@@ -1,9 +1,13 @@
-"""The width sweep: the model-wise machinery against theory (min-norm random features), the CLI on a tiny grid
-(hparams, final metrics, the aggregated curve, the data module reused, a SLURM task equal to its sequential
-run), the bias-variance mode, the verdict, and bad inputs."""
+"""The width sweep: the model-wise machinery against theory (min-norm random features); what the aggregation
+computes itself, on hand-written runs with known answers (means by width and by parameter count, the
+interpolation threshold, the peak and its noise level, the verdict, the summary table, the figure, the
+bias-variance decomposition by width against its definitions); the CLI on a tiny grid (hparams, final metrics
+against a plain evaluation of the final models, the aggregated curve, the data module reused, a SLURM task
+equal to its sequential run), the bias-variance mode, and bad inputs."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -17,6 +21,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import lt_theory.data.datamodule as datamodule_module
+import lt_theory.sweep as sweep_module
+from lt_theory import loggers
 from lt_theory.measures.risk import cross_entropy_bias_variance, mse_bias_variance
 from lt_theory.sweep import (
     AGGREGATE_DIR,
@@ -208,6 +214,209 @@ def test_runs_of_one_width_are_averaged_and_mixed_noise_rates_are_refused():
 
 
 # --------------------------------------------------------------------------------------------------------
+# What the aggregation computes itself, on hand-written runs with known answers
+# --------------------------------------------------------------------------------------------------------
+
+# Two runs per width (train error, test error, test loss; None: not recorded). Means by hand: train 0.52,
+# 0.28, 0.02, 0.01, 0, 0, 0 (width 4 has one interpolating run, but its mean 0.02 is above epsilon = 0.01;
+# width 8's mean is exactly 0.01: the threshold); test 0.41, 0.31, 0.27, 0.36, 0.29, 0.25, 0.215 (one peak,
+# at width 8, from the valley at width 4 down to width 64).
+_HAND_RUNS = {
+    1: [(0.50, 0.40, 1.40), (0.54, 0.42, 1.44)],
+    2: [(0.30, 0.32, 1.30), (0.26, 0.30, None)],
+    4: [(0.00, 0.28, 1.20), (0.04, 0.26, 1.24)],
+    8: [(0.00, 0.35, 1.50), (0.02, 0.37, 1.52)],
+    16: [(0.00, 0.30, 1.10), (0.00, 0.28, 1.12)],
+    32: [(0.00, 0.24, 1.00), (0.00, 0.26, 1.04)],
+    64: [(0.00, 0.22, 0.90), (0.00, 0.21, 0.94)],
+}
+_HAND_MEANS = {
+    "train_error": [0.52, 0.28, 0.02, 0.01, 0.0, 0.0, 0.0],
+    "test_error": [0.41, 0.31, 0.27, 0.36, 0.29, 0.25, 0.215],
+    "test_loss": [1.42, 1.30, 1.22, 1.51, 1.11, 1.02, 0.92],
+}
+_HAND_WIDTHS = sorted(_HAND_RUNS)
+_HAND_PARAMS = [10 * w * w + 7 for w in _HAND_WIDTHS]  # 17, 47, 167, 647, ...: steps unlike the widths
+
+
+def _write_hand_runs(directory: Path) -> None:
+    for width, runs in _HAND_RUNS.items():
+        for seed, (train, test, loss) in enumerate(runs):
+            metrics = {"train_error": train, "test_error": test}
+            if loss is not None:
+                metrics["test_loss"] = loss
+            folder = directory / f"width_{width:04d}_seed_{seed}"
+            folder.mkdir(parents=True)
+            record = {"width": width, "num_parameters": 10 * width * width + 7, "num_test": 10_000}
+            (folder / RESULT_FILE).write_text(json.dumps({**record, "metrics": metrics}))
+
+
+def _spy(monkeypatch, module, name: str) -> list:
+    """Record every call of ``module.name`` (its arguments and the figure or curve it got) and let it run."""
+    calls, original = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def test_aggregate_logs_hand_computed_means_threshold_and_peak_by_width_and_by_params(tmp_path, monkeypatch):
+    _write_hand_runs(tmp_path)
+    peak_calls = _spy(monkeypatch, sweep_module, "find_peaks")
+    figures = _spy(monkeypatch, loggers, "log_figure")
+    curve = aggregate(tmp_path, epsilon=0.01)
+
+    assert curve.widths == _HAND_WIDTHS and curve.num_parameters == _HAND_PARAMS and curve.runs == [2] * 7
+    for name, means in _HAND_MEANS.items():
+        assert curve.metrics[name] == pytest.approx(means, rel=1e-12, abs=1e-15), name
+    assert curve.interpolation_width == 8
+    [peak] = curve.peaks
+    assert (peak.position, peak.value, peak.left_base, peak.right_base) == (8, pytest.approx(0.36), 4, 64)
+    # noise floor: the standard error of the mean of two runs 0.02 apart, |a - b| / 2 = 0.01, is above every
+    # binomial one (at most sqrt(0.41 x 0.59 / 10000) = 0.0049)
+    [(_, kwargs)] = peak_calls
+    assert kwargs["noise_level"] == pytest.approx(0.01, rel=1e-9)
+    assert curve.best_width == 64 and curve.wider_helps
+    assert curve.tolerance == pytest.approx(2 * math.sqrt(0.215 * 0.785 / 10_000), rel=1e-12)
+    assert curve.verdict == (
+        "Model-wise curve over widths 1..64 (17 to 40,967 parameters). Interpolation threshold: width 8 "
+        "(train error <= 0.01 from width 8 on). Test-error peak at width 8 (test error 0.36) at the "
+        "interpolation threshold, as double descent predicts: wider hurts from width 4 to 8, and helps again "
+        "from 8 to 64. Wider helps here: the widest model (width 64, test error 0.215) is within 0.0082 of the "
+        "lowest test error (0.215 at width 64)."
+    )
+
+    events = _events(tmp_path / AGGREGATE_DIR)
+    for name, means in _HAND_MEANS.items():
+        logged = [(e.step, e.value) for e in events.Scalars(f"dd/{name}_by_width")]
+        assert logged == [(w, pytest.approx(m, abs=1e-7)) for w, m in zip(_HAND_WIDTHS, means)], name
+    for name in ("train_error", "test_error"):
+        logged = [(e.step, e.value) for e in events.Scalars(f"dd/{name}_by_params")]
+        assert logged == [(p, pytest.approx(m, abs=1e-7)) for p, m in zip(_HAND_PARAMS, _HAND_MEANS[name])]
+    assert [(e.step, e.value) for e in events.Scalars("dd/interpolation_width")] == [(8, 8.0)]
+    assert [(e.step, e.value) for e in events.Scalars("dd/peak_width")] == [(8, 8.0)]
+    assert [(e.step, e.value) for e in events.Scalars("dd/peak_test_error")] == [(8, pytest.approx(0.36))]
+    (text,) = events.Tensors("dd/modelwise_summary/text_summary")
+    table = text.tensor_proto.string_val[0].decode()
+    assert "| width | parameters | runs | train_error | test_error | test_loss |" in table
+    assert "| 2 | 47 | 2 | 0.2800 | 0.3100 | 1.3000 |" in table  # the run without a test loss is skipped
+    assert "| 8 | 647 | 2 | 0.0100 | 0.3600 | 1.5100 |" in table
+
+    [(args, _)] = [(a, k) for a, k in figures if a[1] == "dd/modelwise_curve"]
+    by_width, by_params = args[2].axes
+    for axis, positions in ((by_width, _HAND_WIDTHS), (by_params, _HAND_PARAMS)):
+        lines = {line.get_label(): line for line in axis.get_lines()}
+        assert list(lines["test error"].get_xdata()) == positions
+        assert list(lines["test error"].get_ydata()) == pytest.approx(_HAND_MEANS["test_error"])
+        assert list(lines["train error"].get_ydata()) == pytest.approx(_HAND_MEANS["train_error"])
+        at = positions[_HAND_WIDTHS.index(8)]
+        assert list(lines["interpolation threshold"].get_xdata()) == [at, at]
+        [annotation] = [child for child in axis.texts if child.get_text() == "peak"]
+        assert tuple(annotation.xy) == (at, pytest.approx(0.36))
+
+
+@pytest.mark.parametrize(
+    ("runs", "expected"),
+    [
+        # one run per width and two at width 1 on test sets of 100 and 400: the largest binomial standard
+        # error, sqrt(0.5 x 0.5 / 100) = 0.05 at width 1 (the smaller test set; runs sharing a test set do not
+        # average its error away), beats sqrt(0.3 x 0.7 / 100) = 0.0458 at width 2
+        ([(1, 0.5, 100), (1, 0.5, 400), (2, 0.3, 100), (3, 0.2, 100)], 0.05),
+        # three runs at width 2: sample standard deviation 0.1 over sqrt(3) = 0.0577 beats sqrt(.21 / 10000)
+        (
+            [(1, 0.5, 10_000), (2, 0.2, 10_000), (2, 0.3, 10_000), (2, 0.4, 10_000), (3, 0.2, 10_000)],
+            0.1 / 3**0.5,
+        ),
+    ],
+)
+def test_the_peak_detector_gets_the_standard_error_of_the_mean_test_error_as_noise_level(
+    monkeypatch, runs, expected
+):
+    calls = _spy(monkeypatch, sweep_module, "find_peaks")
+    records = [
+        {"width": w, "num_parameters": w, "num_test": n, "metrics": {"test_error": e}} for w, e, n in runs
+    ]
+    model_wise_curve(records)
+    [(_, kwargs)] = calls
+    assert kwargs["noise_level"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_bias_variance_by_width_assembles_each_widths_splits_and_leaves_incomplete_widths_nan(
+    tmp_path, monkeypatch
+):
+    """Two splits at widths 2 and 4 with hand-made logits, one split at width 8; the decompositions by their
+    definitions (Yang et al. 2020), computed here without the measures, logged and drawn per width."""
+    labels = torch.tensor([0, 1, 2])
+    logits = {
+        (2, 0): [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]],
+        (2, 1): [[1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [0.0, 0.0, 1.0]],
+        (4, 0): [[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]],
+        (4, 1): [[3.0, 0.0, 1.0], [0.0, 3.0, 0.0], [0.0, 1.0, 3.0]],
+        (8, 0): [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+    }
+    for (width, split), rows in logits.items():
+        folder = tmp_path / f"width_{width:04d}_split_{split}"
+        folder.mkdir()
+        torch.save({"logits": torch.tensor(rows), "labels": labels}, folder / "test_predictions.pt")
+        record = {"width": width, "num_parameters": width, "split": split, "num_splits": 2, "num_test": 3}
+        record.update(metrics={"test_error": 0.1}, test_predictions="test_predictions.pt")
+        (folder / RESULT_FILE).write_text(json.dumps(record))
+    figures = _spy(monkeypatch, loggers, "log_figure")
+    with pytest.warns(UserWarning, match=r"width 8: .* split\(s\) \[1\] have not finished"):
+        curve = aggregate(tmp_path)
+
+    expected: dict[str, list[float]] = {}
+    for width in (2, 4):
+        z = torch.tensor([logits[width, 0], logits[width, 1]], dtype=torch.float64)  # (2 models, 3 points, 3)
+        p = z.exp() / z.exp().sum(dim=-1, keepdim=True)
+        y = torch.eye(3, dtype=torch.float64)[labels]
+        mse_variance = float(((p[0] - p[1]) ** 2).sum(dim=-1).mean() / 2)  # sum_j ||p_j - mean||^2 / (m - 1)
+        mse_risk = float(((p - y) ** 2).sum(dim=-1).mean())
+        geometric = (p[0] * p[1]).sqrt()
+        geometric = geometric / geometric.sum(dim=-1, keepdim=True)
+        risk = float(-(p.log() * y).sum(dim=-1).mean())
+        bias = float(-(geometric.log() * y).sum(dim=-1).mean())
+        variance = float((geometric * (geometric.log() - p.log())).sum(dim=-1).mean())
+        values = {
+            "bias_squared": bias,
+            "variance": variance,
+            "risk": risk,
+            "mse_bias_squared": mse_risk - mse_variance,
+            "mse_variance": mse_variance,
+            "mse_risk": mse_risk,
+        }
+        for name, value in values.items():
+            expected.setdefault(name, []).append(value)
+    for name, (at_2, at_4) in expected.items():  # the widths differ: a value given to the wrong width shows
+        assert abs(at_2 - at_4) > 0.02 and min(at_2, at_4) > 0, (name, at_2, at_4)
+    events = _events(tmp_path / AGGREGATE_DIR)
+    for name, values in expected.items():
+        assert curve.bias_variance[name][:2] == pytest.approx(values, rel=1e-12), name
+        assert math.isnan(curve.bias_variance[name][2]), name
+        logged = [(e.step, e.value) for e in events.Scalars(f"dd/{name}_by_width")]
+        assert logged[:2] == [
+            (2, pytest.approx(values[0], rel=1e-6)),
+            (4, pytest.approx(values[1], rel=1e-6)),
+        ]
+        assert logged[2][0] == 8 and math.isnan(logged[2][1])
+    [(args, _)] = [(a, k) for a, k in figures if a[1] == "dd/bias_variance"]
+    for axis, prefix in zip(args[2].axes, ("", "mse_")):
+        for line in axis.get_lines():
+            name = prefix + line.get_label()
+            assert list(line.get_xdata()) == [2, 4, 8], name
+            assert list(line.get_ydata())[:2] == pytest.approx(expected[name], rel=1e-12), name
+            assert math.isnan(line.get_ydata()[2]), name
+    assert sorted(line.get_label() for line in args[2].axes[1].get_lines()) == [
+        "bias_squared",
+        "risk",
+        "variance",
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------
 # The CLI on a tiny grid
 # --------------------------------------------------------------------------------------------------------
 
@@ -251,6 +460,25 @@ def _hparams(accumulator: EventAccumulator) -> dict:
     return {k: (v.number_value if v.HasField("number_value") else v.string_value) for k, v in values.items()}
 
 
+def _plain_final_metrics(data, model) -> dict[str, float]:
+    """The final metrics of a run by a plain loop over the whole training set and the test set."""
+    train, test = data.train_dataset, data.test_dataset
+    noisy = torch.zeros(len(train.labels), dtype=torch.bool)
+    noisy[train.noisy_indices] = True
+    model.eval()
+    with torch.no_grad():
+        right = (model(data.preprocess(train.images)).argmax(dim=1) == train.labels).double()
+        test_logits = model(data.preprocess(test.images)).double()
+    return {
+        "train_error": 1 - float(right.mean()),
+        "train_error_clean": 1 - float(right[~noisy].mean()),
+        "train_error_noisy": 1 - float(right[noisy].mean()),
+        "memorized_fraction": float(right[noisy].mean()),
+        "test_error": float((test_logits.argmax(dim=1) != test.labels).double().mean()),
+        "test_loss": float(torch.nn.functional.cross_entropy(test_logits, test.labels)),
+    }
+
+
 def test_tiny_sweep_logs_hparams_and_final_metrics_and_aggregates_exactly_those(tmp_path, monkeypatch):
     generated = []
     original = datamodule_module.make_synthetic_cifar
@@ -259,8 +487,19 @@ def test_tiny_sweep_logs_hparams_and_final_metrics_and_aggregates_exactly_those(
         "make_synthetic_cifar",
         lambda *a, **k: generated.append(a) or original(*a, **k),
     )
-    curve = _run(tmp_path, "--widths=[4, 2]", "--seed=3")
+    finals = {}  # width -> (the data module, a copy of the final model), taken as the sweep logs its hparams
+    log_final = sweep_module._FinalHyperparameters.on_fit_end
+
+    def keep_final_model(self, trainer, pl_module):
+        finals[self.params["width"]] = (trainer.datamodule, copy.deepcopy(pl_module))
+        return log_final(self, trainer, pl_module)
+
+    monkeypatch.setattr(sweep_module._FinalHyperparameters, "on_fit_end", keep_final_model)
+    curve = _run(
+        tmp_path, "--widths=[4, 2]", "--seed=3", "--trainer.max_epochs=2", "--probe.every_n_epochs=1"
+    )
     assert len(generated) == 1  # one data module for the whole sweep
+    expected = {width: _plain_final_metrics(*finals[width]) for width in (2, 4)}
     sweep = tmp_path / "tiny"
     results = {w: json.loads((sweep / f"width_{w:04d}" / RESULT_FILE).read_text()) for w in (2, 4)}
     for width, result in results.items():
@@ -273,10 +512,15 @@ def test_tiny_sweep_logs_hparams_and_final_metrics_and_aggregates_exactly_those(
             "model": "lt_theory.models.MLP",
             "label_noise": 0.25,
         }
-        assert result["num_parameters"] == expected_parameters and result["epochs"] == 1
+        assert result["num_parameters"] == expected_parameters and result["epochs"] == 2
+        assert result["num_test"] == 24 and result["global_step"] == 6
         for name, value in result["metrics"].items():
+            # the final model's numbers, not the first epoch's: a plain evaluation of its weights
+            tolerance = 1e-5 if name == "test_loss" else 1e-12
+            assert value == pytest.approx(expected[width][name], rel=tolerance, abs=1e-12), (width, name)
             logged = events.Scalars(f"dd/final_{name}")
-            assert [(e.step, e.value) for e in logged] == [(3, pytest.approx(value, rel=1e-6))]
+            assert [(e.step, e.value) for e in logged] == [(6, pytest.approx(value, rel=1e-6))]
+            assert [e.step for e in events.Scalars(f"dd/{name}")] == [3, 6]
             assert events.Scalars(f"dd/{name}")[-1].value == pytest.approx(value, rel=1e-6)
         assert set(result["metrics"]) == {
             "train_error",
@@ -290,6 +534,9 @@ def test_tiny_sweep_logs_hparams_and_final_metrics_and_aggregates_exactly_those(
     assert curve.widths == [2, 4] and curve.runs == [1, 1]
     for name in ("train_error", "test_error", "test_loss", "memorized_fraction"):
         assert curve.metrics[name] == [results[2]["metrics"][name], results[4]["metrics"][name]]
+        assert curve.metrics[name] == pytest.approx(
+            [expected[2][name], expected[4][name]], rel=1e-5, abs=1e-12
+        )
     aggregated = _events(sweep / AGGREGATE_DIR)
     for name in ("train_error", "test_error"):
         by_width = [(e.step, e.value) for e in aggregated.Scalars(f"dd/{name}_by_width")]
