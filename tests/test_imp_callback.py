@@ -2,7 +2,8 @@
 
 The runs are the contract suite's ResNet-8 on synthetic CIFAR-shaped data (6 steps an epoch), trained with
 SGD (momentum 0.9, weight decay 5e-3) and a cosine schedule stepped every step, so that the learning rate
-differs at every step. References:
+differs at every step (the main run evaluates its levels on 256 synthetic test images, the contract suite's
+32 giving several levels the same accuracy). References:
 
 * the pruning: the masks after each level equal ``magnitude_masks`` of the weights at that level's end (read
   by a recorder placed *before* the pruner), and the kept counts follow ``remaining_counts`` exactly;
@@ -19,8 +20,15 @@ differs at every step. References:
 * the controls follow the IMP run's tickets: random pruning keeps each layer's count of the IMP's masks of
   the level; random reinitialisation trains exactly those masks from the model's own init (CIFARResNet's
   He-normal convolutions), equal to a fresh init drawn with the callback's generator;
-* logging: the CSV values and the TensorBoard figure, text and accuracy-by-remaining scalars against the
-  callback's history;
+* what the callback computes and logs, never against its own attributes: the logged accuracy and loss of
+  each level, the tickets' accuracy and ``curve()``, against a plain evaluation loop over the validation split
+  (the test split with ``eval_split="test"``) of the weights and buffers read at each level's end by a
+  recorder placed *before* the pruner; the logged remaining fraction, the tickets' and the basis-point steps
+  of ``imp/accuracy_by_remaining_bp`` (TensorBoard only) against the counts R_(l+1) = R_l - round(p R_l)
+  written out in the test; ``imp/sparsity/<layer>`` against the zeros counted in each layer right after the
+  rewind; ``imp/level``, the figure's points (as logged), ``accuracy_vs_remaining_figure`` on a hand-made
+  curve, the summary table and the level-end message against the same references; ``imp/diverged_level``
+  and the step counts of the warning for a fit cut short against closed forms;
 * DDP: two gloo processes, levels in epochs and a ModelCheckpoint, end every level with identical masks and
   the fit with identical weights;
 * bad input: ValueError naming the argument; a resume from a checkpoint without IMPPruner state or with other
@@ -31,12 +39,15 @@ differs at every step. References:
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import math
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -45,8 +56,10 @@ from lightning.pytorch import Callback, LightningModule, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
+from torch.nn import functional as F
 
-from lt_theory.callbacks.imp import IMPPruner, load_ticket
+from lt_theory import loggers as lt_loggers
+from lt_theory.callbacks.imp import IMPPruner, accuracy_vs_remaining_figure, load_ticket
 from lt_theory.data import SyntheticCIFARDataModule
 from lt_theory.measures.pruning import (
     apply_masks,
@@ -146,13 +159,159 @@ def _fit(root, pruner, callbacks=(), module_data=None, **trainer_args):
     return module, trainer
 
 
+class LevelEndStates(Callback):
+    """Placed before the pruner: the whole state (weights and buffers) at the given steps, before any pruning."""
+
+    def __init__(self, steps) -> None:
+        self.steps, self.states = set(steps), {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step in self.steps and trainer.global_step not in self.states:
+            self.states[trainer.global_step] = _clone_state(pl_module)
+
+
+def _plain_evaluation(state: dict, loader, preprocess) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of a ResNet-8 module holding ``state``, in a plain loop over ``loader``."""
+    module = ClassificationModule(CIFARResNet(depth=8))
+    module.load_state_dict(state)
+    module.eval()
+    correct, loss, count = 0, 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            images, labels = batch[0], batch[1]
+            logits = module(preprocess(images))
+            correct += int((logits.argmax(dim=1) == labels).sum())
+            loss += float(F.cross_entropy(logits.double(), labels, reduction="sum"))
+            count += len(labels)
+    return correct / count, loss / count
+
+
+def _prunable_layers(module: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, int]:
+    """Name -> weight count of every Conv2d and Linear module not in ``exclude``."""
+    return {
+        name: m.weight.numel()
+        for name, m in module.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in exclude
+    }
+
+
+def _round_by_round_counts(total: int, levels: int, fraction: float) -> list[int]:
+    """R_0 = N, R_(l+1) = R_l - round(p R_l): the kept counts, level by level."""
+    counts = [total]
+    for _ in range(levels):
+        counts.append(counts[-1] - round(fraction * counts[-1]))
+    return counts
+
+
+def _csv_values(path: Path) -> dict[tuple[int, str], float]:
+    rows = list(csv.DictReader(open(path)))
+    return {(int(r["step"]), k): float(v) for r in rows for k, v in r.items() if k.startswith("imp/") and v}
+
+
+def _by_step(values: dict[tuple[int, str], float], tag: str) -> dict[int, float]:
+    return {step: v for (step, key), v in values.items() if key == tag}
+
+
+def _figure_data(figure) -> dict:
+    (axis,) = figure.axes
+    return {
+        "lines": {line.get_label(): ([*line.get_xdata()], [*line.get_ydata()]) for line in axis.lines},
+        "xscale": axis.get_xscale(),
+        "x_inverted": axis.xaxis_inverted(),
+    }
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record) -> None:
+        self.messages.append(record.getMessage())
+
+
+# the run of the `imp_observed` fixture: levels end at T + l (T - k)
+LEVELS, FRACTION, K, T = 3, 0.2, 2, 6
+LEVEL_ENDS = [T + level * (T - K) for level in range(LEVELS + 1)]  # 6, 10, 14, 18
+
+
 @pytest.fixture(scope="module")
-def imp_run(tmp_path_factory):
-    """3 levels of 20% global pruning, rewinding to step 2 of 6-step levels, output layer kept."""
-    pruner = IMPPruner(levels=3, fraction=0.2, rewind_step=2, steps_per_level=6, prune_output_layer=False)
-    before, after = Recorder(pruner, reads_level_ends=True), Recorder(pruner)
-    module, trainer = _fit(tmp_path_factory.mktemp("imp"), pruner, [before, pruner, after])
-    return pruner, before, after, module, trainer
+def imp_observed(tmp_path_factory):
+    """3 levels of 20% global pruning, rewinding to step 2 of 6-step levels, output layer kept; every output
+    kept: the recorders, the TensorBoard and CSV logs, each figure's data and the info messages."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    root = tmp_path_factory.mktemp("imp")
+    pruner = IMPPruner(
+        levels=LEVELS, fraction=FRACTION, rewind_step=K, steps_per_level=T, prune_output_layer=False
+    )
+    states, before, after = (
+        LevelEndStates(LEVEL_ENDS),
+        Recorder(pruner, reads_level_ends=True),
+        Recorder(pruner),
+    )
+    module = _module()[0]
+    # 256 evaluation examples (the contract suite's 32 give several levels the same accuracy)
+    data = SyntheticCIFARDataModule(num_train=96, num_test=256, batch_size=16, seed=0, label_noise=0.25)
+    loggers = [TensorBoardLogger(root, name="tb", version=0), CSVLogger(root, name="csv", version=0)]
+    figures, log_figure = [], lt_loggers.log_figure
+
+    def recording_log_figure(trainer, tag, figure, step=None, close=True):
+        figures.append((trainer.global_step if step is None else step, tag, _figure_data(figure)))
+        log_figure(trainer, tag, figure, step, close)
+
+    messages, info_logger = _Messages(), logging.getLogger("lightning.pytorch")
+    info_logger.addHandler(messages)
+    level = info_logger.level
+    info_logger.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(lt_loggers, "log_figure", recording_log_figure)
+            _, trainer = _fit(
+                root, pruner, [states, before, pruner, after], module_data=(module, data), logger=loggers
+            )
+    finally:
+        info_logger.removeHandler(messages)
+        info_logger.setLevel(level)
+    return SimpleNamespace(
+        pruner=pruner,
+        before=before,
+        after=after,
+        states=states.states,
+        module=module,
+        data=data,
+        trainer=trainer,
+        root=root,
+        figures=figures,
+        messages=[m for m in messages.messages if m.startswith("IMPPruner: level")],
+    )
+
+
+@pytest.fixture(scope="module")
+def imp_run(imp_observed):
+    o = imp_observed
+    return o.pruner, o.before, o.after, o.module, o.trainer
+
+
+@pytest.fixture(scope="module")
+def references(imp_observed):
+    """Independent of the callback: the kept counts in closed form, and a plain evaluation of each level's
+    final weights and buffers (read before the pruner) on the validation split."""
+    o = imp_observed
+    layers = _prunable_layers(_module()[0], exclude=("net.fc",))
+    total = sum(layers.values())
+    counts = _round_by_round_counts(total, LEVELS, FRACTION)
+    evaluations = [
+        _plain_evaluation(o.states[step], o.data.val_dataloader(), o.data.preprocess) for step in LEVEL_ENDS
+    ]
+    return SimpleNamespace(
+        layers=layers,
+        total=total,
+        counts=counts,
+        remaining=[c / total for c in counts],
+        accuracy=[a for a, _ in evaluations],
+        loss=[loss for _, loss in evaluations],
+    )
 
 
 def test_levels_and_schedule(imp_run):
@@ -236,7 +395,7 @@ def test_pruned_weights_stay_exactly_zero_under_momentum_and_weight_decay(imp_ru
     assert after.pruned_momentum_nonzero == 0
 
 
-def test_ticket_file_reproduces_the_sparse_network(imp_run):
+def test_ticket_file_reproduces_the_sparse_network(imp_run, references):
     pruner, _, after, _, _ = imp_run
     assert [Path(p).name for p in pruner.ticket_paths] == [f"ticket_level0{i}.pt" for i in range(4)]
     fresh = _module(seed=1)[0]
@@ -246,31 +405,172 @@ def test_ticket_file_reproduces_the_sparse_network(imp_run):
     for name, value in fresh.state_dict().items():  # the state the last level started from
         assert torch.equal(value, after.after_rewind[-1]["state"][name]), name
     ticket = torch.load(pruner.ticket_paths[-1], weights_only=False)
-    assert ticket["accuracy"] == pruner.history[-1]["accuracy"] and ticket["level"] == 3
+    assert ticket["accuracy"] == pytest.approx(references.accuracy[-1], abs=1e-9) and ticket["level"] == 3
     with pytest.raises(
         ValueError, match=r"'net\.conv1\.weight' \(prefix 'net\.'\).*'conv1\.weight'.*LightningModule"
     ):
         load_ticket(pruner.ticket_paths[-1], CIFARResNet(depth=8))  # the bare network, not the module
 
 
-def test_logged_tags(tmp_path):
-    pruner = IMPPruner(levels=1, fraction=0.5, rewind_step=1, steps_per_level=3)
-    _fit(tmp_path, pruner, [pruner], logger=CSVLogger(tmp_path, name="csv", version=0))
-    import csv
+# ------------------------------------------------------------------------------------------------------------
+# What the callback computes and logs, against independent references (the `references` fixture).
 
-    rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
-    value = {(int(r["step"]), k): float(v) for r in rows for k, v in r.items() if k.startswith("imp/") and v}
-    assert value[(0, "imp/level")] == 0 and value[(3, "imp/level")] == 1
-    assert value[(3, "imp/remaining_fraction")] == pruner.history[1]["remaining_fraction"]
-    assert abs(value[(3, "imp/remaining_fraction")] - 0.5) < 1e-3
-    assert value[(3, "imp/accuracy")] == pytest.approx(pruner.history[0]["accuracy"])
-    # its step is not the global step: TensorBoard only (test_tensorboard_gets_the_figure_and_the_summary)
-    assert not any(key == "imp/accuracy_by_remaining_bp" for _, key in value)
-    layer = "imp/sparsity/net.conv1"
-    mask = pruner.masks["net.conv1.weight"]
-    assert value[(0, layer)] == 0.0 and value[(3, layer)] == pytest.approx(
-        1.0 - int(mask.sum()) / mask.numel()
+
+def test_logged_accuracy_and_loss_are_a_plain_evaluation_of_each_level_end(imp_observed, references):
+    values = _csv_values(imp_observed.root / "csv" / "version_0" / "metrics.csv")
+    accuracy, loss = _by_step(values, "imp/accuracy"), _by_step(values, "imp/loss")
+    assert list(accuracy) == list(loss) == LEVEL_ENDS
+    for level, step in enumerate(LEVEL_ENDS):
+        assert accuracy[step] == pytest.approx(references.accuracy[level], abs=1e-9), level
+        assert loss[step] == pytest.approx(references.loss[level], rel=1e-5), level
+    # the references tell the trained network from the pruned and rewound one, and accuracy from error
+    rewound = [
+        _plain_evaluation(r["state"], imp_observed.data.val_dataloader(), imp_observed.data.preprocess)
+        for r in imp_observed.after.after_rewind
+    ]
+    assert all(abs(r_loss - references.loss[level]) > 1e-3 for level, (_, r_loss) in enumerate(rewound))
+    assert len(set(references.accuracy)) == len(LEVEL_ENDS) and 0.5 not in references.accuracy
+
+
+def test_logged_remaining_fraction_follows_the_exact_counts(imp_observed, references):
+    values = _csv_values(imp_observed.root / "csv" / "version_0" / "metrics.csv")
+    level_starts = [0, *LEVEL_ENDS[:-1]]  # no level starts at the last level's end
+    assert _by_step(values, "imp/remaining_fraction") == {
+        step: references.remaining[level] for level, step in enumerate(level_starts)
+    }
+    # the weights right after each rewind hold exactly that many non-zero prunable entries
+    for level, rewound in enumerate(imp_observed.after.after_rewind, start=1):
+        nonzero = sum(int((rewound["state"][f"{n}.weight"] != 0).sum()) for n in references.layers)
+        assert nonzero == references.counts[level]
+    assert imp_observed.pruner.remaining_fraction() == references.counts[-1] / references.total
+
+
+def test_logged_sparsity_is_the_pruned_fraction_of_each_layer(imp_observed, references):
+    values = _csv_values(imp_observed.root / "csv" / "version_0" / "metrics.csv")
+    tags = {key for _, key in values if key.startswith("imp/sparsity/")}
+    assert tags == {f"imp/sparsity/{name}" for name in references.layers}  # module names, not net.fc
+    for name, size in references.layers.items():
+        expected = {0: 0.0}
+        for rewound, step in zip(imp_observed.after.after_rewind, LEVEL_ENDS):
+            expected[step] = int((rewound["state"][f"{name}.weight"] == 0).sum()) / size
+        assert _by_step(values, f"imp/sparsity/{name}") == pytest.approx(expected, abs=1e-12), name
+    for level, step in enumerate(LEVEL_ENDS[:-1], start=1):  # the pruned weights of all layers add up
+        pruned = sum(values[(step, f"imp/sparsity/{n}")] * size for n, size in references.layers.items())
+        assert pruned == pytest.approx(references.total - references.counts[level], abs=1e-6)
+
+
+def test_logged_level_counts_the_levels_started(imp_observed):
+    values = _csv_values(imp_observed.root / "csv" / "version_0" / "metrics.csv")
+    assert _by_step(values, "imp/level") == {0: 0, 6: 1, 10: 2, 14: 3}
+
+
+def test_accuracy_by_remaining_basis_points_goes_to_tensorboard_only(imp_observed, references):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(imp_observed.root / "tb" / "version_0"))
+    events.Reload()
+    by_remaining = [(e.step, e.value) for e in events.Scalars("imp/accuracy_by_remaining_bp")]
+    # basis points of R_l / N: N = 74160, R_l = 74160, 59328, 47462, 37970
+    assert (
+        [step for step, _ in by_remaining]
+        == [10_000, 8000, 6400, 5120]
+        == [round(10_000 * r) for r in references.remaining]
     )
+    assert [v for _, v in by_remaining] == pytest.approx(references.accuracy, abs=1e-6)  # float32 events
+    values = _csv_values(imp_observed.root / "csv" / "version_0" / "metrics.csv")
+    # its step is not a global step: TensorBoard only
+    assert not any(key == "imp/accuracy_by_remaining_bp" for _, key in values)
+    tags = events.Tags()
+    assert [e.step for e in events.Images("imp/accuracy_vs_remaining")] == LEVEL_ENDS
+    assert any(tag.startswith("imp/summary") for tag in tags["tensors"])
+
+
+def test_figure_draws_each_level_accuracy_against_the_remaining_weights(imp_observed, references):
+    figures = imp_observed.figures
+    assert [(step, tag) for step, tag, _ in figures] == [(s, "imp/accuracy_vs_remaining") for s in LEVEL_ENDS]
+    for level, (_, _, data) in enumerate(figures):
+        x, y = data["lines"]["IMP"]
+        assert x == pytest.approx([100 * r for r in references.remaining[: level + 1]], rel=1e-12)
+        assert y == pytest.approx([100 * a for a in references.accuracy[: level + 1]], abs=1e-7)
+        _, dense = data["lines"]["dense"]
+        assert dense == pytest.approx([100 * references.accuracy[0]] * 2, abs=1e-7)
+        assert data["xscale"] == "log" and data["x_inverted"]
+
+
+def test_accuracy_vs_remaining_figure_plots_percentages():
+    curves = {"IMP": [(1.0, 0.9), (0.8, 0.91), (0.0, 0.1)], "control": [(1.0, 0.9), (0.5, 0.7)]}
+    data = _figure_data(accuracy_vs_remaining_figure(curves, dense_accuracy=0.85))
+    assert data["lines"]["IMP"] == ([100.0, 80.0], [90.0, pytest.approx(91.0)])  # no point at 0% (log axis)
+    assert data["lines"]["control"] == ([100.0, 50.0], [90.0, 70.0])
+    assert data["lines"]["dense"][1] == [85.0, 85.0]
+    assert data["xscale"] == "log" and data["x_inverted"]
+    assert "dense" not in _figure_data(accuracy_vs_remaining_figure(curves, None))["lines"]
+    assert "dense" not in _figure_data(accuracy_vs_remaining_figure(curves, math.nan))["lines"]
+
+
+def test_summary_table_lists_each_level_remaining_weights_and_accuracy(imp_observed, references):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(imp_observed.root / "tb" / "version_0"))
+    events.Reload()
+    texts = events.Tensors("imp/summary/text_summary")
+    assert [e.step for e in texts] == LEVEL_ENDS
+    table = texts[-1].tensor_proto.string_val[0].decode()
+    rows = [line.strip("|").split("|") for line in table.splitlines()[2:]]
+    assert [int(level) for level, _, _ in rows] == [0, 1, 2, 3]
+    for (_, remaining, accuracy), r, a in zip(rows, references.remaining, references.accuracy):
+        assert float(remaining.strip().removesuffix("%")) == pytest.approx(100 * r, abs=0.005 + 1e-9)
+        assert float(accuracy.strip().removesuffix("%")) == pytest.approx(100 * a, abs=0.005 + 1e-9)
+
+
+def test_level_end_messages_give_remaining_weights_and_accuracy(imp_observed, references):
+    assert imp_observed.messages == [
+        f"IMPPruner: level {level} ended at step {step}: {100 * references.remaining[level]:.2f}% of the "
+        f"weights, accuracy {100 * references.accuracy[level]:.2f}%"
+        for level, step in enumerate(LEVEL_ENDS)
+    ]
+
+
+def test_curve_pairs_remaining_fraction_with_accuracy(imp_observed, references):
+    curve = imp_observed.pruner.curve()
+    assert [r for r, _ in curve] == references.remaining
+    assert [a for _, a in curve] == pytest.approx(references.accuracy, abs=1e-9)
+
+
+def test_tickets_store_their_level_remaining_fraction_and_accuracy(imp_observed, references):
+    for level, path in enumerate(imp_observed.pruner.ticket_paths):
+        ticket = torch.load(path, weights_only=False)
+        assert ticket["level"] == level
+        assert ticket["remaining_fraction"] == references.remaining[level]
+        assert ticket["accuracy"] == pytest.approx(references.accuracy[level], abs=1e-9)
+        assert [h["step"] for h in ticket["history"]] == LEVEL_ENDS[: level + 1]
+        assert [h["accuracy"] for h in ticket["history"]] == pytest.approx(
+            references.accuracy[: level + 1], abs=1e-9
+        )
+        assert [h["loss"] for h in ticket["history"]] == pytest.approx(references.loss[: level + 1], rel=1e-5)
+
+
+def test_evaluates_the_test_split_when_asked(tmp_path):
+    data = SyntheticCIFARDataModule(
+        num_train=96, num_test=32, batch_size=16, seed=0, label_noise=0.25, val_size=16
+    )  # a validation split of its own: 80 training examples, 5 steps an epoch
+    module = _module()[0]
+    pruner = IMPPruner(levels=1, fraction=0.5, rewind_step=1, steps_per_level=3, eval_split="test")
+    states = LevelEndStates([3, 5])
+    _fit(
+        tmp_path,
+        pruner,
+        [states, pruner],
+        module_data=(module, data),
+        logger=CSVLogger(tmp_path, name="csv", version=0),
+    )
+    values = _csv_values(tmp_path / "csv" / "version_0" / "metrics.csv")
+    for step in (3, 5):
+        accuracy, loss = _plain_evaluation(states.states[step], data.test_dataloader(), data.preprocess)
+        _, val_loss = _plain_evaluation(states.states[step], data.val_dataloader(), data.preprocess)
+        assert values[(step, "imp/accuracy")] == pytest.approx(accuracy, abs=1e-9)
+        assert values[(step, "imp/loss")] == pytest.approx(loss, rel=1e-5)
+        assert abs(val_loss - loss) > 1e-3  # the splits differ
 
 
 def test_resume_mid_level_equals_uninterrupted(tmp_path):
@@ -282,7 +582,12 @@ def test_resume_mid_level_equals_uninterrupted(tmp_path):
 
     first = pruner()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _, trainer = _fit(tmp_path / "a", first, [first, checkpoints], max_epochs=2, enable_checkpointing=True)
+    with pytest.warns(
+        UserWarning, match="after about 12 optimizer steps, before the 20 steps"
+    ):  # 2 x 6 < 8 + 2 x 6
+        _, trainer = _fit(
+            tmp_path / "a", first, [first, checkpoints], max_epochs=2, enable_checkpointing=True
+        )
     assert trainer.global_step == 12 and first.level == 1  # stopped in the middle of level 1
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("IMPPruner"))
@@ -416,24 +721,6 @@ def test_resume_mid_epoch_and_mid_level_equals_uninterrupted(tmp_path):
         assert torch.equal(module.state_dict()[name], value), name
 
 
-def test_tensorboard_gets_the_figure_and_the_summary(tmp_path):
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    pruner = IMPPruner(levels=2, fraction=0.5, rewind_step=1, steps_per_level=3)
-    _fit(tmp_path, pruner, [pruner], logger=TensorBoardLogger(tmp_path, name="tb", version=0))
-    events = EventAccumulator(str(tmp_path / "tb" / "version_0"))
-    events.Reload()
-    tags = events.Tags()
-    assert "imp/accuracy_vs_remaining" in tags["images"]
-    assert [e.step for e in events.Images("imp/accuracy_vs_remaining")] == [3, 5, 7]
-    assert any(tag.startswith("imp/summary") for tag in tags["tensors"])
-    by_remaining = {e.step: e.value for e in events.Scalars("imp/accuracy_by_remaining_bp")}
-    assert by_remaining == pytest.approx(
-        {round(10_000 * h["remaining_fraction"]): h["accuracy"] for h in pruner.history}
-    )
-
-
 def _control_run(tmp_path, imp_run, control: str):
     """2 levels of a control following the 3-level IMP of ``imp_run`` (same settings), through its tickets."""
     reference = Path(imp_run[0].ticket_paths[0]).parent
@@ -452,7 +739,7 @@ def _control_run(tmp_path, imp_run, control: str):
     return pruner, before, after, module, tickets
 
 
-def test_random_prune_control_follows_the_imp_layer_counts(tmp_path, imp_run):
+def test_random_prune_control_follows_the_imp_layer_counts(tmp_path, imp_run, references):
     pruner, before, after, _, tickets = _control_run(tmp_path, imp_run, "random_prune")
     assert [h["level"] for h in pruner.history] == [0, 1, 2]
     for level, ticket in zip((1, 2), tickets):
@@ -464,7 +751,7 @@ def test_random_prune_control_follows_the_imp_layer_counts(tmp_path, imp_run):
         if level == 2:  # not the counts of the control's own magnitude pruning of its level-1 network
             own = magnitude_masks(before.level_end_weights[1], 0.2, before.previous_masks[1])
             assert any(int(own[n].sum()) != int(ticket["masks"][n].sum()) for n in own)
-        assert pruner.history[level]["remaining_fraction"] == ticket["remaining_fraction"]
+        assert pruner.history[level]["remaining_fraction"] == references.remaining[level]
 
 
 def test_random_reinit_control_uses_the_imp_masks_and_the_model_init(tmp_path, imp_run):
@@ -657,5 +944,7 @@ def test_diverging_level_stops_the_imp_and_keeps_tickets(tmp_path):
     assert [Path(p).name for p in pruner.ticket_paths] == ["ticket_level00.pt"]
     masks = load_ticket(pruner.ticket_paths[0], _module()[0])
     assert all(bool(m.all()) for m in masks.values())  # level 0's ticket: dense
-    header = open(tmp_path / "csv" / "version_0" / "metrics.csv").readline()
-    assert "imp/diverged_level" in header
+    # the NaN enters after step 5; levels end at 4 + l * (4 - 1), so step 5 belongs to level 1
+    diverged = next(level for level in range(4) if 5 <= 4 + level * 3)
+    values = _csv_values(tmp_path / "csv" / "version_0" / "metrics.csv")
+    assert _by_step(values, "imp/diverged_level") == {6: diverged}  # found at the epoch's end, step 6

@@ -21,7 +21,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import lt_theory.data.datamodule as datamodule_module
-import lt_theory.sweep as sweep_module
+import lt_theory.sweep.curve as sweep_curve
+import lt_theory.sweep.run as sweep_run
 from lt_theory import loggers
 from lt_theory.measures.risk import cross_entropy_bias_variance, mse_bias_variance
 from lt_theory.sweep import (
@@ -265,7 +266,7 @@ def _spy(monkeypatch, module, name: str) -> list:
 
 def test_aggregate_logs_hand_computed_means_threshold_and_peak_by_width_and_by_params(tmp_path, monkeypatch):
     _write_hand_runs(tmp_path)
-    peak_calls = _spy(monkeypatch, sweep_module, "find_peaks")
+    peak_calls = _spy(monkeypatch, sweep_curve, "find_peaks")
     figures = _spy(monkeypatch, loggers, "log_figure")
     curve = aggregate(tmp_path, epsilon=0.01)
 
@@ -335,7 +336,7 @@ def test_aggregate_logs_hand_computed_means_threshold_and_peak_by_width_and_by_p
 def test_the_peak_detector_gets_the_standard_error_of_the_mean_test_error_as_noise_level(
     monkeypatch, runs, expected
 ):
-    calls = _spy(monkeypatch, sweep_module, "find_peaks")
+    calls = _spy(monkeypatch, sweep_curve, "find_peaks")
     records = [
         {"width": w, "num_parameters": w, "num_test": n, "metrics": {"test_error": e}} for w, e, n in runs
     ]
@@ -488,13 +489,13 @@ def test_tiny_sweep_logs_hparams_and_final_metrics_and_aggregates_exactly_those(
         lambda *a, **k: generated.append(a) or original(*a, **k),
     )
     finals = {}  # width -> (the data module, a copy of the final model), taken as the sweep logs its hparams
-    log_final = sweep_module._FinalHyperparameters.on_fit_end
+    log_final = sweep_run._FinalHyperparameters.on_fit_end
 
     def keep_final_model(self, trainer, pl_module):
         finals[self.params["width"]] = (trainer.datamodule, copy.deepcopy(pl_module))
         return log_final(self, trainer, pl_module)
 
-    monkeypatch.setattr(sweep_module._FinalHyperparameters, "on_fit_end", keep_final_model)
+    monkeypatch.setattr(sweep_run._FinalHyperparameters, "on_fit_end", keep_final_model)
     curve = _run(
         tmp_path, "--widths=[4, 2]", "--seed=3", "--trainer.max_epochs=2", "--probe.every_n_epochs=1"
     )
