@@ -502,10 +502,9 @@ class _GraphBound:
         raise UnsupportedModelError("the traced graph has no output")
 
     def call_module(self, node: torch.fx.Node, module: nn.Module) -> float:
-        x = node.args[0] if node.args else None
         lin = self.single_input(node)
         if isinstance(module, (nn.Linear, *CONV_TYPES)):
-            return lin * self.layer_norm(node.target, linear_map(module, self.shape(x)[1:]))
+            return lin * self.layer_norm(node.target, linear_map(module, self.shape(node.args[0])[1:]))
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             if module.running_var is None:
                 raise self.fail(node, "batch normalisation without running statistics is not affine")
@@ -518,52 +517,11 @@ class _GraphBound:
         for kind, c in _ELEMENTWISE_MODULES.items():
             if type(module) is kind:
                 return lin * c
-        if isinstance(module, nn.LeakyReLU):
-            return lin * max(1.0, abs(module.negative_slope))
-        if isinstance(module, nn.ELU):
-            return lin * max(1.0, abs(module.alpha))
-        if isinstance(module, _PAD_MODULES + _CIRCULAR_PADS):
-            mode = (
-                "reflect"
-                if "Reflection" in type(module).__name__
-                else "replicate"
-                if "Replication" in type(module).__name__
-                else "circular"
-            )
-            return lin * self.pad_factor(self.shape(x), module.padding, mode)
-        in_shape, out_shape = self.shape(x), self.shape(node)
-        if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
-            nd = len(out_shape) - 2
-            if module.return_indices:
-                raise self.fail(node, "return_indices=True")
-            stride = module.stride if module.stride is not None else module.kernel_size
-            return lin * _max_pool_factor(
-                in_shape[2:],
-                out_shape[2:],
-                ntuple(module.kernel_size, nd, "kernel_size"),
-                ntuple(stride, nd, "stride"),
-                ntuple(module.padding, nd, "padding"),
-                ntuple(module.dilation, nd, "dilation"),
-            )
-        if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
-            nd = len(out_shape) - 2
-            stride = module.stride if module.stride is not None else module.kernel_size
-            return lin * _avg_pool_factor(
-                in_shape[2:],
-                ntuple(module.kernel_size, nd, "kernel_size"),
-                ntuple(stride, nd, "stride"),
-                ntuple(module.padding, nd, "padding"),
-                module.ceil_mode,
-                module.count_include_pad,
-                getattr(module, "divisor_override", None),
-            )
-        if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
-            return lin * _adaptive_avg_pool_factor(in_shape[2:], out_shape[2:])
-        if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
-            if module.return_indices:
-                raise self.fail(node, "return_indices=True")
-            return lin * _adaptive_max_pool_factor(in_shape[2:], out_shape[2:])
-        raise self.fail(node)
+        functional = _as_function(module)
+        if functional is None:
+            raise self.fail(node)
+        function, kwargs = functional
+        return getattr(self, _FUNCTION_RULES[function])(node, function, node.args[:1], kwargs)
 
     @staticmethod
     def pad_factor(shape: Sequence[int], pad, mode: str) -> float:
@@ -598,151 +556,224 @@ class _GraphBound:
             return self.single_input(node) * _ELEMENTWISE_METHODS[target]
         if not is_method and target in _ELEMENTWISE_FUNCTIONS:
             return self.single_input(node) * _ELEMENTWISE_FUNCTIONS[target]
-        if target is F.leaky_relu:
-            slope = _bind(args[1:], kwargs, ["negative_slope"], {"negative_slope": 0.01})["negative_slope"]
-            return self.single_input(node) * max(1.0, abs(slope))
-        if target is F.elu:
-            alpha = _bind(args[1:], kwargs, ["alpha"], {"alpha": 1.0})["alpha"]
-            return self.single_input(node) * max(1.0, abs(alpha))
-        if target is operator.getitem:
-            lin = self.single_input(node)
-            container = args[0]
-            if not hasattr(container.meta.get("tensor_meta"), "shape"):
-                return lin  # an element of a tuple output (split/chunk)
-            if not _is_basic_index(args[1]):
-                raise self.fail(node, f"only basic indexing (ints, slices, None) is supported: {args[1]!r}")
-            return lin
-        if target in _SPLIT_FUNCTIONS or (is_method and target in _SPLIT_METHODS):
-            return self.single_input(node)
-        if target in _ADD or target in _SUB:
-            if target in ("add", "add_", torch.add, "sub", "sub_", torch.sub):
-                alpha = kwargs.get("alpha", 1)
-                a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
-            else:
-                alpha, (a, b) = 1, args
-            if self.dependent(alpha):
-                raise self.fail(node)
-            return self.lip(a) + abs(alpha) * self.lip(b)
-        if target in _MUL:
+        rule = _FUNCTION_RULES.get(target) if is_method == isinstance(target, str) else None
+        if rule is None:
+            raise self.fail(node)
+        return getattr(self, rule)(node, target, args, kwargs)
+
+    # -- one rule per operation: (node, target, args, kwargs) -> Lipschitz constant of the output -----------
+    def rule_leaky_relu(self, node, target, args, kwargs) -> float:
+        slope = _bind(args[1:], kwargs, ["negative_slope"], {"negative_slope": 0.01})["negative_slope"]
+        return self.single_input(node) * max(1.0, abs(slope))
+
+    def rule_elu(self, node, target, args, kwargs) -> float:
+        alpha = _bind(args[1:], kwargs, ["alpha"], {"alpha": 1.0})["alpha"]
+        return self.single_input(node) * max(1.0, abs(alpha))
+
+    def rule_getitem(self, node, target, args, kwargs) -> float:
+        lin = self.single_input(node)
+        if not hasattr(args[0].meta.get("tensor_meta"), "shape"):
+            return lin  # an element of a tuple output (split/chunk)
+        if not _is_basic_index(args[1]):
+            raise self.fail(node, f"only basic indexing (ints, slices, None) is supported: {args[1]!r}")
+        return lin
+
+    def rule_split(self, node, target, args, kwargs) -> float:
+        return self.single_input(node)
+
+    def rule_add(self, node, target, args, kwargs) -> float:
+        if target in ("add", "add_", torch.add, "sub", "sub_", torch.sub):
+            alpha = kwargs.get("alpha", 1)
             a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
-            if self.dependent(a) and self.dependent(b):
-                raise self.fail(node, "product of two input-dependent tensors")
-            x, c = (a, b) if self.dependent(a) else (b, a)
-            c = self.constant(c)
-            if c is None:
-                raise self.fail(node, "multiplication by a value whose magnitude the bound cannot see")
-            scale = float(c.detach().abs().max()) if isinstance(c, Tensor) else abs(float(c))
-            return self.lip(x) * scale
-        if target in _DIV:
-            a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
-            if self.dependent(b) or kwargs.get("rounding_mode") is not None:
-                raise self.fail(node, "division by an input-dependent value, or rounding division")
-            c = self.constant(b)
-            if c is None:
-                raise self.fail(node, "division by a value whose magnitude the bound cannot see")
-            scale = 1.0 / (float(c.detach().abs().min()) if isinstance(c, Tensor) else abs(float(c)))
-            return self.lip(a) * scale
-        if target in _CAT:
-            tensors = args[0] if args else kwargs["tensors"]
-            others = tuple(v for k, v in kwargs.items() if k != "tensors")
-            if self.dependent(args[1:]) or self.dependent(others):
-                raise self.fail(node)
-            return self.lip(tuple(tensors))
-        if target in _MEAN or target in _SUM:
-            x = args[0]
-            self.single_input(node)
-            bound = _bind(args[1:], kwargs, ["dim"], {"dim": None})
-            n = self.reduced_count(node, x, bound["dim"])
-            return self.lip(x) * (1.0 / math.sqrt(n) if target in _MEAN else math.sqrt(n))
-        if target in _DROPOUT:
-            bound = _bind(args[1:], kwargs, ["p", "training"], {"p": 0.5, "training": True})
-            lin = self.single_input(node)
-            if bound["training"] and bound["p"] > 0:
-                if bound["p"] >= 1:
-                    return 0.0
-                return lin / (1.0 - bound["p"])
+        else:
+            alpha, (a, b) = 1, args
+        if self.dependent(alpha):
+            raise self.fail(node)
+        return self.lip(a) + abs(alpha) * self.lip(b)
+
+    def rule_mul(self, node, target, args, kwargs) -> float:
+        a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+        if self.dependent(a) and self.dependent(b):
+            raise self.fail(node, "product of two input-dependent tensors")
+        x, c = (a, b) if self.dependent(a) else (b, a)
+        c = self.constant(c)
+        if c is None:
+            raise self.fail(node, "multiplication by a value whose magnitude the bound cannot see")
+        scale = float(c.detach().abs().max()) if isinstance(c, Tensor) else abs(float(c))
+        return self.lip(x) * scale
+
+    def rule_div(self, node, target, args, kwargs) -> float:
+        a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+        if self.dependent(b) or kwargs.get("rounding_mode") is not None:
+            raise self.fail(node, "division by an input-dependent value, or rounding division")
+        c = self.constant(b)
+        if c is None:
+            raise self.fail(node, "division by a value whose magnitude the bound cannot see")
+        scale = 1.0 / (float(c.detach().abs().min()) if isinstance(c, Tensor) else abs(float(c)))
+        return self.lip(a) * scale
+
+    def rule_cat(self, node, target, args, kwargs) -> float:
+        tensors = args[0] if args else kwargs["tensors"]
+        others = tuple(v for k, v in kwargs.items() if k != "tensors")
+        if self.dependent(args[1:]) or self.dependent(others):
+            raise self.fail(node)
+        return self.lip(tuple(tensors))
+
+    def rule_reduce(self, node, target, args, kwargs) -> float:
+        x = args[0]
+        self.single_input(node)
+        n = self.reduced_count(node, x, _bind(args[1:], kwargs, ["dim"], {"dim": None})["dim"])
+        return self.lip(x) * (1.0 / math.sqrt(n) if target in _MEAN else math.sqrt(n))
+
+    def rule_dropout(self, node, target, args, kwargs) -> float:
+        bound = _bind(args[1:], kwargs, ["p", "training"], {"p": 0.5, "training": True})
+        lin = self.single_input(node)
+        if bound["training"] and bound["p"] > 0:
+            return 0.0 if bound["p"] >= 1 else lin / (1.0 - bound["p"])
+        return lin
+
+    def rule_pad(self, node, target, args, kwargs) -> float:
+        bound = _bind(args[1:], kwargs, ["pad", "mode", "value"], {"mode": "constant", "value": None})
+        lin = self.single_input(node)
+        if bound["mode"] == "constant":
             return lin
-        if target is F.pad:
-            bound = _bind(args[1:], kwargs, ["pad", "mode", "value"], {"mode": "constant", "value": None})
-            lin = self.single_input(node)
-            if bound["mode"] == "constant":
-                return lin
-            return lin * self.pad_factor(self.shape(args[0]), bound["pad"], bound["mode"])
-        if target in _MAX_POOL:
-            nd = _MAX_POOL[target]
-            b = _bind(
-                args[1:],
-                kwargs,
-                ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
-                {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False},
-            )
-            lin = self.single_input(node)
-            if b["return_indices"]:
-                raise self.fail(node, "return_indices=True")
-            stride = b["stride"] if b["stride"] not in (None, [], ()) else b["kernel_size"]
-            return lin * _max_pool_factor(
-                self.shape(args[0])[2:],
-                self.shape(node)[2:],
-                ntuple(b["kernel_size"], nd, "kernel_size"),
-                ntuple(stride, nd, "stride"),
-                ntuple(b["padding"], nd, "padding"),
-                ntuple(b["dilation"], nd, "dilation"),
-            )
-        if target in _AVG_POOL:
-            nd = _AVG_POOL[target]
-            b = _bind(
-                args[1:],
-                kwargs,
-                ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"],
-                {
-                    "stride": None,
-                    "padding": 0,
-                    "ceil_mode": False,
-                    "count_include_pad": True,
-                    "divisor_override": None,
-                },
-            )
-            lin = self.single_input(node)
-            stride = b["stride"] if b["stride"] not in (None, [], ()) else b["kernel_size"]
-            return lin * _avg_pool_factor(
-                self.shape(args[0])[2:],
-                ntuple(b["kernel_size"], nd, "kernel_size"),
-                ntuple(stride, nd, "stride"),
-                ntuple(b["padding"], nd, "padding"),
-                b["ceil_mode"],
-                b["count_include_pad"],
-                b["divisor_override"],
-            )
-        if target in _ADAPTIVE_AVG:
-            lin = self.single_input(node)
-            return lin * _adaptive_avg_pool_factor(self.shape(args[0])[2:], self.shape(node)[2:])
-        if target in _ADAPTIVE_MAX:
-            b = _bind(args[1:], kwargs, ["output_size", "return_indices"], {"return_indices": False})
-            if b["return_indices"]:
-                raise self.fail(node, "return_indices=True")
-            lin = self.single_input(node)
-            return lin * _adaptive_max_pool_factor(self.shape(args[0])[2:], self.shape(node)[2:])
-        if target is F.linear or target in (F.conv1d, F.conv2d, F.conv3d):
-            names = (
-                ["weight", "bias"]
-                if target is F.linear
-                else ["weight", "bias", "stride", "padding", "dilation", "groups"]
-            )
-            b = _bind(
-                args[1:], kwargs, names, {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-            )
-            lin = self.single_input(node)
-            weight = self.constant(b["weight"])
-            if not isinstance(weight, Tensor):
-                raise self.fail(node, "the weight must be a parameter or buffer of the model")
-            name = b["weight"].target if isinstance(b["weight"], torch.fx.Node) else node.name
-            in_shape = self.shape(args[0])[1:]
-            if target is F.linear:
-                op = LinearMap(weight.detach(), in_shape)
-            else:
-                op = conv_map(weight, in_shape, b["stride"], b["padding"], b["dilation"], b["groups"])
-            return lin * self.layer_norm(name, op)
-        raise self.fail(node)
+        return lin * self.pad_factor(self.shape(args[0]), bound["pad"], bound["mode"])
+
+    def rule_max_pool(self, node, target, args, kwargs) -> float:
+        nd = _MAX_POOL[target]
+        b = _bind(
+            args[1:],
+            kwargs,
+            ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
+            {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False},
+        )
+        lin = self.single_input(node)
+        if b["return_indices"]:
+            raise self.fail(node, "return_indices=True")
+        stride = b["stride"] if b["stride"] not in (None, [], ()) else b["kernel_size"]
+        return lin * _max_pool_factor(
+            self.shape(args[0])[2:],
+            self.shape(node)[2:],
+            ntuple(b["kernel_size"], nd, "kernel_size"),
+            ntuple(stride, nd, "stride"),
+            ntuple(b["padding"], nd, "padding"),
+            ntuple(b["dilation"], nd, "dilation"),
+        )
+
+    def rule_avg_pool(self, node, target, args, kwargs) -> float:
+        nd = _AVG_POOL[target]
+        b = _bind(
+            args[1:],
+            kwargs,
+            ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"],
+            {
+                "stride": None,
+                "padding": 0,
+                "ceil_mode": False,
+                "count_include_pad": True,
+                "divisor_override": None,
+            },
+        )
+        lin = self.single_input(node)
+        stride = b["stride"] if b["stride"] not in (None, [], ()) else b["kernel_size"]
+        return lin * _avg_pool_factor(
+            self.shape(args[0])[2:],
+            ntuple(b["kernel_size"], nd, "kernel_size"),
+            ntuple(stride, nd, "stride"),
+            ntuple(b["padding"], nd, "padding"),
+            b["ceil_mode"],
+            b["count_include_pad"],
+            b["divisor_override"],
+        )
+
+    def rule_adaptive_avg_pool(self, node, target, args, kwargs) -> float:
+        lin = self.single_input(node)
+        return lin * _adaptive_avg_pool_factor(self.shape(args[0])[2:], self.shape(node)[2:])
+
+    def rule_adaptive_max_pool(self, node, target, args, kwargs) -> float:
+        b = _bind(args[1:], kwargs, ["output_size", "return_indices"], {"return_indices": False})
+        if b["return_indices"]:
+            raise self.fail(node, "return_indices=True")
+        lin = self.single_input(node)
+        return lin * _adaptive_max_pool_factor(self.shape(args[0])[2:], self.shape(node)[2:])
+
+    def rule_linear(self, node, target, args, kwargs) -> float:
+        names = (
+            ["weight", "bias"]
+            if target is F.linear
+            else ["weight", "bias", "stride", "padding", "dilation", "groups"]
+        )
+        b = _bind(
+            args[1:], kwargs, names, {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+        )
+        lin = self.single_input(node)
+        weight = self.constant(b["weight"])
+        if not isinstance(weight, Tensor):
+            raise self.fail(node, "the weight must be a parameter or buffer of the model")
+        name = b["weight"].target if isinstance(b["weight"], torch.fx.Node) else node.name
+        in_shape = self.shape(args[0])[1:]
+        if target is F.linear:
+            op = LinearMap(weight.detach(), in_shape)
+        else:
+            op = conv_map(weight, in_shape, b["stride"], b["padding"], b["dilation"], b["groups"])
+        return lin * self.layer_norm(name, op)
+
+
+def _rules() -> dict[object, str]:
+    """Operation (function, or method name) -> the :class:`_GraphBound` method that bounds it."""
+    table: dict[object, str] = {F.leaky_relu: "rule_leaky_relu", F.elu: "rule_elu", F.pad: "rule_pad"}
+    table[operator.getitem] = "rule_getitem"
+    groups = (
+        (_SPLIT_FUNCTIONS | _SPLIT_METHODS, "rule_split"),
+        (_ADD | _SUB, "rule_add"),
+        (_MUL, "rule_mul"),
+        (_DIV, "rule_div"),
+        (_CAT, "rule_cat"),
+        (_MEAN | _SUM, "rule_reduce"),
+        (_DROPOUT, "rule_dropout"),
+        (set(_MAX_POOL), "rule_max_pool"),
+        (set(_AVG_POOL), "rule_avg_pool"),
+        (_ADAPTIVE_AVG, "rule_adaptive_avg_pool"),
+        (_ADAPTIVE_MAX, "rule_adaptive_max_pool"),
+        ({F.linear, F.conv1d, F.conv2d, F.conv3d}, "rule_linear"),
+    )
+    for targets, rule in groups:
+        table.update(dict.fromkeys(targets, rule))
+    return table
+
+
+_FUNCTION_RULES = _rules()
+
+
+def _by_dimension(functions, module: nn.Module):
+    """The function of ``functions`` (1d, 2d, 3d) matching a module whose class name ends in ``Nd``."""
+    nd = int(type(module).__name__[-2])
+    return [f for f in functions if f.__name__.endswith(f"{nd}d")][0]
+
+
+def _as_function(module: nn.Module) -> tuple[object, dict] | None:
+    """The functional form ``(function, keyword arguments)`` of a module that has a rule, else None: the
+    module and functional forms of an operation share one rule."""
+    attributes = lambda *names: {n: getattr(module, n, None) for n in names}  # noqa: E731
+    if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+        names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+        return _by_dimension(_MAX_POOL, module), attributes(*names)
+    if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+        names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+        return _by_dimension(_AVG_POOL, module), attributes(*names)
+    if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+        return _by_dimension(_ADAPTIVE_AVG, module), attributes("output_size")
+    if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+        return _by_dimension(_ADAPTIVE_MAX, module), attributes("output_size", "return_indices")
+    if isinstance(module, nn.LeakyReLU):
+        return F.leaky_relu, attributes("negative_slope")
+    if isinstance(module, nn.ELU):
+        return F.elu, attributes("alpha")
+    if isinstance(module, _PAD_MODULES + _CIRCULAR_PADS):
+        name = type(module).__name__
+        mode = "reflect" if "Reflection" in name else "replicate" if "Replication" in name else "circular"
+        return F.pad, {"pad": module.padding, "mode": mode}
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
