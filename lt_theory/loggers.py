@@ -10,10 +10,17 @@ add a panel would overwrite each other. :func:`add_custom_scalar_charts` therefo
 made to a writer and writes the whole merged layout each time.
 
 Example:
-    >>> from lt_theory.loggers import log_scalars, add_custom_scalar_charts
-    >>> # inside a callback hook:
-    >>> # log_scalars(trainer, {"spectral/lipschitz_upper": 12.5})
-    >>> # add_custom_scalar_charts(trainer, "spectral", {"Lipschitz": ["spectral/lipschitz_.*"]})
+    >>> import tempfile
+    >>> from lightning.pytorch import Trainer
+    >>> from lightning.pytorch.loggers import CSVLogger
+    >>> from lt_theory.loggers import has_tensorboard, log_scalars
+    >>> trainer = Trainer(logger=CSVLogger(tempfile.mkdtemp()), enable_progress_bar=False)
+    >>> log_scalars(trainer, {"spectral/lipschitz_upper": 12.5}, step=100)  # in a hook: at the global step
+    >>> trainer.logger.save()
+    >>> open(trainer.logger.experiment.metrics_file_path).read().splitlines()
+    ['spectral/lipschitz_upper,step', '12.5,100']
+    >>> has_tensorboard(trainer)  # figures, text and add_custom_scalar_charts(...) go nowhere
+    False
 """
 
 from __future__ import annotations

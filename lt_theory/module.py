@@ -57,8 +57,17 @@ class ClassificationModule(LightningModule):
             milestones.
 
     Example:
+        >>> import torch
         >>> from lt_theory.models import resnet20
         >>> module = ClassificationModule(resnet20(), lr=0.1, schedule="step", milestones=(80, 120))
+        >>> module(torch.zeros(2, 3, 32, 32)).shape  # class logits
+        torch.Size([2, 10])
+        >>> config = module.configure_optimizers()
+        >>> optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+        >>> type(optimizer).__name__, optimizer.defaults["lr"], optimizer.defaults["momentum"]
+        ('SGD', 0.1, 0.9)
+        >>> sorted(scheduler.milestones), scheduler.gamma, config["lr_scheduler"]["interval"]
+        ([80, 120], 0.1, 'epoch')
     """
 
     def __init__(

@@ -5,12 +5,20 @@ bit-identical to them, at k = 0, in mid-epoch and at an epoch boundary: the snap
 barriers recomputed by :func:`~lt_theory.measures.interpolation.linear_paths` from the saved weights; an
 uninterrupted run for the resumed ones. The tiny run is the contract suite's: ResNet-8 on synthetic CIFAR,
 6 steps per epoch, 2 epochs.
+
+Every number the callback computes itself (the barriers it logs and at which step, the stable point, the
+summary table, the figures' data, init-mode barriers, reused results) is checked against an evaluation of
+the path written out here as a plain loop (:func:`_plain_path`), or against results whose answer is set in
+advance, never only against the callback's own ``results``.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
+import json
 import math
+import re
 import warnings
 
 import pytest
@@ -48,21 +56,119 @@ def _equal_states(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
+def _plain_path(net, state_a: dict, state_b: dict, data, seed=0, train_subset_size=48, num_alphas=5) -> dict:
+    """Error and loss along ``(1 - alpha) a + alpha b`` by hand, as Frankle et al. define them: at each alpha
+    the interpolated weights, BatchNorm statistics re-estimated by one train-mode forward of the whole
+    training subset (``randperm(seed)[:size]``, sorted, as documented), then an eval-mode forward of the
+    subset and of the whole test set; barrier = max over alpha minus the mean of the two ends.
+
+    The reset is one batch, so the callback is run with ``eval_batch_size`` at least the subset's size: with
+    several batches, the BatchNorms after the first see inputs normalised by each batch's own statistics,
+    and the estimate depends on the batching."""
+    net = copy.deepcopy(net)
+    strip = lambda state: {key.removeprefix("net."): value for key, value in state.items()}  # noqa: E731
+    state_a, state_b = strip(state_a), strip(state_b)
+    train, test = data.train_dataset, data.test_dataset
+    subset = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(seed))
+    subset = subset[:train_subset_size].sort().values
+    sets = {
+        "train": (data.preprocess(train.images[subset]), train.labels[subset]),
+        "test": (data.preprocess(test.images), test.labels),
+    }
+    alphas = [i / (num_alphas - 1) for i in range(num_alphas)]
+    path: dict = {"alphas": alphas}
+    for split in sets:
+        path[f"{split}_error"], path[f"{split}_loss"] = [], []
+    for alpha in alphas:
+        net.load_state_dict(
+            {
+                key: (1 - alpha) * value + alpha * state_b[key] if value.is_floating_point() else value
+                for key, value in state_a.items()
+            }
+        )
+        with torch.no_grad():
+            net.train()
+            for module in net.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.reset_running_stats()
+                    module.momentum = None
+            net(sets["train"][0])  # one batch: its mean and unbiased variance become the running statistics
+            net.eval()
+            for split, (x, y) in sets.items():
+                logits = net(x)
+                path[f"{split}_loss"].append(torch.nn.functional.cross_entropy(logits, y).item())
+                path[f"{split}_error"].append((logits.argmax(1) != y).double().mean().item())
+    for split in sets:
+        for kind in ("error", "loss"):
+            values = path[f"{split}_{kind}"]
+            path[f"{split}_{kind}_barrier"] = max(values) - (values[0] + values[-1]) / 2
+    return path
+
+
+def _sibling_weights(root, k: int) -> dict:
+    """The sibling of step ``k``'s final weights, found on disk by name (not through ``lmc.results``)."""
+    (path,) = (root / "lmc").glob(f"sibling_step={k}_to=*.pt")
+    return torch.load(path)
+
+
+def _logged(root, tag: str) -> dict[int, float]:
+    """``{step: value}`` of a tag in the CSV logger's file under ``root/logs/csv``."""
+    rows = list(csv.DictReader(open(root / "logs" / "csv" / "version_0" / "metrics.csv")))
+    return {int(row["step"]): float(row[tag]) for row in rows if row.get(tag)}
+
+
+class _FigureRecorder:
+    """Records the data of every figure the callbacks log (line label -> (x, y)), then logs it as usual."""
+
+    def __init__(self, monkeypatch) -> None:
+        from lt_theory import loggers
+
+        self.figures: list[tuple[str, int | None, dict]] = []
+        original = loggers.log_figure
+
+        def recording(trainer, tag, figure, step=None, **kwargs):
+            lines = {
+                line.get_label(): ([float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()])
+                for axis in figure.axes
+                for line in axis.get_lines()
+            }
+            self.figures.append((tag, trainer.global_step if step is None else step, lines))
+            return original(trainer, tag, figure, step, **kwargs)
+
+        monkeypatch.setattr(loggers, "log_figure", recording)
+
+    def __call__(self, tag: str) -> dict[int, dict]:
+        return {step: lines for name, step, lines in self.figures if name == tag}
+
+
+def _summary_rows(text: str) -> dict[int, list[float]]:
+    """``{k: [test error, train error, test loss barrier]}`` from the ``lmc/summary`` markdown table."""
+    rows = re.findall(r"^\| (\d+) \| (.+) \|$", text, flags=re.MULTILINE)
+    return {int(k): [float(cell) for cell in cells.split(" | ")] for k, cells in rows}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The snapshot is complete.
 
 
 def test_sibling_with_the_parents_seed_reproduces_the_parent_exactly(tmp_path):
-    """k = 0 (before the first step), 3 (mid-epoch) and 6 (epoch boundary): bit-identical final weights."""
+    """k = 0 (before the first step), 3 (mid-epoch) and 6 (epoch boundary): bit-identical final weights.
+
+    So the answer is known in advance: every barrier is 0, logged at its k, and the stable point is the
+    first spawn step, 0 (not the last stable one)."""
     lmc = _lmc(tmp_path, spawn_steps=[0, 3, STEPS_PER_EPOCH], sibling_seed=0)  # the data module's own seed
-    module, _, _ = _fit(tmp_path, [lmc])
+    module, _, _ = _fit(tmp_path, [lmc], logger=CSVLogger(tmp_path / "logs", name="csv"))
     final = module.state_dict()
     assert sorted(lmc.results) == [0, 3, STEPS_PER_EPOCH]
     for k, result in lmc.results.items():
         assert result["final_step"] == FINAL_STEP and result["sibling_seed"] == 0
-        assert _equal_states(torch.load(result["weights"]), final), f"sibling of step {k} differs"
+        assert _equal_states(_sibling_weights(tmp_path, k), final), f"sibling of step {k} differs"
         assert result["test_error_barrier"] == 0.0 and result["train_error_barrier"] == 0.0
         assert result["test_loss_barrier"] == pytest.approx(0.0, abs=1e-6)
+    for split in ("train", "test"):
+        assert _logged(tmp_path, f"lmc/{split}_error_barrier") == {0: 0.0, 3: 0.0, STEPS_PER_EPOCH: 0.0}
+    assert _logged(tmp_path, "lmc/stable_point") == {FINAL_STEP: 0}
+    assert lmc.stable_point() == 0
     # and a sibling with another seed does not end there
     other = _lmc(tmp_path / "other", spawn_steps=[3])
     module, _, _ = _fit(tmp_path / "other", [other])
@@ -92,40 +198,156 @@ def _reference_paths(lmc, data, parent, sibling_state, alphas):
     )
 
 
-def test_logged_barriers_equal_the_measures_at_the_spawn_steps(tmp_path):
-    lmc = _lmc(tmp_path, spawn_steps=[0, 0.5])  # a fraction: half of the 12 steps
+def test_logged_barriers_figures_and_summary_equal_a_plain_evaluation_of_the_path(tmp_path, monkeypatch):
+    """The parent's and each sibling's final weights interpolated by hand (:func:`_plain_path`): the barriers
+    logged at step k (CSV and TensorBoard), the error-along-path figure at step k, the stability figure, the
+    summary table and the stable point all equal it; the stored path also equals ``linear_paths``."""
+    figures = _FigureRecorder(monkeypatch)
+    lmc = _lmc(tmp_path, spawn_steps=[0, 0.5], eval_batch_size=48)  # a fraction: half of the 12 steps
     csv_logger = CSVLogger(tmp_path / "logs", name="csv")
     tb_logger = TensorBoardLogger(tmp_path / "logs", name="tb")
     module, data, trainer = _fit(tmp_path, [lmc], logger=[csv_logger, tb_logger])
     assert lmc.resolved_steps == [0, 6]
+    parent = module.state_dict()
+    plain = {k: _plain_path(module.net, parent, _sibling_weights(tmp_path, k), data) for k in (0, 6)}
 
-    rows = list(csv.DictReader(open(tmp_path / "logs" / "csv" / "version_0" / "metrics.csv")))
-    logged = {int(row["step"]): row for row in rows if row.get("lmc/test_error_barrier")}
-    assert sorted(logged) == [0, 6]
+    names = [f"{split}_{kind}_barrier" for split in ("train", "test") for kind in ("error", "loss")]
+    for name in names:
+        logged = _logged(tmp_path, f"lmc/{name}")
+        assert sorted(logged) == [0, 6], name  # at step k, not at the end of training
+        for k in (0, 6):
+            assert logged[k] == pytest.approx(plain[k][name], abs=1e-5), (k, name)  # float32 forwards
+    assert any(plain[k]["test_error_barrier"] > 0 for k in (0, 6))  # a sibling with another seed: not 0
+
+    # the error along the path against alpha, at step k
+    path_figures = figures("lmc/error_along_path")
+    assert sorted(path_figures) == [0, 6]
     for k in (0, 6):
-        result = lmc.results[k]
-        paths = _reference_paths(lmc, data, module, torch.load(result["weights"]), 5)
         for split in ("train", "test"):
-            assert result[f"{split}_error"] == paths[split].error.tolist()
-            for kind, values in (("error", paths[split].error), ("loss", paths[split].loss)):
-                expected = error_barrier(values)
-                assert result[f"{split}_{kind}_barrier"] == expected
-                assert float(logged[k][f"lmc/{split}_{kind}_barrier"]) == pytest.approx(
-                    expected, rel=1e-6, abs=1e-7
-                )
-        assert paths["train"].num_examples == 48 and paths["test"].num_examples == 32
+            alphas, errors = path_figures[k][f"{split} error"]
+            assert alphas == pytest.approx(plain[k]["alphas"], abs=1e-12)
+            assert errors == pytest.approx(plain[k][f"{split}_error"], abs=1e-6), (k, split)
+    # the barriers against k, and the threshold
+    (stability,) = figures("lmc/stability").values()
+    for split in ("train", "test"):
+        steps, barriers = stability[f"{split}_error_barrier"]
+        assert steps == [0, 6]
+        assert barriers == pytest.approx([plain[k][f"{split}_error_barrier"] for k in (0, 6)], abs=1e-6)
+    assert stability["threshold 0.02"][1] == [0.02, 0.02]
 
     events = EventAccumulator(str(tb_logger.log_dir), size_guidance={"images": 0, "tensors": 0}).Reload()
     assert [e.step for e in events.Images("lmc/error_along_path")] == [0, 6]
     assert [e.step for e in events.Scalars("lmc/test_error_barrier")] == [0, 6]
+    assert [e.value for e in events.Scalars("lmc/test_error_barrier")] == pytest.approx(
+        [plain[k]["test_error_barrier"] for k in (0, 6)], abs=1e-6
+    )
     assert "lmc/stability" in events.Tags()["images"]
-    assert any(tag.startswith("lmc/summary") for tag in events.Tags()["tensors"])
-    point = lmc.stable_point()
-    barriers = {k: lmc.results[k]["test_error_barrier"] for k in (0, 6)}
-    expected_point = next((k for k in (0, 6) if barriers[k] < 0.02), None)
-    assert point == expected_point
-    if point is not None:
-        assert [e.value for e in events.Scalars("lmc/stable_point")] == [point]
+    (summary,) = events.Tensors("lmc/summary/text_summary")
+    text = summary.tensor_proto.string_val[0].decode()
+    rows = _summary_rows(text)
+    assert sorted(rows) == [0, 6]
+    for k in (0, 6):
+        expected = [
+            plain[k][name] for name in ("test_error_barrier", "train_error_barrier", "test_loss_barrier")
+        ]
+        assert rows[k] == pytest.approx(expected, abs=5e-5 + 1e-6), k  # printed with 4 decimals
+
+    # the stable point: the first k whose (test) barrier is under 0.02, always asserted
+    expected_point = next((k for k in (0, 6) if plain[k]["test_error_barrier"] < 0.02), None)
+    assert lmc.stable_point() == expected_point
+    if expected_point is None:
+        assert "lmc/stable_point" not in events.Tags()["scalars"]
+        assert "Not stable at any spawn step measured" in text
+    else:
+        assert _logged(tmp_path, "lmc/stable_point") == {FINAL_STEP: expected_point}
+        assert f"Stable from spawn step {expected_point} " in text
+
+    # the stored path is the measure's, on the subset the callback documents
+    for k in (0, 6):
+        result = lmc.results[k]
+        paths = _reference_paths(lmc, data, module, _sibling_weights(tmp_path, k), 5)
+        for split in ("train", "test"):
+            assert result[f"{split}_error"] == paths[split].error.tolist()
+            assert result[f"{split}_error_barrier"] == error_barrier(paths[split].error)
+        assert paths["train"].num_examples == 48 and paths["test"].num_examples == 32
+
+
+def test_reused_results_give_the_logged_barriers_stable_point_summary_and_figure_set_in_advance(
+    tmp_path, monkeypatch
+):
+    """Results stored on disk are reused for a bit-identical parent under the same settings. Their barriers,
+    set here by hand, are what the second run logs at each k, prints in the summary and draws in the
+    stability figure, and its stable point is known in advance: 9, the first k whose *test* error barrier is
+    strictly under the threshold (k = 8 sits at the threshold, and only its train barrier is under it; k = 10
+    is stable too, later). Under other settings (``num_alphas``) nothing is reused."""
+    steps = [8, 9, 10]  # late spawn steps: short siblings
+    _fit(tmp_path, [_lmc(tmp_path, spawn_steps=steps)])
+    names = ("test_error_barrier", "train_error_barrier", "test_loss_barrier", "train_loss_barrier")
+    chosen = {8: (0.02, 0.0, 0.7, 0.8), 9: (0.015, 0.5, 0.9, 1.0), 10: (0.0, 0.25, 0.1, 0.2)}
+    for k, values in chosen.items():
+        (path,) = (tmp_path / "lmc").glob(f"sibling_step={k}_to=*.json")
+        stored = json.loads(path.read_text())
+        stored.update(zip(names, values))
+        path.write_text(json.dumps(stored))
+
+    figures = _FigureRecorder(monkeypatch)
+    trained = []
+    monkeypatch.setattr(LinearModeConnectivity, "_train_sibling", lambda self, *args: trained.append(args[2]))
+    root = tmp_path / "again"
+    lmc = _lmc(tmp_path, spawn_steps=steps)  # the same directory
+    loggers = [CSVLogger(root / "logs", name="csv"), TensorBoardLogger(root / "logs", name="tb")]
+    _fit(root, [lmc], logger=loggers)
+    assert trained == []  # every sibling's result was reused
+    for column, name in enumerate(names):
+        assert _logged(root, f"lmc/{name}") == pytest.approx({k: chosen[k][column] for k in steps}), name
+    assert _logged(root, "lmc/stable_point") == {FINAL_STEP: 9}
+    events = EventAccumulator(str(loggers[1].log_dir), size_guidance={"tensors": 0}).Reload()
+    text = events.Tensors("lmc/summary/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert _summary_rows(text) == {k: list(chosen[k][:3]) for k in steps}
+    assert "Stable from spawn step 9 (error barrier < 0.02)." in text
+    (stability,) = figures("lmc/stability").values()
+    assert stability["test_error_barrier"] == (steps, [0.02, 0.015, 0.0])
+    assert stability["train_error_barrier"] == (steps, [0.0, 0.5, 0.25])
+    assert stability["threshold 0.02"][1] == [0.02, 0.02]
+
+    monkeypatch.undo()
+    other = _lmc(tmp_path, spawn_steps=steps, num_alphas=3)
+    _fit(
+        tmp_path / "other_settings",
+        [other],
+        logger=CSVLogger(tmp_path / "other_settings" / "logs", name="csv"),
+    )
+    logged = _logged(tmp_path / "other_settings", "lmc/test_error_barrier")
+    assert sorted(logged) == steps and logged != {k: chosen[k][0] for k in steps}  # evaluated afresh
+    assert all(len(other.results[k]["alphas"]) == 3 for k in steps)
+
+
+@pytest.mark.parametrize(
+    "threshold, barriers, expected",
+    [
+        # {k: (test error barrier or None for no test set, train error barrier)}; the test barrier decides,
+        # and a barrier at the threshold is not under it
+        (0.02, {0: (0.3, 0.0), 5: (0.02, 0.0), 20: (0.019, 0.5), 40: (0.0, 0.0)}, 20),
+        (0.02, {0: (None, 0.3), 5: (None, 0.01), 20: (None, 0.0)}, 5),  # no test set: the train barrier
+        (0.02, {0: (math.nan, math.nan), 5: (0.01, 0.2)}, 5),  # a diverged sibling is never stable
+        (0.02, {0: (0.5, 0.01), 5: (0.03, 0.0)}, None),
+        (0.1, {0: (0.2, 0.0), 5: (0.05, 0.0), 20: (0.07, 0.0)}, 5),  # another threshold
+    ],
+)
+def test_stable_point_and_summary_of_results_with_a_known_answer(threshold, barriers, expected):
+    lmc = LinearModeConnectivity(spawn_steps=[0], threshold=threshold)
+    for k in sorted(barriers, reverse=True):  # stored out of order
+        test, train = barriers[k]
+        lmc.results[k] = {"train_error_barrier": train, "train_loss_barrier": 1.0}
+        if test is not None:
+            lmc.results[k].update(test_error_barrier=test, test_loss_barrier=1.0)
+    assert lmc.stable_point() == expected
+    text = lmc.summary()
+    assert sorted(_summary_rows(text)) == sorted(barriers)
+    if expected is None:
+        assert f"Not stable at any spawn step measured (no error barrier < {threshold:g})." in text
+    else:
+        assert f"Stable from spawn step {expected} (error barrier < {threshold:g})." in text
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -219,7 +441,8 @@ def test_diverging_sibling_gives_nan_barriers_and_one_warning_and_the_others_go_
     bad, good = lmc.results[STEPS_PER_EPOCH], lmc.results[0]
     assert bad["diverged"] and all(math.isnan(bad[f"{s}_error_barrier"]) for s in ("train", "test"))
     assert not good["diverged"] and all(math.isfinite(good[f"{s}_error_barrier"]) for s in ("train", "test"))
-    assert math.isnan(bad["test_error"][-1]) and bad["test_error"][0] == good["test_error"][0]  # same parent
+    # the diverged end misclassifies every example (evaluation's rule for NaN outputs); same parent at alpha 0
+    assert bad["test_error"][-1] == 1.0 and bad["test_error"][0] == good["test_error"][0]
     rows = list(csv.DictReader(open(tmp_path / "logs" / "csv" / "version_0" / "metrics.csv")))
     logged = {int(r["step"]): r["lmc/test_error_barrier"] for r in rows if r.get("lmc/test_error_barrier")}
     assert math.isnan(float(logged[STEPS_PER_EPOCH])) and math.isfinite(float(logged[0]))
@@ -297,6 +520,47 @@ def test_init_mode_resumes_with_the_initial_weights_from_disk(tmp_path):
     assert full.history[0]["test_error"][0] == full.history[1]["test_error"][0]  # alpha = 0: the init
 
 
+class _EpochEndWeights(Callback):
+    """Keeps a copy of the weights at the end of every training epoch, with the step."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict] = {}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.states[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_init_mode_barriers_equal_a_plain_evaluation_of_the_path_from_the_initial_weights(
+    tmp_path, monkeypatch
+):
+    """Init mode, every epoch: the path from the weights before training to those at the epoch's end, by hand;
+    the logged ``lmc/init_*`` barriers at the epoch's last step, and the ``lmc/init_path`` figure, equal it."""
+    figures = _FigureRecorder(monkeypatch)
+    module, data = make_module_and_data()
+    initial = {key: value.clone() for key, value in module.state_dict().items()}
+    recorder = _EpochEndWeights()
+    lmc = _lmc(tmp_path, mode="init", eval_batch_size=48)  # one batch: see _plain_path
+    loggers = [CSVLogger(tmp_path / "logs", name="csv"), TensorBoardLogger(tmp_path / "logs", name="tb")]
+    _fit(tmp_path, [lmc, recorder], module_and_data=(module, data), logger=loggers)
+    assert sorted(recorder.states) == [STEPS_PER_EPOCH, FINAL_STEP]
+    plain = {step: _plain_path(module.net, initial, state, data) for step, state in recorder.states.items()}
+    for split in ("train", "test"):
+        for kind in ("error", "loss"):
+            name = f"{split}_{kind}_barrier"
+            logged = _logged(tmp_path, f"lmc/init_{name}")
+            assert sorted(logged) == [STEPS_PER_EPOCH, FINAL_STEP], name
+            for step in logged:
+                assert logged[step] == pytest.approx(plain[step][name], abs=1e-5), (step, name)
+    assert plain[FINAL_STEP]["test_error_barrier"] != plain[FINAL_STEP]["train_error_barrier"]  # told apart
+    path_figures = figures("lmc/init_path")
+    assert sorted(path_figures) == [STEPS_PER_EPOCH, FINAL_STEP]
+    for step, lines in path_figures.items():
+        for split in ("train", "test"):
+            alphas, errors = lines[f"{split} error"]
+            assert alphas == pytest.approx(plain[step]["alphas"], abs=1e-12)
+            assert errors == pytest.approx(plain[step][f"{split}_error"], abs=1e-6), (step, split)
+
+
 class _PlainData(LightningDataModule):
     """Tensors in TensorDatasets; the training loader shuffles from the global RNG or its own generator."""
 
@@ -365,12 +629,14 @@ def test_resnet8_is_unstable_at_init_and_stable_late(tmp_path):
     module = ClassificationModule(CIFARResNet(depth=8), lr=0.2, schedule="cosine", weight_decay=5e-4)
     data = SyntheticCIFARDataModule(num_train=512, num_test=256, batch_size=64)
     lmc = _lmc(tmp_path, spawn_steps=[0, 48], num_alphas=5, train_subset_size=256, eval_batch_size=256)
-    _fit(tmp_path, [lmc], module_and_data=(module, data), max_epochs=8, limit_val_batches=0)
-    unstable, stable = lmc.results[0], lmc.results[48]
+    logger = CSVLogger(tmp_path / "logs", name="csv")
+    _fit(tmp_path, [lmc], module_and_data=(module, data), max_epochs=8, limit_val_batches=0, logger=logger)
     for split in ("test", "train"):
-        assert unstable[f"{split}_error_barrier"] > max(0.02, 2 * stable[f"{split}_error_barrier"])
-        assert stable[f"{split}_error_barrier"] < 0.02
-    assert unstable["test_loss_barrier"] > 5 * stable["test_loss_barrier"]
+        logged = _logged(tmp_path, f"lmc/{split}_error_barrier")
+        assert logged[0] > max(0.02, 2 * logged[48]) and logged[48] < 0.02, split
+    loss = _logged(tmp_path, "lmc/test_loss_barrier")
+    assert loss[0] > 5 * loss[48]
+    assert _logged(tmp_path, "lmc/stable_point") == {64: 48}
     assert lmc.stable_point() == 48
 
 
@@ -450,7 +716,7 @@ def test_a_dropout_network_with_a_cosine_schedule_is_reproduced_from_the_rng_sta
 
 
 def test_a_sibling_preempted_mid_training_resumes_from_its_own_progress_checkpoint(tmp_path, monkeypatch):
-    from lt_theory.callbacks.lmc import _SiblingStart
+    from lt_theory.training.child import ChildStart
 
     reference = _lmc(tmp_path / "reference", spawn_steps=[2])
     _fit(tmp_path / "reference", [reference])
@@ -465,8 +731,8 @@ def test_a_sibling_preempted_mid_training_resumes_from_its_own_progress_checkpoi
             killed.append(True)
             raise _Killed("preempted while training a sibling")
 
-    monkeypatch.setattr(_SiblingStart, "on_train_start", recording_start, raising=False)
-    monkeypatch.setattr(_SiblingStart, "on_train_batch_end", kill_once_at_step_8, raising=False)
+    monkeypatch.setattr(ChildStart, "on_train_start", recording_start, raising=False)
+    monkeypatch.setattr(ChildStart, "on_train_batch_end", kill_once_at_step_8, raising=False)
     root = tmp_path / "preempted"
     with pytest.raises(_Killed):
         last = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)

@@ -78,11 +78,11 @@ class NTKDrift(TheoryCallback):
         >>> # trainer.fit(module, datamodule=...) fills ntk.history, one dict per measurement, e.g.:
         >>> ntk.history = [
         ...     {"step": 0, "relative_change": 0.0, "distance_from_init": 0.0},
-        ...     {"step": 100, "relative_change": 0.3, "distance_from_init": 0.08},
-        ...     {"step": 200, "relative_change": 0.5, "distance_from_init": 0.12},
+        ...     {"step": 100, "relative_change": 0.12, "distance_from_init": 0.08},
+        ...     {"step": 200, "relative_change": 0.15, "distance_from_init": 0.12},
         ... ]
         >>> print(ntk.verdict())  # the last relative change against lazy_threshold=0.1
-        Over 200 steps the pntk kernel on 32 probe examples moved by a relative change of 0.5 (threshold 0.1)
+        Over 200 steps the pntk kernel on 32 probe examples moved by a relative change of 0.15 (threshold 0.1)
         and a kernel distance of 0.12 from initialisation; half of that distance was reached by step 100.
         Verdict: feature learning (rich regime): the tangent kernel, and so the features, changed.
     """
