@@ -711,7 +711,8 @@ def test_the_slurm_array_template_runs_its_task_of_a_sweep_config(tmp_path):
     config.write_text(TINY_CONFIG.format(logdir=tmp_path / "runs"))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/bin/bash\nexec "$@"\n')
+    # the pass-through also says which Python environment `python` starts in the template
+    (bin_dir / "srun").write_text('#!/bin/bash\npython -c "import sys; print(\'PREFIX\', sys.prefix)"\nexec "$@"\n')
     (bin_dir / "srun").chmod(0o755)
     # A wrapper, not a symlink: Python finds its virtual environment from the path it is started by, so a
     # symlink in another folder would start the base interpreter without this environment's packages.
@@ -728,6 +729,7 @@ def test_the_slurm_array_template_runs_its_task_of_a_sweep_config(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert f"PREFIX {sys.prefix}\n" in done.stdout  # the test's own (virtual) environment, not the base one
     runs = sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir())
     assert runs == ["width_0004"]  # task 1 of widths [2, 4], no aggregation inside an array task
     result = json.loads((tmp_path / "runs" / "tiny" / "width_0004" / RESULT_FILE).read_text())
