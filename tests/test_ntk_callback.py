@@ -19,6 +19,7 @@ import torch
 from contract_setup import make_module_and_data, make_trainer
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger
+from recorders import StatesAtSteps
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -73,23 +74,6 @@ def assert_close(actual: float, expected: float, what: str) -> None:
     assert actual == pytest.approx(expected, rel=REL, abs=1e-12), what
 
 
-class Snapshots(Callback):
-    """Copies of the module's parameters and buffers before training and after every ``EVERY``-th step."""
-
-    def __init__(self) -> None:
-        self.states: dict[int, dict[str, torch.Tensor]] = {}
-
-    def _keep(self, trainer, pl_module) -> None:
-        self.states[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._keep(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % EVERY == 0:
-            self._keep(trainer, pl_module)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # The logged numbers are the measures.
 
@@ -99,7 +83,8 @@ def test_logged_numbers_equal_the_measures_applied_independently(kind, tmp_path,
     printed = []
     monkeypatch.setattr(ntk_callback, "rank_zero_info", printed.append)
     module, data = make_module_and_data(seed=0)
-    drift, snapshots = NTKDrift(every_n_steps=EVERY, probe_size=PROBE, kind=kind), Snapshots()
+    drift = NTKDrift(every_n_steps=EVERY, probe_size=PROBE, kind=kind)
+    snapshots = StatesAtSteps(lambda step: step % EVERY == 0)
     logger = CSVLogger(tmp_path, name="csv")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the one warning: no TensorBoardLogger
@@ -155,25 +140,6 @@ def test_logged_numbers_equal_the_measures_applied_independently(kind, tmp_path,
 # What the callback computes itself, against kernels built here with torch.func.
 
 
-class KeepStates(Callback):
-    """Copies of the module's state at the given global steps (train start included)."""
-
-    def __init__(self, steps) -> None:
-        self.steps, self.states = set(steps), {}
-
-    def _keep(self, trainer, pl_module) -> None:
-        if trainer.global_step in self.steps:
-            self.states[trainer.global_step] = {
-                k: v.detach().clone() for k, v in pl_module.state_dict().items()
-            }
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._keep(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._keep(trainer, pl_module)
-
-
 def pntk_by_hand(module: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:
     """The pNTK of ``module`` at ``state`` in float64, eval mode: ``J J^T`` for the gradients ``J`` of
     ``g(x) = sum_a f_a(x) / sqrt(O)`` with respect to every parameter (no lt_theory code)."""
@@ -210,7 +176,7 @@ def test_velocity_is_per_step_elapsed_across_a_resume_with_another_cadence(tmp_p
     """Measured at 0, 3, 6 (every 3), stopped at step 6 and resumed every 4: 8, 12. The gaps are 3, 3, 2, 4,
     so dividing by ``every_n_steps``, by the steps since initialisation, or forgetting the previous step
     across the checkpoint gives other velocities. Kernels come from the weights recorded at those steps."""
-    keep = KeepStates({0, 3, 6, 8, 12})
+    keep = StatesAtSteps(lambda step: step in {0, 3, 6, 8, 12})
     module, data = make_module_and_data(seed=0)
     first, first_figures = NTKDrift(every_n_steps=3, probe_size=PROBE), FigureData()
     first.log_figure = first_figures

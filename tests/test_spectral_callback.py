@@ -30,6 +30,7 @@ import torch
 from contract_setup import make_module_and_data, make_trainer
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
+from recorders import StatesAtSteps
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -311,22 +312,6 @@ class SmallConvNet(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.mean(dim=(2, 3)))))
 
 
-class KeepStates(Callback):
-    """Copies of the module's state at train start and after every step."""
-
-    def __init__(self) -> None:
-        self.states: dict[int, dict[str, torch.Tensor]] = {}
-
-    def _keep(self, trainer, pl_module) -> None:
-        self.states[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._keep(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._keep(trainer, pl_module)
-
-
 def _small_module() -> ClassificationModule:
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -374,7 +359,7 @@ def small_run(tmp_path_factory) -> SimpleNamespace:
         histograms[trainer.global_step] = values.detach().clone()
 
     monitor.log_figure, monitor.log_histogram = record_figure, record_histogram
-    module, keep, logger = _small_module(), KeepStates(), RecordingLogger()
+    module, keep, logger = _small_module(), StatesAtSteps(), RecordingLogger()
     trainer = make_trainer(
         tmp_path_factory.mktemp("small"), [monitor, keep], logger=logger, max_epochs=1, limit_val_batches=0
     )
