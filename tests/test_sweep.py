@@ -790,3 +790,13 @@ def test_a_partial_bias_variance_sweep_names_the_missing_splits():
     with pytest.warns(UserWarning, match=r"split\(s\) \[1, 2\] have not finished"):
         curve = model_wise_curve([run], load_predictions=lambda record: None)
     assert curve.bias_variance == {}
+
+
+def test_a_damaged_result_file_is_named_and_nothing_is_overwritten(tmp_path):
+    _write_runs(tmp_path, [{"width": 2, "num_parameters": 10, "metrics": {"test_error": 0.5}}])
+    damaged = tmp_path / "width_0002" / RESULT_FILE
+    damaged.write_text('{"width": 2, "metr')  # a crash while another tool wrote it
+    with pytest.raises(ValueError, match="width_0002/result.json"):
+        aggregate(tmp_path)
+    assert damaged.read_text() == '{"width": 2, "metr'
+    assert not (tmp_path / AGGREGATE_DIR).exists()
