@@ -41,7 +41,7 @@ EXPECTED_SCALARS = {
     "spectral/lipschitz_lower",
     "spectral/lipschitz_naive_product",
     "spectral/complexity",
-    "spectral/condition/net.layer1.0.conv2",
+    "spectral/condition_lower/net.layer1.0.conv2",
     "spectral/stable_rank/net.fc",
     "spectral/margin_normalized/p50",
     "dd/train_error",
