@@ -56,7 +56,6 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -64,7 +63,6 @@ from lt_theory.callbacks.base import TheoryCallback
 from lt_theory.checks import check_choice, check_fraction, check_positive_int
 from lt_theory.figures import accuracy_vs_remaining_figure
 from lt_theory.loggers import log_tensorboard_scalars
-from lt_theory.measures.modes import forked_rng
 from lt_theory.measures.pruning import (
     PRUNING_SCOPES,
     MaskEnforcer,
@@ -82,9 +80,10 @@ from lt_theory.training.state import (
     OPTIMIZER_STATES,
     capture_training_state,
     cpu_copy,
-    file_sha256,
+    load_beside_checkpoints,
+    reinitialize,
     restore_training_state,
-    save_atomically,
+    save_beside_checkpoints,
 )
 from lt_theory.training.stored import changed_settings
 from lt_theory.training.tickets import load_ticket, reference_masks, save_ticket, ticket_path
@@ -472,36 +471,8 @@ class IMPPruner(TheoryCallback):
     def _snapshot(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Keep the full training state of step k (CPU copies); write it next to the checkpoints."""
         self._rewind = capture_training_state(trainer, pl_module)
-        directory = self._checkpoint_dir(trainer)
-        if directory is None:
-            return
-        path = Path(directory) / f"imp_rewind_step{self.rewind_step}.pt"
-        digest = None
-        if trainer.is_global_zero:
-            save_atomically(self._rewind, path)
-            digest = file_sha256(path)
-        self._rewind_file = {"path": str(path), "sha256": trainer.strategy.broadcast(digest, src=0)}
-
-    @staticmethod
-    def _checkpoint_dir(trainer: Trainer) -> str | None:
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-                return callback.dirpath
-        return None
-
-    def _load_rewind_file(self) -> dict:
-        path = Path(self._rewind_file["path"])
-        if not path.is_file():
-            raise ValueError(
-                f"IMPPruner cannot resume: the step-{self.rewind_step} snapshot {str(path)!r}, written next to "
-                "the checkpoints, is missing; keep it beside the checkpoint (or restart the IMP)."
-            )
-        if file_sha256(path) != self._rewind_file["sha256"]:
-            raise ValueError(
-                f"IMPPruner cannot resume: {str(path)!r} is not the step-{self.rewind_step} snapshot of this run "
-                "(its SHA-256 differs from the one in the checkpoint); another run wrote over it."
-            )
-        return torch.load(path, map_location="cpu", weights_only=False)
+        name = f"imp_rewind_step{self.rewind_step}.pt"
+        self._rewind_file = save_beside_checkpoints(trainer, self._rewind, name)
 
     # -- per step ---------------------------------------------------------------------------------
 
@@ -630,24 +601,7 @@ class IMPPruner(TheoryCallback):
         self._enforce = MaskEnforcer(pl_module, self.masks)
 
     def _reinitialize(self, pl_module: LightningModule) -> None:
-        """A fresh initialisation from the model's own init, the global RNG state training sees left alone.
-
-        ``init_fn(pl_module)`` if given; else ``reset_parameters`` of every module, children before parents
-        (reversed ``modules()`` order), so a model-level ``reset_parameters`` (e.g. CIFARResNet's He-normal
-        convolutions) applies its init over its layers' defaults. BatchNorm statistics are reset too.
-        """
-        with forked_rng(pl_module.device):
-            seed = int(torch.randint(2**62, (1,), generator=self._generator))  # the callback's generator
-            torch.manual_seed(seed)
-            if self.init_fn is not None:
-                self.init_fn(pl_module)
-                for module in pl_module.modules():
-                    if isinstance(module, nn.modules.batchnorm._NormBase):
-                        module.reset_running_stats()
-            else:
-                for module in reversed(list(pl_module.modules())):
-                    if callable(getattr(module, "reset_parameters", None)):
-                        module.reset_parameters()
+        reinitialize(pl_module, self._generator, self.init_fn)
 
     # -- evaluation, tickets, reports -------------------------------------------------------------
 
@@ -812,4 +766,6 @@ class IMPPruner(TheoryCallback):
         self._generator.set_state(state_dict["generator"])
         self._rewind_file = state_dict["rewind_file"]
         self._reinit_state = state_dict["reinit_state"]
-        self._rewind = self._load_rewind_file() if self._rewind_file is not None else state_dict["rewind"]
+        what = f"IMPPruner's step-{self.rewind_step} snapshot"
+        in_file = self._rewind_file is not None
+        self._rewind = load_beside_checkpoints(self._rewind_file, what) if in_file else state_dict["rewind"]

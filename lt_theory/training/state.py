@@ -22,15 +22,21 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch import LightningModule, Trainer
-from torch import Tensor
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor, nn
+
+from lt_theory.measures.modes import forked_rng
 
 __all__ = [
     "OPTIMIZER_STATES",
     "capture_training_state",
     "cpu_copy",
     "file_sha256",
+    "load_beside_checkpoints",
+    "reinitialize",
     "restore_training_state",
     "save_atomically",
+    "save_beside_checkpoints",
     "state_fingerprint",
 ]
 
@@ -116,3 +122,73 @@ def restore_training_state(
                 group.update({key: deepcopy(value) for key, value in saved_group.items() if key != "params"})
     for config, saved in zip(trainer.lr_scheduler_configs, state["schedulers"]):
         config.scheduler.load_state_dict(deepcopy(saved))
+
+
+def _checkpoint_dir(trainer: Trainer) -> str | None:
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            return callback.dirpath
+    return None
+
+
+def save_beside_checkpoints(trainer: Trainer, obj: Any, filename: str) -> dict[str, str] | None:
+    """Write ``obj`` next to the run's checkpoints (rank zero; every rank enters) instead of into each of them.
+
+    Returns:
+        ``{"path", "sha256"}`` for the checkpoint to keep (and :func:`load_beside_checkpoints` to check), or
+        None when the trainer has no ``ModelCheckpoint`` with a folder (then keep ``obj`` in the checkpoint).
+    """
+    directory = _checkpoint_dir(trainer)
+    if directory is None:
+        return None
+    path = Path(directory) / filename
+    digest = None
+    if trainer.is_global_zero:
+        save_atomically(obj, path)
+        digest = file_sha256(path)
+    return {"path": str(path), "sha256": trainer.strategy.broadcast(digest, src=0)}
+
+
+def load_beside_checkpoints(record: dict[str, str], what: str) -> Any:
+    """Load a file :func:`save_beside_checkpoints` wrote, after checking it is the one the checkpoint names.
+
+    It holds optimizer and scheduler states, so it is loaded as a checkpoint is (a file to trust): the SHA-256
+    kept in the checkpoint ties it to the run.
+
+    Raises:
+        ValueError: naming ``what`` and the file, when it is missing or another run wrote over it.
+    """
+    path = Path(record["path"])
+    if not path.is_file():
+        raise ValueError(
+            f"cannot resume: {what} {str(path)!r}, written next to the checkpoints, is missing; keep it beside "
+            "the checkpoint (or start again)."
+        )
+    if file_sha256(path) != record["sha256"]:
+        raise ValueError(
+            f"cannot resume: {str(path)!r} is not {what} of this run (its SHA-256 differs from the one in the "
+            "checkpoint); another run wrote over it."
+        )
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def reinitialize(module: nn.Module, generator: torch.Generator, init_fn=None) -> None:
+    """A fresh initialisation of ``module`` from its own init, drawn from ``generator``; the global RNG state
+    that training sees is left as it was.
+
+    ``init_fn(module)`` if given (BatchNorm statistics reset too); else ``reset_parameters`` of every module,
+    children before parents (reversed ``modules()`` order), so a model-level ``reset_parameters`` (e.g.
+    CIFARResNet's He-normal convolutions) applies its init over its layers' defaults.
+    """
+    device = next((t.device for t in list(module.parameters()) + list(module.buffers())), torch.device("cpu"))
+    with forked_rng(device):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        if init_fn is not None:
+            init_fn(module)
+            for child in module.modules():
+                if isinstance(child, nn.modules.batchnorm._NormBase):
+                    child.reset_running_stats()
+        else:
+            for child in reversed(list(module.modules())):
+                if callable(getattr(child, "reset_parameters", None)):
+                    child.reset_parameters()
