@@ -10,17 +10,20 @@ from __future__ import annotations
 import math
 import random
 from datetime import timedelta
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
 from lt_theory.compat import ddp_options, uses_distributed_sampler
 from lt_theory.models import MLP
 from lt_theory.training import rng_states, set_rng_states, state_fingerprint
+from lt_theory.training.state import load_beside_checkpoints, save_beside_checkpoints
 from lt_theory.training.stored import changed_settings, read_json, write_json
 from lt_theory.training.tickets import load_ticket, read_ticket, save_ticket
 
@@ -113,3 +116,23 @@ def test_stored_json_round_trips_nan_and_a_damaged_file_is_named(tmp_path):
     path.write_text('{"barrier": 0.1, "sett')  # truncated by a crash or another writer
     with pytest.raises(ValueError, match="result.json"):
         read_json(path)
+
+
+def test_a_file_beside_the_checkpoints_is_loaded_only_if_it_is_the_one_the_checkpoint_names(tmp_path):
+    strategy = SimpleNamespace(broadcast=lambda obj, src=0: obj)
+    trainer = SimpleNamespace(
+        checkpoint_callbacks=[ModelCheckpoint(dirpath=tmp_path)], is_global_zero=True, strategy=strategy
+    )
+    state = {"step": 3, "model": {"w": torch.arange(4.0)}}
+    record = save_beside_checkpoints(trainer, state, "snapshot.pt")
+    assert record["path"] == str(tmp_path / "snapshot.pt")
+    loaded = load_beside_checkpoints(record, "the snapshot")
+    assert loaded["step"] == 3 and torch.equal(loaded["model"]["w"], torch.arange(4.0))
+    torch.save({"step": 4, "model": {"w": torch.zeros(4)}}, tmp_path / "snapshot.pt")  # another run's
+    with pytest.raises(ValueError, match="wrote over it"):
+        load_beside_checkpoints(record, "the snapshot")
+    (tmp_path / "snapshot.pt").unlink()
+    with pytest.raises(ValueError, match="the snapshot .*snapshot.pt.* is missing"):
+        load_beside_checkpoints(record, "the snapshot")
+    without = SimpleNamespace(checkpoint_callbacks=[], is_global_zero=True, strategy=strategy)
+    assert save_beside_checkpoints(without, state, "snapshot.pt") is None
