@@ -25,3 +25,15 @@ class StatesAtSteps(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._record(trainer, pl_module)
+
+
+class StopAfterEpochs(Callback):
+    """Stops the fit at the end of epoch ``epochs`` (counted from 1), after its checkpoint: a preemption that
+    leaves the run's schedule as it was configured (unlike a smaller ``max_epochs``)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True

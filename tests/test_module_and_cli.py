@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from contract_setup import make_trainer
 
 from lt_theory.cli import main
@@ -146,3 +148,39 @@ def test_resnet20_imp_config_has_open_lth_settings():
     assert config["model"]["milestones"] == [80 * steps_per_epoch, 120 * steps_per_epoch] == [31280, 46920]
     assert config["model"]["net"]["init_args"]["shortcut"] == "B"
     assert config["trainer"]["devices"] == 1
+
+
+def _tiny_recipe(tmp_path, stop_after_epochs: int | None = None) -> Path:
+    """The quick start with an MLP on 96 synthetic images and only a ModelCheckpoint keeping last.ckpt (and a
+    callback stopping the fit after ``stop_after_epochs``, as a preemption would)."""
+    config = yaml.safe_load(Path(QUICKSTART).read_text())
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}]
+    if stop_after_epochs is not None:
+        callbacks.append({"class_path": "recorders.StopAfterEpochs", "init_args": {"epochs": stop_after_epochs}})
+    config["trainer"].update(max_epochs=2, log_every_n_steps=1, enable_progress_bar=False, callbacks=callbacks)
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
+    config["model"]["net"] = {"class_path": "lt_theory.models.MLP", "init_args": {"hidden": [16]}}
+    config["data"]["init_args"].update(num_train=96, num_test=32, batch_size=16)
+    path = tmp_path / f"tiny_stop{stop_after_epochs}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_ckpt_path_last_resumes_the_runs_own_checkpoint_into_the_same_tensorboard_run(tmp_path):
+    """A run stopped after epoch 1, then the same command with `--ckpt_path last`: it goes on from step 6 in
+    version_0, and ends with the weights of a run that was never stopped."""
+    config, stopping = str(_tiny_recipe(tmp_path)), str(_tiny_recipe(tmp_path, stop_after_epochs=1))
+    straight = main(["fit", "--config", config, "--trainer.logger.init_args.name", "straight"])
+    stopped = main(["fit", "--config", stopping, "--trainer.logger.init_args.name", "resumed"])
+    assert stopped.trainer.global_step == 6
+    resumed = main(["fit", "--config", config, "--trainer.logger.init_args.name", "resumed", "--ckpt_path", "last"])
+    assert resumed.trainer.ckpt_path == str(tmp_path / "runs" / "resumed" / "version_0" / "checkpoints" / "last.ckpt")
+    assert sorted(p.name for p in (tmp_path / "runs" / "resumed").iterdir()) == ["version_0"]
+    assert resumed.trainer.global_step == straight.trainer.global_step == 12
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+def test_ckpt_path_last_without_a_checkpoint_trains_from_the_start(tmp_path, capsys):
+    cli = main(["fit", "--config", str(_tiny_recipe(tmp_path)), "--trainer.max_epochs", "1", "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 6 and cli.trainer.ckpt_path is None
