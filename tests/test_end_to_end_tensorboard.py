@@ -162,6 +162,7 @@ def test_run_and_scalar_tags_are_served(tensorboard_url):
     assert runs == ["quickstart/version_0"]
     tags = _get_json(f"{tensorboard_url}/data/plugin/scalars/tags")["quickstart/version_0"]
     assert EXPECTED_SCALARS <= set(tags), sorted(set(EXPECTED_SCALARS) - set(tags))
+    assert "hp_metric" not in tags  # the recipes turn Lightning's placeholder -1 off
 
 
 def test_images_are_served(tensorboard_url):
