@@ -17,33 +17,8 @@ networks (Frankle, Dziugaite, Roy & Carbin, ICML 2020, "Linear Mode Connectivity
 Hypothesis"): ResNet-20 on CIFAR-10 with :math:`k = 2000` keeps the dense accuracy down to about 13% of the
 weights. The masks, their counting rule and their enforcement are in :mod:`lt_theory.measures.pruning`.
 
-**One fit, level boundaries as steps.** Level 0 trains the dense network for :math:`T` optimizer steps
-(``steps_per_level``, or ``epochs_per_level`` times the optimizer steps of an epoch); every later level
-trains from step :math:`k` to :math:`T`, i.e. :math:`T - k` steps, as ``open_lth`` does. Level
-:math:`\ell` therefore ends at global step :math:`T + \ell (T - k)`, and the callback ends the fit itself
-(``trainer.should_stop``) when the last level ends. While the optimizers are configured it sets the trainer's
-``max_steps`` to :math:`T`, so that a schedule sized by ``trainer.estimated_stepping_batches`` (cosine) spans
-one level, and gives the Trainer its own ``max_steps`` back at fit start. At a boundary, in
-``on_train_batch_end``:
-evaluate, save the level's ticket, prune, rewind weights and all buffers to the step-:math:`k` snapshot,
-empty the optimizer state, load the LR schedulers' and the optimizer hyper-parameters' state of step
-:math:`k`, and go on with the next batch. Schedulers stepped per epoch see the trainer's epochs, which do not
-line up with the level's epochs when :math:`k` or :math:`T - k` is not a whole number of epochs: in the
-rewound levels their milestones then fall up to an epoch early or late (where the trainer's epoch boundaries
-lie within the level). Milestones counted in optimizer steps, stepped every step, are exact in every level:
-``ClassificationModule(schedule="step", schedule_interval="step")``, as ``open_lth`` counts them.
-
-**Validation at a level's end.** The boundary happens in ``on_train_batch_end``. When it is also the last batch
-of an epoch (or of a ``val_check_interval``), Lightning's validation loop runs right after it, on the network
-already pruned and rewound to step :math:`k` (or re-initialised): ``val/acc`` dips at each level's end, and a
-``ModelCheckpoint`` monitoring it ranks those checkpoints by the rewound network. The level's trained accuracy
-is ``imp/accuracy``, measured before the pruning; monitor it, or checkpoint with ``save_last`` only.
-
-Cost: the gradients of the pruned weights are set to zero before each optimizer step (before gradient
-clipping) and the pruned weights after it, with fused multi-tensor operations
-(:class:`~lt_theory.measures.pruning.MaskEnforcer`; ``benchmarks/bench_imp.py`` times full training steps
-with and without them), and a level boundary costs one evaluation pass over the evaluation split and one copy
-of the weights.
+How the levels map to the trainer's steps, what Lightning's validation sees at a level's end, the controls,
+resuming, divergence, DDP and the cost: ``docs/callbacks.md`` (IMPPruner).
 """
 
 from __future__ import annotations
@@ -114,58 +89,11 @@ class IMPPruner(TheoryCallback):
     :func:`lt_theory.measures.pruning.remaining_counts`). The gradients of pruned weights are set to zero in
     ``on_before_optimizer_step`` (after AMP's unscaling, before gradient clipping, so they do not count in the
     clipping norm) and pruned weights to ``+0.0`` after every optimizer step, so they stay exactly zero under
-    momentum and weight decay. The module docstring explains how levels map to the trainer's steps, and why
+    momentum and weight decay. ``docs/callbacks.md`` explains how levels map to the trainer's steps, and why
     Lightning's validation at a level's end measures the rewound network.
 
-    The callback stops the fit when the last level ends; the Trainer's ``max_steps`` or ``max_epochs`` still
-    end it earlier if they are smaller (and a fit resumed from the checkpoint goes on), so give the Trainer
-    ``max_epochs=-1`` to let the IMP run to its end (a warning says when it would be cut). While the
-    optimizers are configured, ``max_steps`` is set to one level's length, so that a schedule sized by
-    ``trainer.estimated_stepping_batches`` (cosine) spans one level.
-
-    Controls (Frankle & Carbin 2019; ``open_lth``'s branches), one per run, follow an IMP run: they need
-    ``reference_tickets``, the ticket directory of a finished or running IMP fit (``control=None``, same model,
-    data and settings; its ``ticket_dir``, by default ``<trainer.log_dir>/imp``). Level 0 trains the dense
-    network as the IMP does; level :math:`\ell \geq 1` of the control then uses, instead of pruning its own
-    weights, the masks of the IMP's ``ticket_level<l>.pt``: ``control="random_reinit"`` trains exactly those
-    masks from a fresh initialisation instead of the step-``k`` weights (the model's own: ``reset_parameters``
-    of every module, children before parents, so a model-level ``reset_parameters`` such as
-    :class:`~lt_theory.models.CIFARResNet`'s He-normal convolutions wins; or ``init_fn(pl_module)``;
-    BatchNorm statistics reset; drawn under the callback's seeded generator, the global random state seen by
-    training left as it was); ``control="random_prune"`` trains fresh random masks with exactly those masks'
-    count in every layer (positions drawn from the callback's generator) from the step-``k`` weights. A level
-    whose IMP ticket is not written yet stops the control with a ValueError (resume it later). Overlay the
-    runs with :func:`accuracy_vs_remaining_figure`.
-
-    State and files: the level, the masks, the history, the random generator and the step-``k`` snapshot are
-    in the callback's state, so a fit interrupted anywhere (mid-level included) and resumed from its
-    checkpoint ends with the masks and weights of an uninterrupted fit. When a ``ModelCheckpoint`` is
-    attached, the snapshot is written once to ``<its dirpath>/imp_rewind_step<k>.pt`` (rank zero) and the
-    checkpoint holds only its path and SHA-256; without one it is kept inside the checkpoint. At the end of
-    each level, rank zero writes the level's ticket to ``<ticket_dir>/ticket_level<l>.pt`` (default
-    ``<trainer.log_dir>/imp``): the masks, the state the level was trained from, the level's accuracy and the
-    history; :func:`load_ticket` puts it into a model. The last level's file is the final ticket. A resume
-    is refused (ValueError) from a checkpoint without IMPPruner state (a dense pre-training checkpoint, or a
-    fit without the callback) and from one whose IMP ran with other settings (``fraction``, ``rewind_step``,
-    ``scope``, ``control``, ``include``, ``exclude``, ``prune_output_layer``, ``optimizer_state``; a larger
-    ``levels`` is allowed).
-
-    Divergence: a non-finite training loss (checked at each epoch end and level end, on all ranks) or a
-    non-finite evaluation loss at a level end stops the IMP: ``imp/diverged_level`` is logged, a warning
-    names the level, the trainer stops, and the checkpoint and the tickets of the completed levels are kept.
-    While the trainer winds down (e.g. up to its ``min_steps``) the pruned weights are still set to zero
-    after every step (with :func:`~lt_theory.measures.pruning.apply_masks`, which also clears NaN).
-
-    DDP: every rank computes the masks on its (identical) weights and rank zero's are broadcast, so all ranks
-    end a level with identical masks; each rank evaluates the whole evaluation split (no collective inside).
-    Sharded strategies (FSDP, DeepSpeed) are refused at setup.
-
-    Cost: the per-step work is one fused multiply over the pruned weights' gradients, one fused multiply and
-    one fused addition over the weights, and one addition of the loss on the device: 0.04% of a ResNet-20
-    training step at batch 128 on one CPU thread timed alone, within the noise (-0.03%) as the ratio of the
-    median full steps with and without it, against a goal of 2% (``python benchmarks/bench_imp.py
-    --repeats 40``); a level boundary costs one evaluation pass over ``eval_split`` and a copy of the
-    weights.
+    The fit stops when the last level ends: give the Trainer ``max_epochs=-1``. The controls, the files, resuming,
+    divergence, DDP and the cost are in ``docs/callbacks.md`` (IMPPruner).
 
     Logged tags: ``imp/level``, ``imp/remaining_fraction`` and ``imp/sparsity/<layer>`` (the fraction of
     the layer's weights pruned; ``<layer>`` the module name) at each level's start; ``imp/accuracy`` and
@@ -220,10 +148,6 @@ class IMPPruner(TheoryCallback):
             state or with other settings, or when the step-k snapshot written next to the checkpoints is
             missing or was overwritten by another run; in a control, when the IMP's ticket of the next level
             is missing or prunes other parameters.
-
-    ``epochs_per_level`` is turned into optimizer steps in ``setup`` (before ``configure_model`` and the
-    optimizers: it depends only on the train loader, ``accumulate_grad_batches`` and the devices); the
-    prunable parameters are looked up at fit start, after ``configure_model``, so layers created there count.
 
     Example:
         >>> from lightning.pytorch import Trainer

@@ -99,54 +99,12 @@ def _check_spawn_steps(spawn_steps) -> list:
 class LinearModeConnectivity(TheoryCallback):
     """Instability analysis (spawn siblings at step k, error barrier of parent vs sibling) or the init path.
 
-    ``mode="spawn"``: at each spawn step ``k`` the training state is saved with ``trainer.save_checkpoint``
-    (which draws no random number and changes nothing, so the parent run is bit-identical to a run without
-    the callback) plus the global RNG states, under ``directory`` (default ``<trainer.log_dir>/lmc``); the
-    callback's own state keeps only paths and results. When the parent's fit ends (``on_fit_end``, at step
-    ``T``; also when a finished run is resumed, so that siblings a preemption interrupted are trained then),
-    one sibling per ``k`` is trained from its snapshot to ``T`` by ``Trainer.fit(copy of the module,
-    datamodule=copy of the data module, ckpt_path=snapshot)`` in a child Trainer with the parent's
-    accelerator, strategy, devices, precision, gradient accumulation and clipping, no logger, a progress
-    checkpoint about every tenth of its steps (a preempted sibling resumes from it; removed once the sibling
-    is done), no other callback (a warning names those of the parent that change training, e.g. IMPPruner or
-    weight averaging) and no validation unless a ``ReduceLROnPlateau`` scheduler needs it, with the parent's
-    progress-bar setting. Its data order and augmentation come from ``sibling_seed``:
-
-    - an lt_theory data module (or any with a ``reseed_order(seed)`` method) is re-seeded by it; the global
-      RNG continues from the parent's state at ``k``, so a sibling with the parent's own seed reproduces the
-      parent exactly (on one device; the test of the snapshot's completeness);
-    - any other data module: the global RNG (torch, numpy, random) is seeded with it, which changes the order
-      of a ``DataLoader`` that shuffles without its own ``generator`` and augmentation drawn from the global
-      RNG (a warning says when the training loader has its own generator, which the callback cannot
-      re-seed: the sibling's order then is whatever that generator gives);
-    - under DDP, Lightning's ``DistributedSampler`` takes its seed from ``PL_GLOBAL_SEED``, set to it during
-      the sibling's run.
-
-    The path is evaluated on the data module's datasets read directly (``train_dataset`` and ``test_dataset``
-    or ``val_dataset``, else those of its loaders), each batch passed through the data module's ``preprocess``
-    when it has one, then the module's ``forward``, whose output must be class logits scored by
-    cross-entropy; a data module that normalises in ``on_after_batch_transfer`` without a ``preprocess``, or a
-    model with another loss, needs the lt_theory data modules' convention. While siblings train, the parent's
-    module stays on its device (about twice the model's memory).
-
-    Then the path between the parent's and the sibling's final weights is evaluated by
-    :func:`~lt_theory.measures.interpolation.linear_paths` on ``train_subset_size`` training examples (a
-    fixed subset, no augmentation) and the test set (else the validation set), with ``bn="reset"``
-    (statistics re-estimated on the training subset at every alpha) or ``"interpolate"``. Results are
-    written next to the snapshots, so a resumed run does not train a finished sibling again (results are
-    reused only for bit-identical parent weights and the same evaluation settings). A sibling whose training
-    raises gives NaN barriers and one warning naming the error; the other ``k`` go on, and a resumed run
-    trains it again. Under DDP the siblings train on all ranks and the paths are
-    evaluated once, on rank zero.
-
-    ``mode="init"``: every ``every_n_epochs`` epochs, the path from the weights at the start of training
-    (saved to ``directory``) to the current ones.
-
-    Cost: a spawn costs one sibling training per ``k``, from ``k`` to the end (for Frankle et al.'s five
-    steps on ResNet-20, about five more trainings), plus per ``k`` and per mode-init measurement one
-    evaluation pass over the subset and the test set and one BatchNorm reset pass per point evaluated (all
-    ``num_alphas`` points with ``coarse_every=None``, about 11 of 30 by default; ``benchmarks/bench_lmc.py``
-    measures the path at most 1.2x that floor), and one checkpoint file per ``k`` on disk.
+    ``mode="spawn"``: at each spawn step ``k`` the whole training state is saved as a checkpoint under
+    ``directory``; when the parent's fit ends, one sibling per ``k`` is trained from it to the end in a child
+    Trainer (:mod:`lt_theory.training.child`) with another data order, and the path between the parent's and
+    the sibling's final weights is evaluated coarse to fine. ``mode="init"``: every ``every_n_epochs`` epochs,
+    the path from the initial weights to the current ones. The siblings' data order, the evaluation sets,
+    preemption, DDP and the cost: ``docs/callbacks.md`` (LinearModeConnectivity).
 
     Logged tags (``spawn``): ``lmc/test_error_barrier``, ``lmc/train_error_barrier``,
     ``lmc/test_loss_barrier``, ``lmc/train_loss_barrier`` at step ``k`` (so TensorBoard draws stability
