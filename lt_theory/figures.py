@@ -130,6 +130,9 @@ def epochwise_figure(history: list[dict], interpolation_epoch: int | None, peaks
             measurement (missing keys are not drawn).
         interpolation_epoch: drawn as a vertical line; None draws none.
         peaks: objects with ``position`` (epoch) and ``value``, annotated.
+
+    Returns:
+        The figure.
     """
     epochs = [h["epoch"] for h in history]
     figure, axis = new_figure(6, 4)
@@ -152,6 +155,9 @@ def error_along_path_figure(record: dict, title: str) -> Figure:
     Args:
         record: ``{"alphas": [...], "train_error": [...], "test_error": [...]}`` (either error may be missing).
         title: the figure's title.
+
+    Returns:
+        The figure.
     """
     figure, axis = new_figure(5, 3.5)
     alphas = record["alphas"]
@@ -172,6 +178,9 @@ def stability_figure(results: dict, threshold: float) -> Figure:
     Args:
         results: ``{k: {"train_error_barrier": ..., "test_error_barrier": ...}}``.
         threshold: the barrier under which a network counts as stable.
+
+    Returns:
+        The figure.
     """
     figure, axis = new_figure(5, 3.5)
     steps = sorted(results)
