@@ -70,6 +70,7 @@ from lt_theory.measures.pruning import (
 )
 from lt_theory.models import CIFARResNet
 from lt_theory.module import ClassificationModule
+from lt_theory.training.state import reinitialize
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated"),
@@ -783,16 +784,13 @@ def test_random_reinit_control_uses_the_imp_masks_and_the_model_init(tmp_path, i
 
 
 def test_random_reinit_leaves_the_global_random_state_alone():
-    pruner = IMPPruner(levels=1, steps_per_level=4, control="random_reinit", reference_tickets=".")
+    """The control's re-initialisation (lt_theory.training.state.reinitialize) draws from its own generator."""
     module = _module()[0]
     state = torch.random.get_rng_state()
-    pruner._reinitialize(module)
+    reinitialize(module, torch.Generator().manual_seed(0), None)
     assert torch.equal(torch.random.get_rng_state(), state)
     calls = []
-    custom = IMPPruner(
-        levels=1, steps_per_level=4, control="random_reinit", reference_tickets=".", init_fn=calls.append
-    )
-    custom._reinitialize(module)
+    reinitialize(module, torch.Generator().manual_seed(0), calls.append)
     assert calls == [module] and torch.equal(torch.random.get_rng_state(), state)
 
 

@@ -16,7 +16,7 @@ can evaluate the rows ``rank::world`` of a set (``batches(rank, world)``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sized
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
@@ -24,7 +24,15 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-__all__ = ["DatasetSet", "EvaluationSets", "TensorSet", "evaluation_sets", "fixed_subset"]
+__all__ = [
+    "DatasetSet",
+    "EvaluationSets",
+    "TensorSet",
+    "computed_once",
+    "evaluation_sets",
+    "fixed_subset",
+    "split_loader",
+]
 
 
 def fixed_subset(size: int, subset_size: int | None, seed: int) -> Tensor:
@@ -208,3 +216,27 @@ def _dataset_set(
     else:
         indices = torch.arange(size if subset_size is None else min(size, subset_size))
     return DatasetSet(loader.dataset, indices, loader, batch_size)
+
+
+def split_loader(trainer: Trainer, split: str):
+    """The data module's ``<split>_dataloader()`` (``"val"`` falls back to the Trainer's validation loaders),
+    or None when there is none."""
+    datamodule = trainer.datamodule
+    hook = getattr(datamodule, f"{split}_dataloader", None)
+    if datamodule is not None and callable(hook):
+        return hook()
+    if split == "val":
+        return trainer.val_dataloaders
+    return None
+
+
+def computed_once(trainer: Trainer, module: torch.nn.Module, compute: Callable[[], Any]) -> Any:
+    """``compute()`` on global rank zero, its result shared with every rank (under DDP every rank enters).
+
+    A model with SyncBatchNorm is evaluated on every rank (same data, same result): a BatchNorm reset pass
+    over it is a collective.
+    """
+    world = trainer.world_size
+    every_rank = world > 1 and any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules())
+    result = compute() if trainer.is_global_zero or every_rank else None
+    return trainer.strategy.broadcast(result, src=0) if world > 1 else result

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -35,9 +34,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lt_theory.callbacks.base import TheoryCallback
-from lt_theory.checks import check_choice, check_fraction, check_positive_int
+from lt_theory.callbacks.evaluation_sets import split_loader
+from lt_theory.checks import check_choice, check_fraction, check_int
 from lt_theory.figures import accuracy_vs_remaining_figure
 from lt_theory.loggers import log_tensorboard_scalars
+from lt_theory.measures.evaluation import evaluate
 from lt_theory.measures.pruning import (
     PRUNING_SCOPES,
     MaskEnforcer,
@@ -50,7 +51,7 @@ from lt_theory.measures.pruning import (
     random_masks_like,
     sparsity_report,
 )
-from lt_theory.measures.risk import evaluate_classifier
+from lt_theory.training.levels import LevelSchedule
 from lt_theory.training.state import (
     OPTIMIZER_STATES,
     capture_training_state,
@@ -60,13 +61,19 @@ from lt_theory.training.state import (
     restore_training_state,
     save_beside_checkpoints,
 )
-from lt_theory.training.stored import changed_settings
-from lt_theory.training.tickets import load_ticket, reference_masks, save_ticket, ticket_path
+from lt_theory.training.stored import check_resume_settings
+from lt_theory.training.tickets import (
+    IMP_CONTROLS,
+    check_control,
+    check_reference_directory,
+    load_ticket,
+    reference_masks,
+    save_ticket,
+    ticket_path,
+)
 
 __all__ = ["IMP_CONTROLS", "IMPPruner", "accuracy_vs_remaining_figure", "load_ticket"]
 
-IMP_CONTROLS = ("random_reinit", "random_prune")
-"""The lottery-ticket controls of Frankle & Carbin (2019) that ``IMPPruner(control=...)`` runs."""
 
 _EVAL_SPLITS = ("val", "test")
 
@@ -192,24 +199,9 @@ class IMPPruner(TheoryCallback):
         init_fn: Callable[[nn.Module], None] | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int("levels", levels)
-        check_fraction("fraction", fraction, low_open=True, high_open=True)
-        if isinstance(rewind_step, bool) or not isinstance(rewind_step, Integral) or rewind_step < 0:
-            raise ValueError(f"`rewind_step` must be an int >= 0, got {rewind_step!r}")
-        check_positive_int("steps_per_level", steps_per_level, allow_none=True)
-        check_positive_int("epochs_per_level", epochs_per_level, allow_none=True)
-        if (steps_per_level is None) == (epochs_per_level is None):
-            raise ValueError(
-                "give exactly one of `steps_per_level` and `epochs_per_level` (the length of a level), got "
-                f"steps_per_level={steps_per_level!r}, epochs_per_level={epochs_per_level!r}"
-            )
-        if steps_per_level is not None and rewind_step >= steps_per_level:
-            raise ValueError(
-                f"`rewind_step` must be smaller than the first level's length `steps_per_level`="
-                f"{steps_per_level}, got {rewind_step}"
-            )
+        self.schedule = LevelSchedule(levels, rewind_step, steps_per_level, epochs_per_level)
         check_choice("scope", scope, PRUNING_SCOPES)
-        check_choice("control", control, (None, *IMP_CONTROLS))
+        check_control(control, reference_tickets, init_fn)
         check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATES)
         check_choice("eval_split", eval_split, _EVAL_SPLITS)
         if not isinstance(prune_output_layer, bool):
@@ -219,38 +211,14 @@ class IMPPruner(TheoryCallback):
                 raise ValueError(
                     f"`{name}` must be a list of parameter or module names or None, got {names!r}"
                 )
-        if isinstance(seed, bool) or not isinstance(seed, Integral):
-            raise ValueError(f"`seed` must be an int, got {seed!r}")
-        if control is not None and reference_tickets is None:
-            raise ValueError(
-                f"control={control!r} needs `reference_tickets`: the ticket directory of the IMP run it controls "
-                "(a finished or running IMPPruner fit with control=None and the same model, data and settings; "
-                "its `ticket_dir`, by default `<trainer.log_dir>/imp`, e.g. "
-                "runs/imp/version_0/imp holding ticket_level01.pt, ...). Level l of the control then uses the "
-                "masks of that run's ticket_level<l>.pt (random_reinit) or their per-layer counts (random_prune)."
-            )
-        if control is None and reference_tickets is not None:
-            raise ValueError(
-                "`reference_tickets` is only used by a control run (control='random_reinit' or 'random_prune'); "
-                f"got reference_tickets={str(reference_tickets)!r} with control=None"
-            )
-        if init_fn is not None and not callable(init_fn):
-            raise ValueError(
-                f"`init_fn` must be a callable taking the LightningModule, or None, got {init_fn!r}"
-            )
-        if init_fn is not None and control != "random_reinit":
-            raise ValueError(f"`init_fn` is only used by control='random_reinit', got control={control!r}")
-        self.levels, self.fraction, self.rewind_step = int(levels), float(fraction), int(rewind_step)
+        self.seed = check_int("seed", seed, minimum=0)
+        self.levels, self.rewind_step = self.schedule.levels, self.schedule.rewind_step
+        self.fraction = check_fraction("fraction", fraction, low_open=True, high_open=True)
         self.steps_per_level, self.epochs_per_level = steps_per_level, epochs_per_level
         self.scope, self.prune_output_layer, self.control = scope, prune_output_layer, control
         self.include = None if include is None else list(include)
         self.exclude = None if exclude is None else list(exclude)
-        self.optimizer_state, self.eval_split, self.ticket_dir, self.seed = (
-            optimizer_state,
-            eval_split,
-            ticket_dir,
-            int(seed),
-        )
+        self.optimizer_state, self.eval_split, self.ticket_dir = optimizer_state, eval_split, ticket_dir
         self.reference_tickets = None if reference_tickets is None else str(reference_tickets)
         self.init_fn = init_fn
         self.level = 0
@@ -258,7 +226,6 @@ class IMPPruner(TheoryCallback):
         self.history: list[dict[str, float]] = []
         self.ticket_paths: list[str] = []
         self.stopped: str | None = None
-        self.level_steps: int | None = None  # T, resolved at setup
         self.pruned_names: list[str] = []
         self._rewind: dict | None = None  # the step-k snapshot (CPU)
         self._rewind_file: dict | None = None  # {"path", "sha256"} once written next to the checkpoints
@@ -272,38 +239,14 @@ class IMPPruner(TheoryCallback):
 
     # -- schedule ---------------------------------------------------------------------------------
 
+    @property
+    def level_steps(self) -> int | None:
+        """T, the length of level 0 in optimizer steps (None until setup)."""
+        return self.schedule.level_steps
+
     def level_end(self, level: int) -> int:
         """The global step at which ``level`` ends: ``T + level * (T - k)``."""
-        return self.level_steps + level * (self.level_steps - self.rewind_step)
-
-    def _size_schedules_to_one_level(self, trainer: Trainer) -> None:
-        """``max_steps`` = T while the optimizers are configured: a cosine schedule then spans one level."""
-        end = self.level_steps
-        if self._user_max_steps not in (None, -1):
-            end = min(end, self._user_max_steps)
-        trainer.fit_loop.epoch_loop.max_steps = end
-
-    def _resolve_level_steps(self, trainer: Trainer) -> int:
-        if self.steps_per_level is not None:
-            return self.steps_per_level
-        loop = trainer.fit_loop
-        saved = loop.max_epochs, loop.max_steps
-        loop.max_epochs, loop.epoch_loop.max_steps = self.epochs_per_level, -1
-        try:
-            steps = trainer.estimated_stepping_batches
-        finally:
-            loop.max_epochs, loop.epoch_loop.max_steps = saved
-        if not math.isfinite(steps):
-            raise ValueError(
-                "IMPPruner(epochs_per_level=...) needs a train loader with a length to turn epochs into steps; "
-                "give `steps_per_level` for an iterable dataset"
-            )
-        if self.rewind_step >= steps:
-            raise ValueError(
-                f"`rewind_step`={self.rewind_step} must be smaller than the first level's length: "
-                f"`epochs_per_level`={self.epochs_per_level} epochs are {int(steps)} optimizer steps"
-            )
-        return int(steps)
+        return self.schedule.end(level)
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -312,15 +255,12 @@ class IMPPruner(TheoryCallback):
         if stage != "fit":
             return
         self._state_loaded = False
-        if self.reference_tickets is not None and not Path(self.reference_tickets).is_dir():
-            raise ValueError(
-                f"IMPPruner(control={self.control!r}): `reference_tickets`={self.reference_tickets!r} is not a "
-                "directory; give the ticket directory of the IMP run this control follows (its `ticket_dir`, "
-                "by default `<trainer.log_dir>/imp` of that run)"
-            )
+        if self.reference_tickets is not None:
+            check_reference_directory(self.control, self.reference_tickets)
         self._user_max_steps = trainer.fit_loop.max_steps  # given back at fit start
-        self.level_steps = self._resolve_level_steps(trainer)
-        self._size_schedules_to_one_level(trainer)  # setup runs before configure_optimizers
+        self.schedule.level_steps = self.schedule.resolve(trainer)
+        # max_steps = T while the optimizers are configured (setup runs before): a schedule spans one level
+        trainer.fit_loop.epoch_loop.max_steps = self.schedule.end_of_first_level(self._user_max_steps)
 
     def _prunable_names(self, pl_module: LightningModule) -> list[str]:
         try:
@@ -348,7 +288,9 @@ class IMPPruner(TheoryCallback):
                 "`ckpt_path`; load pre-trained weights into the model yourself if that is what you mean), or "
                 "resume from a checkpoint written by a fit with IMPPruner."
             )
-        self._warn_if_cut(trainer)
+        cut = self.schedule.cut_warning(trainer, self._user_max_steps)
+        if cut is not None:
+            self.warn_once("cut", cut)
         if self.masks is not None:
             self.masks = {name: mask.to(pl_module.device) for name, mask in self.masks.items()}
             self._enforce = MaskEnforcer(pl_module, self.masks)
@@ -371,24 +313,6 @@ class IMPPruner(TheoryCallback):
             self.log_scalars(trainer, self._level_scalars())
         if self.level == 0 and self._rewind is None and self.rewind_step == 0:
             self._snapshot(trainer, pl_module)
-
-    def _warn_if_cut(self, trainer: Trainer) -> None:
-        total = self.level_end(self.levels)
-        max_epochs, batches = trainer.fit_loop.max_epochs, trainer.num_training_batches
-        limits = []
-        if max_epochs not in (None, -1) and math.isfinite(batches):
-            steps = max_epochs * math.ceil(batches / trainer.accumulate_grad_batches)
-            limits.append((steps, f"max_epochs={max_epochs}", "`max_epochs=-1`"))
-        if self._user_max_steps not in (None, -1):
-            limits.append((self._user_max_steps, f"max_steps={self._user_max_steps}", "no `max_steps`"))
-        for steps, given, advice in limits:
-            if steps < total:
-                self.warn_once(
-                    "cut",
-                    f"the Trainer's {given} ends the fit after about {steps} optimizer steps, before the {total} "
-                    f"steps of the whole IMP ({self.levels} levels); the fit can be resumed from its checkpoint. "
-                    f"Pass {advice} to run the IMP to its end.",
-                )
 
     # -- snapshot ---------------------------------------------------------------------------------
 
@@ -512,48 +436,34 @@ class IMPPruner(TheoryCallback):
         """Weights and buffers to step k (or a fresh init), optimizer emptied, schedulers back at step k."""
         if self._rewind is None:  # cannot happen: rewind_step < T, so step k comes before level 0 ends
             raise RuntimeError("IMPPruner: no step-k snapshot at a level's end")
-        reinitialize = self.control == "random_reinit"
-        if reinitialize:
-            self._reinitialize(pl_module)
-        restore_training_state(trainer, pl_module, self._rewind, self.optimizer_state, load_model=not reinitialize)
+        fresh_init = self.control == "random_reinit"
+        if fresh_init:
+            reinitialize(pl_module, self._generator, self.init_fn)
+        restore_training_state(trainer, pl_module, self._rewind, self.optimizer_state, load_model=not fresh_init)
         apply_masks(pl_module, self.masks)
-        if reinitialize:
+        if fresh_init:
             self._reinit_state = cpu_copy(pl_module.state_dict())
         if self.optimizer_state == "rewind":
             for optimizer in trainer.optimizers:
                 mask_optimizer_state(optimizer, pl_module, self.masks)
         self._enforce = MaskEnforcer(pl_module, self.masks)
 
-    def _reinitialize(self, pl_module: LightningModule) -> None:
-        reinitialize(pl_module, self._generator, self.init_fn)
-
     # -- evaluation, tickets, reports -------------------------------------------------------------
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> tuple[float, float]:
         """Accuracy and mean cross-entropy on ``eval_split``; NaN for both without an evaluation set."""
-        loader = self._loader(trainer)
-        if loader is None:
-            return math.nan, math.nan
-        datamodule = trainer.datamodule
-        transform = getattr(datamodule, "preprocess", None)
-        result = evaluate_classifier(pl_module, loader, transform=transform if callable(transform) else None)
-        return 1.0 - result.error, result.loss
-
-    def _loader(self, trainer: Trainer):
         if self._eval_loader is None:
-            datamodule = trainer.datamodule
-            hook = getattr(datamodule, f"{self.eval_split}_dataloader", None)
-            if datamodule is not None and callable(hook):
-                self._eval_loader = hook()
-            elif self.eval_split == "val" and trainer.val_dataloaders is not None:
-                self._eval_loader = trainer.val_dataloaders
-            else:
-                self.warn_once(
-                    "no-eval-set",
-                    f"no `{self.eval_split}_dataloader` (no data module with one), so `imp/accuracy` is NaN; "
-                    "fit with a data module to measure the tickets.",
-                )
-        return self._eval_loader
+            self._eval_loader = split_loader(trainer, self.eval_split)
+        if self._eval_loader is None:
+            self.warn_once(
+                "no-eval-set",
+                f"no `{self.eval_split}_dataloader` (no data module with one), so `imp/accuracy` is NaN; "
+                "fit with a data module to measure the tickets.",
+            )
+            return math.nan, math.nan
+        transform = getattr(trainer.datamodule, "preprocess", None)
+        result = evaluate(pl_module, self._eval_loader, transform=transform if callable(transform) else None)
+        return 1.0 - result.error, result.loss
 
     def _save_ticket(self, trainer: Trainer, pl_module: LightningModule) -> None:
         directory = Path(self.ticket_dir) if self.ticket_dir is not None else Path(trainer.log_dir) / "imp"
@@ -656,27 +566,8 @@ class IMPPruner(TheoryCallback):
             "optimizer_state": self.optimizer_state,
         }
 
-    def _check_settings(self, saved: dict | None) -> None:
-        if saved is None:  # a checkpoint written before the settings were saved
-            return
-        ours = self._settings()
-        shared = [name for name in ours if name in saved and name != "levels"]  # levels may grow
-        changed = changed_settings({n: saved[n] for n in shared}, {n: ours[n] for n in shared})
-        differ = [f"{name}={saved[name]!r} in the checkpoint, {ours[name]!r} here" for name in changed]
-        if "levels" in saved and ours["levels"] < saved["levels"]:
-            differ.append(
-                f"levels={saved['levels']!r} in the checkpoint, {ours['levels']!r} here (may only grow)"
-            )
-        if differ:
-            raise ValueError(
-                "IMPPruner cannot resume this checkpoint: its IMP ran with other settings ("
-                + "; ".join(differ)
-                + "). Resume with the IMPPruner arguments of the checkpointed fit (a larger `levels` is "
-                "allowed), or start a new IMP without `ckpt_path`."
-            )
-
     def load_state_dict(self, state_dict: dict) -> None:
-        self._check_settings(state_dict.get("settings"))
+        check_resume_settings("IMPPruner", state_dict.get("settings"), self._settings(), may_grow=("levels",))
         self._state_loaded = True
         self.level = state_dict["level"]
         self.masks = state_dict["masks"]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from numbers import Integral, Real
 from pathlib import Path
 
 import torch
@@ -40,26 +39,25 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
 from lt_theory.callbacks.base import TheoryCallback
-from lt_theory.callbacks.evaluation_sets import evaluation_sets
-from lt_theory.checks import check_fraction, check_positive_int
-from lt_theory.data.datamodule import derived_seed
+from lt_theory.callbacks.evaluation_sets import computed_once, evaluation_sets
+from lt_theory.checks import check_fraction, check_int, check_positive_int
 from lt_theory.figures import error_along_path_figure, stability_figure
 from lt_theory.measures.interpolation import (
     BN_MODES,
     DEFAULT_NUM_ALPHAS,
-    error_barrier,
     linear_paths,
+    paths_record,
     stable_point,
 )
 from lt_theory.training.child import (
     SNAPSHOT_RNG_KEY,
-    TRAINING_CALLBACKS,
     check_child_strategy,
     train_from_snapshot,
+    warn_about_training_callbacks,
 )
 from lt_theory.training.rng import rng_states
+from lt_theory.training.siblings import SiblingStore, check_spawn_steps, resolve_spawn_steps, sibling_seed
 from lt_theory.training.state import state_fingerprint
-from lt_theory.training.stored import changed_settings, read_json, write_json
 
 __all__ = ["LinearModeConnectivity"]
 
@@ -67,33 +65,6 @@ MODES = ("spawn", "init")
 _WHO = "LinearModeConnectivity(mode='spawn') trains siblings"
 _HINT = "Use mode='init', or strategy='ddp' / one device."
 _SPLITS = ("train", "test")
-
-
-def _check_spawn_steps(spawn_steps) -> list:
-    """The spawn steps as given (ints, or fractions in [0, 1)), checked; ``ValueError`` names the argument."""
-    if isinstance(spawn_steps, (Integral, Real)) and not isinstance(spawn_steps, bool):
-        spawn_steps = [spawn_steps]
-    if isinstance(spawn_steps, (str, bytes)) or not isinstance(spawn_steps, Sequence) or not spawn_steps:
-        raise ValueError(
-            "`spawn_steps` must be a non-empty list of steps (ints >= 0) or fractions of training "
-            f"(floats in [0, 1)), got {spawn_steps!r}"
-        )
-    for value in spawn_steps:
-        is_step = isinstance(value, Integral) and not isinstance(value, bool) and value >= 0
-        is_fraction = (
-            isinstance(value, Real)
-            and not isinstance(value, (bool, Integral))
-            and math.isfinite(value)
-            and 0 <= value < 1
-        )
-        if not (is_step or is_fraction):
-            raise ValueError(
-                f"`spawn_steps` must hold steps (ints >= 0) or fractions of training (floats in [0, 1)), "
-                f"got {value!r} in {list(spawn_steps)!r}"
-            )
-    if len(set(spawn_steps)) != len(spawn_steps):
-        raise ValueError(f"`spawn_steps` must not repeat a step, got {list(spawn_steps)!r}")
-    return list(spawn_steps)
 
 
 class LinearModeConnectivity(TheoryCallback):
@@ -194,7 +165,7 @@ class LinearModeConnectivity(TheoryCallback):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
-        self.spawn_steps = _check_spawn_steps(spawn_steps)
+        self.spawn_steps = check_spawn_steps(spawn_steps)
         check_positive_int("every_n_epochs", every_n_epochs)
         check_positive_int("num_alphas", num_alphas)
         if num_alphas < 2:
@@ -207,31 +178,19 @@ class LinearModeConnectivity(TheoryCallback):
         check_positive_int("test_subset_size", test_subset_size, allow_none=True)
         check_positive_int("eval_batch_size", eval_batch_size)
         check_fraction("threshold", threshold, low_open=True)
-        for name, value, allow_none in (("sibling_seed", sibling_seed, True), ("seed", seed, False)):
-            if value is None and allow_none:
-                continue
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
-                accepted = "a non-negative int" + (" or None" if allow_none else "")
-                raise ValueError(f"`{name}` must be {accepted}, got {value!r}")
+        check_int("sibling_seed", sibling_seed, minimum=0, allow_none=True)
+        check_int("seed", seed, minimum=0)
         self.mode, self.every_n_epochs, self.num_alphas, self.bn = mode, every_n_epochs, num_alphas, bn
-        self.bn_batches, self.train_subset_size, self.test_subset_size = (
-            bn_batches,
-            train_subset_size,
-            test_subset_size,
-        )
-        self.eval_batch_size, self.threshold, self.sibling_seed, self.seed = (
-            eval_batch_size,
-            threshold,
-            sibling_seed,
-            seed,
-        )
+        self.bn_batches, self.train_subset_size, self.test_subset_size = bn_batches, train_subset_size, test_subset_size
+        self.eval_batch_size, self.threshold = eval_batch_size, threshold
+        self.sibling_seed, self.seed = sibling_seed, seed
         self.directory = None if directory is None else str(directory)
         self.resolved_steps: list[int] | None = None
         self.snapshots: dict[int, str] = {}
         self.results: dict[int, dict] = {}
         self.history: list[dict] = []
         self.init_weights: str | None = None
-        self._dir: Path | None = None
+        self._store: SiblingStore | None = None
         self._init_state: dict[str, Tensor] | None = None
         self._sets: dict | None = None
         self._writing_snapshot = False
@@ -249,11 +208,11 @@ class LinearModeConnectivity(TheoryCallback):
             return
         if self.mode == "spawn":
             check_child_strategy(trainer, _WHO, _HINT)  # refuse what a child Trainer cannot reproduce, now
-            self._warn_about_training_callbacks(trainer)
+            warn_about_training_callbacks(trainer, self, "siblings", self.warn_once)
         self._reset_run_state()  # a reused instance starts afresh; a resumed fit's state is loaded after setup
         # rank zero's choice of folder (a filesystem every rank sees, as for checkpoints)
         root = self.directory or os.path.join(trainer.log_dir or trainer.default_root_dir, "lmc")
-        self._dir = Path(trainer.strategy.broadcast(str(root), src=0))
+        self._store = SiblingStore(trainer.strategy.broadcast(str(root), src=0))
         if trainer.datamodule is None:
             raise ValueError(
                 "LinearModeConnectivity needs a data module (`trainer.fit(module, datamodule=...)`): it "
@@ -265,45 +224,6 @@ class LinearModeConnectivity(TheoryCallback):
         self.resolved_steps = None
         self.snapshots, self.results, self.history = {}, {}, []
         self.init_weights, self._init_state = None, None
-
-    def _warn_about_training_callbacks(self, trainer: Trainer) -> None:
-        """Siblings train without the parent's other callbacks: say so for those that change training."""
-        changing = [
-            type(c).__name__
-            for c in trainer.callbacks
-            if c is not self and type(c).__name__ in TRAINING_CALLBACKS
-        ]
-        if changing:
-            self.warn_once(
-                "training-callbacks",
-                f"the siblings train without the parent's other callbacks, and {changing} change training: "
-                "the parent's and the siblings' final weights then come from different procedures, so the "
-                "barriers do not measure SGD noise alone. Run the instability analysis without them.",
-            )
-
-    def _resolve_steps(self, trainer: Trainer) -> list[int]:
-        total = trainer.estimated_stepping_batches
-        steps = []
-        for value in self.spawn_steps:
-            if isinstance(value, Integral):
-                steps.append(int(value))
-            elif math.isinf(total):
-                raise ValueError(
-                    f"`spawn_steps` holds the fraction {value!r}, but training has no end (max_steps=-1 and "
-                    "max_epochs=-1): give steps, or an end of training"
-                )
-            else:
-                steps.append(int(value * total))
-        if len(set(steps)) != len(steps):
-            raise ValueError(
-                f"`spawn_steps` {self.spawn_steps!r} give repeated steps {steps} for {total} steps"
-            )
-        late = [k for k in steps if k >= total]
-        if late:
-            raise ValueError(
-                f"`spawn_steps` must be before the end of training ({total} optimizer steps): {late} is not"
-            )
-        return sorted(steps)
 
     # -- hooks --------------------------------------------------------------------------------------
 
@@ -320,7 +240,7 @@ class LinearModeConnectivity(TheoryCallback):
         }[self.mode]
         self.add_charts(trainer, charts)
         if self.mode == "spawn":
-            self.resolved_steps = self._resolve_steps(trainer)
+            self.resolved_steps = resolve_spawn_steps(self.spawn_steps, trainer.estimated_stepping_batches)
         else:
             self._start_init_path(trainer, pl_module)
 
@@ -354,7 +274,7 @@ class LinearModeConnectivity(TheoryCallback):
         k = trainer.global_step
         if k not in (self.resolved_steps or []) or k in self.snapshots:
             return
-        path = self._dir / f"snapshot_step={k}.ckpt"
+        path = self._store.snapshot(k)
         self._writing_snapshot = True
         try:
             trainer.save_checkpoint(path)  # every rank enters; rank zero writes
@@ -404,13 +324,7 @@ class LinearModeConnectivity(TheoryCallback):
             transform=sets["transform"],
             device=device,
         )
-        record: dict = {"alphas": next(iter(paths.values())).alphas.tolist()}
-        for split, path in paths.items():
-            record[f"{split}_error"] = path.error.tolist()
-            record[f"{split}_loss"] = path.loss.tolist()
-            record[f"{split}_error_barrier"] = error_barrier(path.error)
-            record[f"{split}_loss_barrier"] = error_barrier(path.loss)
-        return record
+        return paths_record(paths)
 
     # -- spawn: siblings ------------------------------------------------------------------------------
 
@@ -423,7 +337,7 @@ class LinearModeConnectivity(TheoryCallback):
                 self.warn_once(f"skip:{k}", f"no sibling for spawn step {k}: {why}.")
                 self.results.pop(k, None)  # a result against another end of training
                 continue
-            seed = self._sibling_seed(trainer, k)
+            seed = sibling_seed(trainer.datamodule, k, self.sibling_seed)
             result = self._known_result(trainer, k, final_step, fingerprint, seed)
             if result is None:
                 result = self._new_result(trainer, pl_module, k, final_step, fingerprint, seed)
@@ -465,34 +379,14 @@ class LinearModeConnectivity(TheoryCallback):
         names = ("num_alphas", "coarse_every", "bn", "bn_batches", "train_subset_size", "test_subset_size", "seed")
         return {name: getattr(self, name) for name in names}
 
-    def _sibling_seed(self, trainer: Trainer, k: int) -> int:
-        if self.sibling_seed is not None:
-            return int(self.sibling_seed)
-        datamodule = trainer.datamodule
-        parent = getattr(datamodule, "order_seed", None)
-        parent = getattr(datamodule, "seed", 0) if parent is None else parent
-        return derived_seed("lmc-sibling", int(parent or 0), k) % 2**31
-
-    def _sibling_file(self, k: int, final_step: int, seed: int, fingerprint: str, suffix: str) -> Path:
-        return self._dir / f"sibling_step={k}_to={final_step}_seed={seed}_parent={fingerprint[:12]}{suffix}"
-
     def _known_result(self, trainer: Trainer, k: int, final_step: int, fingerprint: str, seed: int):
         """A finished sibling's result for this parent (from the state, else the disk) or None; all ranks."""
+        settings = self._evaluation_settings()
         result = self.results.get(k)
-        matches = lambda r: (  # noqa: E731
-            r is not None
-            and r.get("final_step") == final_step
-            and r.get("parent") == fingerprint
-            and r.get("sibling_seed") == seed
-            and not changed_settings(r.get("settings", {}), self._evaluation_settings())
-            and not r.get("failed")
-        )
-        if not matches(result):
+        if not SiblingStore.reusable(result, final_step, fingerprint, seed, settings):
             result = None
-            path = self._sibling_file(k, final_step, seed, fingerprint, ".json")
-            if trainer.is_global_zero and path.exists():
-                stored = read_json(path)
-                result = stored if matches(stored) else None
+            if trainer.is_global_zero:
+                result = self._store.stored_result(k, final_step, fingerprint, seed, settings)
         if trainer.world_size > 1:
             result = trainer.strategy.broadcast(result, src=0)
         return result
@@ -511,8 +405,8 @@ class LinearModeConnectivity(TheoryCallback):
             start_step=k,
             max_steps=final_step,
             order_seed=seed,
-            progress_dir=self._dir / f"sibling_step={k}_to={final_step}_seed={seed}_progress",
-            root_dir=self._dir / f"sibling_step={k}",
+            progress_dir=self._store.progress(k, final_step, seed),
+            root_dir=self._store.root(k),
             warn=self.warn_once,
         )
 
@@ -527,7 +421,7 @@ class LinearModeConnectivity(TheoryCallback):
         sibling_state: dict[str, Tensor],
     ) -> dict:
         """Evaluate parent vs sibling (once), store the weights and the result on rank zero, share it."""
-        weights = self._sibling_file(k, final_step, seed, fingerprint, ".pt")
+        weights = self._store.file(k, final_step, seed, fingerprint, ".pt")
         diverged = not all(
             bool(torch.isfinite(v).all()) for v in sibling_state.values() if v.is_floating_point()
         )
@@ -537,7 +431,7 @@ class LinearModeConnectivity(TheoryCallback):
                 f"the sibling spawned at step {k} diverged (NaN/Inf in its weights): its barriers are NaN; "
                 "the other spawn steps go on.",
             )
-        result = self._evaluated_once(
+        result = computed_once(
             trainer,
             pl_module,
             lambda: self._paths(trainer, pl_module, sibling_state, trainer.strategy.root_device),
@@ -553,19 +447,8 @@ class LinearModeConnectivity(TheoryCallback):
             diverged=diverged,
         )
         if trainer.is_global_zero:
-            torch.save(sibling_state, weights)
-            json_file = self._sibling_file(k, final_step, seed, fingerprint, ".json")
-            write_json(json_file, result)
+            self._store.save(k, result, sibling_state)
         return result
-
-    @staticmethod
-    def _evaluated_once(trainer: Trainer, module: torch.nn.Module, compute) -> dict:
-        """``compute()`` on rank zero, its result shared with every rank. A model with SyncBatchNorm is
-        evaluated on every rank (same data, same result): its BatchNorm reset passes are collective."""
-        world = trainer.world_size
-        every_rank = world > 1 and any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules())
-        result = compute() if trainer.is_global_zero or every_rank else None
-        return trainer.strategy.broadcast(result, src=0) if world > 1 else result
 
     # -- spawn: logging -------------------------------------------------------------------------------
 
@@ -637,7 +520,7 @@ class LinearModeConnectivity(TheoryCallback):
         self._init_state = {
             key: value.detach().cpu().clone() for key, value in pl_module.state_dict().items()
         }
-        path = self._dir / "init_weights.pt"
+        path = self._store.directory / "init_weights.pt"
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(self._init_state, path)
@@ -646,7 +529,7 @@ class LinearModeConnectivity(TheoryCallback):
     def _measure_init_path(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._init_state is None:
             return
-        record = self._evaluated_once(
+        record = computed_once(
             trainer, pl_module, lambda: self._paths(trainer, self._init_state, pl_module, pl_module.device)
         )
         record.update(epoch=trainer.current_epoch + 1, step=trainer.global_step)
@@ -661,7 +544,7 @@ class LinearModeConnectivity(TheoryCallback):
     def state_dict(self) -> dict:
         return {
             "mode": self.mode,
-            "directory": None if self._dir is None else str(self._dir),
+            "directory": None if self._store is None else str(self._store.directory),
             "resolved_steps": None if self.resolved_steps is None else list(self.resolved_steps),
             "snapshots": dict(self.snapshots),
             "results": {k: dict(v) for k, v in self.results.items()},
@@ -670,7 +553,7 @@ class LinearModeConnectivity(TheoryCallback):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._dir = None if state_dict["directory"] is None else Path(state_dict["directory"])
+        self._store = None if state_dict["directory"] is None else SiblingStore(state_dict["directory"])
         self.resolved_steps = state_dict["resolved_steps"]
         self.snapshots = {int(k): v for k, v in state_dict["snapshots"].items()}
         self.results = {int(k): dict(v) for k, v in state_dict["results"].items()}

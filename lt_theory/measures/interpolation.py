@@ -93,6 +93,7 @@ __all__ = [
     "linear_path",
     "linear_paths",
     "loss_and_error",
+    "paths_record",
     "reset_batchnorm_statistics",
     "stable_point",
 ]
@@ -750,6 +751,29 @@ def error_barrier(values: Sequence[float] | Tensor) -> float:
     if not bool(torch.isfinite(tensor).all()):
         return math.nan
     return float(tensor.max()) - (float(tensor[0]) + float(tensor[-1])) / 2
+
+
+def paths_record(paths: Mapping[str, LinearPath]) -> dict:
+    """Paths of :func:`linear_paths` and their barriers as plain Python numbers (JSON-able), one key per split.
+
+    Returns:
+        ``{"alphas": [...], "<split>_error": [...], "<split>_loss": [...], "<split>_error_barrier": b,
+        "<split>_loss_barrier": b, ...}`` (the alphas of the first path; every path of one call shares them).
+
+    Example:
+        >>> path = LinearPath(torch.tensor([0.0, 0.5, 1.0]), torch.tensor([0.5, 1.5, 0.25]),
+        ...                   torch.tensor([0.0, 0.5, 0.25]), "reset", 4)
+        >>> record = paths_record({"test": path})
+        >>> record["test_error_barrier"], record["test_loss_barrier"]
+        (0.375, 1.125)
+    """
+    record: dict = {"alphas": next(iter(paths.values())).alphas.tolist()}
+    for split, path in paths.items():
+        record[f"{split}_error"] = path.error.tolist()
+        record[f"{split}_loss"] = path.loss.tolist()
+        record[f"{split}_error_barrier"] = error_barrier(path.error)
+        record[f"{split}_loss_barrier"] = error_barrier(path.loss)
+    return record
 
 
 def stable_point(

@@ -34,7 +34,13 @@ from torch.utils.data import DataLoader
 from lt_theory.compat import ddp_options, uses_distributed_sampler
 from lt_theory.training.rng import rng_states, set_rng_states
 
-__all__ = ["SNAPSHOT_RNG_KEY", "TRAINING_CALLBACKS", "check_child_strategy", "train_from_snapshot"]
+__all__ = [
+    "SNAPSHOT_RNG_KEY",
+    "TRAINING_CALLBACKS",
+    "check_child_strategy",
+    "train_from_snapshot",
+    "warn_about_training_callbacks",
+]
 
 SNAPSHOT_RNG_KEY = "lt_theory_lmc_rng_states"
 """Where a snapshot (and a child's progress checkpoint) keeps the global RNG states."""
@@ -88,6 +94,22 @@ def check_child_strategy(
         f"{who} in a child Trainer and supports a single device or strategy='ddp', but the trainer uses "
         f"{name}{method}. {hint}"
     )
+
+
+def warn_about_training_callbacks(
+    trainer: Trainer, forking: Callback, children: str, warn: Callable[[str, str], None]
+) -> None:
+    """Children train without the parent's other callbacks: say so for those that change training."""
+    changing = [
+        type(c).__name__ for c in trainer.callbacks if c is not forking and type(c).__name__ in TRAINING_CALLBACKS
+    ]
+    if changing:
+        warn(
+            "training-callbacks",
+            f"the {children} train without the parent's other callbacks, and {changing} change training: "
+            f"the parent's and the {children}' final weights then come from different procedures, so the "
+            "barriers do not measure SGD noise alone. Run the instability analysis without them.",
+        )
 
 
 def _detached_copy(obj, trainer: Trainer | None, shared: Sequence[object] = ()):

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["changed_settings", "comparable", "read_json", "write_json"]
+__all__ = ["changed_settings", "check_resume_settings", "comparable", "read_json", "write_json"]
 
 
 def comparable(settings: Mapping[str, Any]) -> dict:
@@ -31,6 +31,39 @@ def changed_settings(stored: Mapping[str, Any], current: Mapping[str, Any]) -> l
     """
     stored, current = comparable(stored), comparable(current)
     return sorted(key for key in set(stored) | set(current) if stored.get(key, ...) != current.get(key, ...))
+
+
+def check_resume_settings(
+    who: str, saved: Mapping[str, Any] | None, current: Mapping[str, Any], may_grow: tuple[str, ...] = ()
+) -> None:
+    """Refuse to resume a checkpoint made with other settings (those in ``may_grow`` may only increase).
+
+    Settings a side does not have are not compared (a checkpoint written before a setting existed).
+
+    Raises:
+        ValueError: naming every setting that differs, its value in the checkpoint and here.
+
+    Example:
+        >>> check_resume_settings("IMPPruner", {"levels": 2, "fraction": 0.2}, {"levels": 3, "fraction": 0.2},
+        ...                       may_grow=("levels",))
+    """
+    if saved is None:
+        return
+    shared = [name for name in current if name in saved and name not in may_grow]
+    changed = changed_settings({n: saved[n] for n in shared}, {n: current[n] for n in shared})
+    differ = [f"{name}={saved[name]!r} in the checkpoint, {current[name]!r} here" for name in changed]
+    differ += [
+        f"{name}={saved[name]!r} in the checkpoint, {current[name]!r} here (may only grow)"
+        for name in may_grow
+        if name in saved and name in current and current[name] < saved[name]
+    ]
+    if differ:
+        raise ValueError(
+            f"{who} cannot resume this checkpoint: it ran with other settings (" + "; ".join(differ) + "). "
+            f"Resume with the {who} arguments of the checkpointed fit"
+            + (f" (a larger `{'`, `'.join(may_grow)}` is allowed)" if may_grow else "")
+            + ", or start a new fit without `ckpt_path`."
+        )
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -25,7 +25,19 @@ from torch import Tensor, nn
 from lt_theory.measures.pruning import apply_masks, masks_from_state
 from lt_theory.training.state import save_atomically
 
-__all__ = ["load_ticket", "read_ticket", "reference_masks", "save_ticket", "ticket_path"]
+__all__ = [
+    "IMP_CONTROLS",
+    "check_control",
+    "check_reference_directory",
+    "load_ticket",
+    "read_ticket",
+    "reference_masks",
+    "save_ticket",
+    "ticket_path",
+]
+
+IMP_CONTROLS = ("random_reinit", "random_prune")
+"""The lottery-ticket controls of Frankle & Carbin (2019) that ``IMPPruner(control=...)`` runs."""
 
 _REQUIRED = ("masks", "start_state")
 
@@ -118,6 +130,44 @@ def load_ticket(path: str | os.PathLike, model: nn.Module) -> dict[str, Tensor]:
     masks = masks_from_state(ticket["masks"], model)
     apply_masks(model, masks)
     return masks
+
+
+def check_control(control: str | None, reference_tickets, init_fn) -> None:
+    """Check a control run's arguments: a control follows an IMP run's tickets, which only a control reads.
+
+    Raises:
+        ValueError: for an unknown ``control``, a control without ``reference_tickets`` (or the other way
+            round), or an ``init_fn`` that is not callable or is given to anything but ``random_reinit``.
+    """
+    if control not in (None, *IMP_CONTROLS):
+        raise ValueError(f"`control` must be one of {(None, *IMP_CONTROLS)}, got {control!r}")
+    if control is not None and reference_tickets is None:
+        raise ValueError(
+            f"control={control!r} needs `reference_tickets`: the ticket directory of the IMP run it controls "
+            "(a finished or running IMPPruner fit with control=None and the same model, data and settings; "
+            "its `ticket_dir`, by default `<trainer.log_dir>/imp`, e.g. "
+            "runs/imp/version_0/imp holding ticket_level01.pt, ...). Level l of the control then uses the "
+            "masks of that run's ticket_level<l>.pt (random_reinit) or their per-layer counts (random_prune)."
+        )
+    if control is None and reference_tickets is not None:
+        raise ValueError(
+            "`reference_tickets` is only used by a control run (control='random_reinit' or 'random_prune'); "
+            f"got reference_tickets={str(reference_tickets)!r} with control=None"
+        )
+    if init_fn is not None and not callable(init_fn):
+        raise ValueError(f"`init_fn` must be a callable taking the LightningModule, or None, got {init_fn!r}")
+    if init_fn is not None and control != "random_reinit":
+        raise ValueError(f"`init_fn` is only used by control='random_reinit', got control={control!r}")
+
+
+def check_reference_directory(control: str, reference_tickets: str) -> None:
+    """Raise ``ValueError`` unless ``reference_tickets`` is a directory (checked when a control run starts)."""
+    if not Path(reference_tickets).is_dir():
+        raise ValueError(
+            f"IMPPruner(control={control!r}): `reference_tickets`={reference_tickets!r} is not a "
+            "directory; give the ticket directory of the IMP run this control follows (its `ticket_dir`, "
+            "by default `<trainer.log_dir>/imp` of that run)"
+        )
 
 
 def reference_masks(
