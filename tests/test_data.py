@@ -10,8 +10,11 @@ import http.server
 import io
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -149,6 +152,8 @@ def mirror(tmp_path_factory):
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's naming)
             requests.append(self.path)
+            if self.path.endswith("?slow"):  # a download long enough for concurrent clients to overlap
+                time.sleep(4)
             super().do_GET()
 
         def log_message(self, *args):
@@ -803,3 +808,47 @@ def test_reseed_order_changes_only_the_order_and_the_augmentation():
     assert torch.equal(_next_batch(continued)[1], _next_batch(default)[1])
     with pytest.raises(ValueError, match="order_seed"):
         default.reseed_order(-1)
+
+
+def test_global_batch_size_is_shared_by_the_devices_of_a_ddp_run():
+    """He et al.'s batch of 128 stays 128 on 8 GPUs: 16 per device; on one device, 128."""
+    from types import SimpleNamespace
+
+    datamodule = SyntheticCIFARDataModule(num_train=256, num_test=8, batch_size=7, global_batch_size=128)
+    assert next(iter(datamodule.train_dataloader()))[0].shape[0] == 128  # no trainer: one device
+    for world, per_device in ((1, 128), (4, 32), (8, 16)):
+        datamodule.trainer = SimpleNamespace(world_size=world)
+        assert datamodule.train_batch_size == per_device
+        assert next(iter(datamodule.train_dataloader()))[0].shape[0] == per_device
+    datamodule.trainer = SimpleNamespace(world_size=3)
+    with pytest.raises(ValueError, match="`global_batch_size`=128 must be a multiple of the 3 devices"):
+        datamodule.train_dataloader()
+    plain = SyntheticCIFARDataModule(num_train=256, num_test=8, batch_size=7)
+    plain.trainer = SimpleNamespace(world_size=8)
+    assert plain.train_batch_size == 7  # Lightning's convention: batch_size per device
+    with pytest.raises(ValueError, match="global_batch_size"):
+        SyntheticCIFARDataModule(global_batch_size=0)
+
+
+def test_concurrent_downloads_fetch_the_archive_once(mirror, tmp_path):
+    """Four processes downloading into one folder at once (a job array sharing `download: true`): one request,
+    every process gets the data."""
+    release = mirror.releases["cifar10"]
+    before = len(mirror.requests)
+    script = (
+        "import sys; from lt_theory.data.cifar_files import download_cifar; "
+        "print(download_cifar(sys.argv[1], 'cifar10', url=sys.argv[2], md5=sys.argv[3]))"
+    )
+    args = [str(tmp_path / "shared"), mirror.url(release["file"]) + "?slow", release["md5"]]
+    workers = [
+        subprocess.Popen(  # from the repository root: the lt_theory under test, not another installed one
+            [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]
+        )
+        for _ in range(4)
+    ]
+    outputs = [worker.communicate(timeout=120)[0].strip() for worker in workers]
+    assert [worker.returncode for worker in workers] == [0] * 4
+    assert len(set(outputs)) == 1 and outputs[0].endswith("cifar-10-batches-py")
+    assert len(mirror.requests) - before == 1
+    images, _ = read_cifar_split(tmp_path / "shared", "cifar10", "test")
+    assert torch.equal(images, release["test_images"])

@@ -143,7 +143,7 @@ def test_resnet20_imp_config_has_open_lth_settings():
     import yaml
 
     config = yaml.safe_load((CONFIGS / "resnet20_cifar10_imp.yaml").read_text())
-    steps_per_epoch = math.ceil(50_000 / config["data"]["init_args"]["batch_size"])  # 391
+    steps_per_epoch = math.ceil(50_000 / config["data"]["init_args"]["global_batch_size"])  # 391
     assert config["model"]["schedule_interval"] == "step"
     assert config["model"]["milestones"] == [80 * steps_per_epoch, 120 * steps_per_epoch] == [31280, 46920]
     assert config["model"]["net"]["init_args"]["shortcut"] == "B"

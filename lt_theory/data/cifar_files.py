@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,10 @@ def download_cifar(
 ) -> Path:
     """Download, check and extract the official archive of ``name`` into ``root``, unless already there.
 
-    The archive is streamed into a temporary file inside ``root``, its md5 compared with the expected one,
+    Concurrent calls on one ``root`` (the tasks of a job array on a shared file system) take turns under a
+    lock file ``root/.<folder>.lock`` (removed once the data is there): the first downloads, the others wait
+    and find the data present. The
+    archive is streamed into a temporary file inside ``root``, its md5 compared with the expected one,
     and it is extracted into a temporary directory inside ``root`` (refusing members with absolute paths,
     ``..`` components, links or devices); the data folder is then moved into place with ``os.replace``.
     On any failure the temporary file and directory are removed, as is ``root`` if this call created it.
@@ -222,9 +226,14 @@ def download_cifar(
     url = url or archive.url
     md5 = md5 or archive.md5
     created_root = _make_directory(Path(root))
+    lock = Path(root) / f".{archive.folder}.lock"
     try:
-        _download_and_extract(archive, Path(root), url, md5)
+        with FileLock(lock):  # concurrent jobs (a SLURM array) download once; the others wait, then reuse it
+            if not cifar_is_present(root, name):
+                _download_and_extract(archive, Path(root), url, md5)
+        lock.unlink(missing_ok=True)  # a process still waiting on it re-checks and finds the data
     except BaseException:
+        lock.unlink(missing_ok=True)
         _remove_created_directories(created_root, Path(root))
         raise
     return folder

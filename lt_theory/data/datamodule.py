@@ -149,6 +149,10 @@ class CIFARDataModule(LightningDataModule):
             examples left over are in no part), taken after the validation split and the label noise, so that
             the ``m`` data modules that differ only in ``i`` share one noisy training set; None (default)
             trains on all of it. ``m >= 2`` and ``0 <= i < m``.
+        global_batch_size: the batch of one optimizer step over all devices (the batch size a paper states);
+            each of the ``W`` devices of a DDP run then loads ``global_batch_size / W`` examples (it must
+            divide), so a recipe keeps its batch, and so its learning rate, on any number of GPUs. None
+            (default): ``batch_size`` per device, Lightning's convention.
 
     Raises:
         ValueError: naming the argument and what it accepts, for any invalid value.
@@ -174,10 +178,12 @@ class CIFARDataModule(LightningDataModule):
         augment: bool = True,
         seed: int = 0,
         train_split: tuple[int, int] | None = None,
+        global_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         check_int("num_classes", num_classes, minimum=2)
         check_int("batch_size", batch_size, minimum=1)
+        self.global_batch_size = check_int("global_batch_size", global_batch_size, minimum=1, allow_none=True)
         if eval_batch_size is not None:
             check_int("eval_batch_size", eval_batch_size, minimum=1)
         check_int("num_workers", num_workers, minimum=0)
@@ -265,6 +271,23 @@ class CIFARDataModule(LightningDataModule):
             train_images, noisy_labels, train_labels, noisy_indices, source_indices=train_indices
         )
 
+    @property
+    def train_batch_size(self) -> int:
+        """Examples per training batch on this device: ``global_batch_size / world size``, else ``batch_size``.
+
+        Raises:
+            ValueError: when ``global_batch_size`` is not a multiple of the number of devices.
+        """
+        if self.global_batch_size is None:
+            return self.batch_size
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.global_batch_size % world:
+            raise ValueError(
+                f"`global_batch_size`={self.global_batch_size} must be a multiple of the {world} devices of "
+                "this run (each loads an equal share); change it or the number of devices"
+            )
+        return self.global_batch_size // world
+
     def _split_indices(self, num_examples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted ``(train_indices, val_indices)`` of a seeded permutation of the official training set."""
         if self.val_size >= num_examples:
@@ -291,7 +314,7 @@ class CIFARDataModule(LightningDataModule):
             self._replay = (None, 0)
         return DataLoader(
             self.train_dataset,
-            batch_size=self.batch_size,
+            batch_size=self.train_batch_size,
             sampler=self._train_sampler,  # a RandomSampler: Lightning's DistributedSampler shuffles under DDP
             # the workers' base seed, drawn at each iterator: not from the order's generator, which an extra
             # or a missing iterator (persistent workers, a resume at an epoch end) would then shift
@@ -497,7 +520,7 @@ class CIFARDataModule(LightningDataModule):
         if progress is not None and self._train_sampler is not None:
             batches_done, pending = progress
             epoch_state = self._train_sampler.epoch_state
-            examples_done = batches_done * self.batch_size if epoch_state is not None else 0
+            examples_done = batches_done * self.train_batch_size if epoch_state is not None else 0
         return {
             "seed": self.seed,
             "order_seed": self._stream_seed(),
@@ -583,7 +606,8 @@ class CIFAR10DataModule(CIFARDataModule):
         verify_files: check every file's md5 against the official release before unpickling it (a damaged or
             substituted file raises ``CIFARIntegrityError`` naming it); False only for files you re-packed
             yourself and trust.
-        batch_size, eval_batch_size, num_workers, val_size, label_noise, augment, seed, train_split: see
+        batch_size, eval_batch_size, num_workers, val_size, label_noise, augment, seed, train_split,
+            global_batch_size: see
             ``CIFARDataModule``.
 
     Raises:
@@ -618,6 +642,7 @@ class CIFAR10DataModule(CIFARDataModule):
         augment: bool = True,
         seed: int = 0,
         train_split: tuple[int, int] | None = None,
+        global_batch_size: int | None = None,
     ) -> None:
         super().__init__(
             self.classes,
@@ -629,6 +654,7 @@ class CIFAR10DataModule(CIFARDataModule):
             augment,
             seed,
             train_split,
+            global_batch_size,
         )
         for flag, value in (("download", download), ("verify_files", verify_files)):
             if not isinstance(value, bool):
@@ -688,7 +714,8 @@ class SyntheticCIFARDataModule(CIFARDataModule):
         num_classes: number of classes (>= 2).
         data_seed: seed of the images themselves; kept apart from ``seed`` so that runs with different
             ``seed`` share one data set.
-        batch_size, eval_batch_size, num_workers, val_size, label_noise, augment, seed, train_split: see
+        batch_size, eval_batch_size, num_workers, val_size, label_noise, augment, seed, train_split,
+            global_batch_size: see
             ``CIFARDataModule``.
 
     Raises:
@@ -715,6 +742,7 @@ class SyntheticCIFARDataModule(CIFARDataModule):
         augment: bool = True,
         seed: int = 0,
         train_split: tuple[int, int] | None = None,
+        global_batch_size: int | None = None,
     ) -> None:
         super().__init__(
             num_classes,
@@ -726,6 +754,7 @@ class SyntheticCIFARDataModule(CIFARDataModule):
             augment,
             seed,
             train_split,
+            global_batch_size,
         )
         check_int("num_train", num_train, minimum=1)
         check_int("num_test", num_test, minimum=1)
