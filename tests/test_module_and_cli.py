@@ -131,17 +131,29 @@ def test_cli_links_the_data_class_count_into_the_model(tmp_path):
     assert cli.trainer.global_step == 1
 
 
+LAYERED = {"resnet20_cifar10_spectral.yaml", "resnet20_cifar10_ntk.yaml", "resnet20_cifar10_lmc.yaml"}
+"""Configs that hold only what differs from resnet20_cifar10.yaml, given after it: --config base --config it."""
+
+
 @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_config_parses(config, capsys):
+    layered = ["--config", str(CONFIGS / "resnet20_cifar10.yaml")] if config.name in LAYERED else []
+    assert ("model" not in yaml.safe_load(config.read_text())) == bool(layered), "a layered config is listed"
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        main(["fit", *layered, "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
-    assert "class_path: lt_theory" in capsys.readouterr().out
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["net"]["class_path"].startswith("lt_theory.models.")
+    if layered:  # the base's training, this config's callbacks and run name
+        callbacks = [c["class_path"].rsplit(".", 1)[-1] for c in printed["trainer"]["callbacks"]]
+        assert callbacks[:2] == ["ModelCheckpoint", "LearningRateMonitor"]
+        assert printed["trainer"]["callbacks"][2]["class_path"].startswith("lt_theory.")
+        assert printed["model"]["lr"] == 0.1
+        assert printed["trainer"]["logger"]["init_args"]["name"] == config.stem
+        assert printed["trainer"]["logger"]["init_args"]["default_hp_metric"] is False
 
 
 def test_resnet20_imp_config_has_open_lth_settings():
-    import yaml
-
     config = yaml.safe_load((CONFIGS / "resnet20_cifar10_imp.yaml").read_text())
     steps_per_epoch = math.ceil(50_000 / config["data"]["init_args"]["global_batch_size"])  # 391
     assert config["model"]["schedule_interval"] == "step"
