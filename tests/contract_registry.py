@@ -7,6 +7,7 @@ is a monitor (training must stay bit-identical) or changes training on purpose.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from lightning.pytorch import Callback
 
 from lt_theory.callbacks.double_descent import DoubleDescentProbe
 from lt_theory.callbacks.imp import IMPPruner
+from lt_theory.callbacks.landscape import LossLandscapeMonitor
 from lt_theory.callbacks.lmc import LinearModeConnectivity
 from lt_theory.callbacks.ntk import NTKDrift
 from lt_theory.callbacks.spectral import SpectralNormMonitor
@@ -68,6 +70,21 @@ REGISTRY: list[ContractCase] = [
             (lambda: SpectralNormMonitor(power_iterations=0), "power_iterations"),
             (lambda: SpectralNormMonitor(layers="net.fc"), "layers"),
             (lambda: SpectralNormMonitor(probe_split="all"), "probe_split"),
+        ],
+    ),
+    ContractCase(
+        name="loss_landscape_monitor",
+        make_callback=lambda: LossLandscapeMonitor(every_n_steps=2, probe_size=8, sharpness_iters=5),
+        prefix="landscape",
+        bad_arguments=[
+            (lambda: LossLandscapeMonitor(every_n_steps=0), "every_n_steps"),
+            (lambda: LossLandscapeMonitor(loss_star=math.nan), "loss_star"),
+            (lambda: LossLandscapeMonitor(loss_fn="cross_entropy"), "loss_fn"),
+            (lambda: LossLandscapeMonitor(sharpness_iters=0), "sharpness_iters"),
+            (lambda: LossLandscapeMonitor(sharpness_tol=-1.0), "sharpness_tol"),
+            (lambda: LossLandscapeMonitor(layers="net.fc"), "layers"),
+            (lambda: LossLandscapeMonitor(condition_floor=1.0), "condition_floor"),
+            (lambda: LossLandscapeMonitor(probe_split="all"), "probe_split"),
         ],
     ),
     ContractCase(

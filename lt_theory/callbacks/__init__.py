@@ -3,6 +3,7 @@
 from lt_theory.callbacks.base import TheoryCallback
 from lt_theory.callbacks.double_descent import DoubleDescentProbe
 from lt_theory.callbacks.imp import IMPPruner
+from lt_theory.callbacks.landscape import LossLandscapeMonitor
 from lt_theory.callbacks.lmc import LinearModeConnectivity
 from lt_theory.callbacks.ntk import NTKDrift
 from lt_theory.callbacks.spectral import SpectralNormMonitor
@@ -11,6 +12,7 @@ __all__ = [
     "DoubleDescentProbe",
     "IMPPruner",
     "LinearModeConnectivity",
+    "LossLandscapeMonitor",
     "NTKDrift",
     "SpectralNormMonitor",
     "TheoryCallback",

@@ -8,7 +8,8 @@ ICLR 2019, "The Singular Values of Convolutional Layers") and the Gram iteration
 (Delattre, Barthelemy, Araujo & Allauzen, ICML 2023, "Efficient Bound of Lipschitz Constant for
 Convolutional Layers by Gram Iteration"), the operator norm of a padding, the Frobenius norm, and the input
 shapes a model gives its layers. :mod:`lt_theory.measures.spectral` and :mod:`lt_theory.measures.lipschitz`
-build their public functions on these.
+build their public functions on these. The Lanczos iteration itself (:func:`symmetric_lanczos`) takes any
+symmetric operator given as a function: :mod:`lt_theory.measures.landscape` runs it on the loss Hessian.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ __all__ = [
     "pad_operator_norm",
     "power_iteration",
     "random_unit",
+    "start_vector",
+    "symmetric_lanczos",
     "top_singular_pair",
 ]
 
@@ -469,45 +472,50 @@ def power_iteration(
         return sigma, v[0], it
 
 
-def lanczos(
-    op: LinearMap,
-    n_iter: int,
-    tol: float,
-    generator: torch.Generator | None,
+def start_vector(
+    init: Tensor | None,
+    n: int,
     dtype: torch.dtype,
-    smallest: bool = False,
-    init: Tensor | None = None,
-) -> tuple[float, float, Tensor, int]:
-    """Extreme Ritz values of ``A^T A`` by Lanczos with full reorthogonalisation.
-
-    Returns ``(sigma_max, sigma_min, vector, steps)``: ``sigma_max = ||A y||`` for the unit Ritz vector
-    ``y`` (shape ``input_shape``) of the largest Ritz value, a lower bound of ``||A||_2``;
-    ``sigma_min = sqrt(theta_min)``, an upper bound of ``min_{||x||=1} ||A x||`` (Cauchy interlacing puts
-    every Ritz value in ``[lambda_min, lambda_max]`` of ``A^T A``); both converge much faster than power
-    iterations (on ``A^T A`` and on ``c I - A^T A``) do. Stops after ``n_iter`` steps, at an invariant
-    subspace, or when the residual ``||A^T A y - theta y||`` of the largest (and, with ``smallest``, the
-    smallest) Ritz pair is at most ``tol * theta`` (checked every 10 steps; an eigenvalue of ``A^T A`` then
-    lies within ``tol * theta`` of ``theta``). Starts from ``init`` when it is given and usable, else from
-    a random vector. Keeps ``n_iter + 1`` vectors of the input's size.
-    """
-    weight = op.weight.to(dtype)
-    device, n = weight.device, op.in_numel
-    steps = min(n_iter, n)
-    basis = torch.empty(steps + 1, n, dtype=dtype, device=device)
+    device: torch.device,
+    generator: torch.Generator | None,
+    space: str,
+) -> Tensor:
+    """The flat start of an iteration on a space of ``n`` entries: ``init`` when it is usable (finite, nonzero),
+    else a Gaussian draw from ``generator`` (:func:`random_unit`); ``space`` names the space in the error of an
+    ``init`` of another size."""
     start = None if init is None else init.detach().to(device=device, dtype=dtype).reshape(-1)
     if start is not None and start.numel() != n:
-        raise ValueError(f"init has {start.numel()} entries, input_shape={op.input_shape} has {n}")
+        raise ValueError(f"init has {start.numel()} entries, {space} has {n}")
     if start is None or not bool(torch.isfinite(start).all()) or float(start.norm()) == 0.0:
         start = random_unit((n,), dtype, device, generator)
+    return start
+
+
+def symmetric_lanczos(
+    matvec: Callable[[Tensor], Tensor],
+    start: Tensor,
+    n_iter: int,
+    tol: float,
+    smallest: bool = False,
+    check_every: int = 10,
+) -> tuple[Tensor, Tensor, int]:
+    """Ritz values of a symmetric operator ``S`` by Lanczos with full reorthogonalisation.
+
+    ``matvec`` maps a flat vector of ``start``'s size and dtype to ``S x``; ``start`` is a nonzero flat vector
+    (normalised here). Returns ``(values, vector, steps)``: the Ritz values in ascending order (float64), the
+    unit Ritz vector of the largest one, and the steps taken. Cauchy interlacing puts every Ritz value in
+    ``[lambda_min, lambda_max]`` of ``S``: the largest is a lower bound of the largest (algebraic) eigenvalue,
+    the smallest an upper bound of the smallest. Stops after ``min(n_iter, size)`` steps, at an invariant
+    subspace (the Ritz values are then eigenvalues), or when the residual ``||S y - theta y||`` of the largest
+    (and, with ``smallest``, the smallest) Ritz pair is at most ``tol * |theta|`` (checked every ``check_every``
+    steps, an eigendecomposition of the small tridiagonal matrix: 10 suits cheap products, 1 expensive ones; an
+    eigenvalue of ``S`` then lies within ``tol * |theta|`` of ``theta``). A step that is not finite ends it
+    with NaN values and the (normalised) start as the vector. Keeps ``steps + 1`` vectors of ``start``'s size.
+    """
+    n = start.numel()
+    steps = min(n_iter, n)
+    basis = torch.empty(steps + 1, n, dtype=start.dtype, device=start.device)
     basis[0] = start / start.norm()
-
-    adjoint = adjoint_map(op, weight)
-
-    def forward(x: Tensor) -> Tensor:
-        return op.apply(x.reshape(1, *op.input_shape), weight)
-
-    def gram(x: Tensor) -> Tensor:  # A^T A x
-        return adjoint(forward(x)).reshape(-1)
 
     def tridiagonal() -> Tensor:
         t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
@@ -520,7 +528,7 @@ def lanczos(
     betas: list[float] = []
     with torch.no_grad():
         for j in range(steps):
-            w = gram(basis[j])
+            w = matvec(basis[j])
             alpha = float(w @ basis[j])
             alphas.append(alpha)
             w = w - alpha * basis[j]
@@ -533,11 +541,11 @@ def lanczos(
                 w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
                 beta = float(w.norm())
             if not (math.isfinite(alpha) and math.isfinite(beta)):
-                return math.nan, math.nan, basis[0].reshape(op.input_shape), j + 1
+                return torch.full((j + 1,), math.nan, dtype=torch.float64), basis[0], j + 1
             if j + 1 == steps or beta <= 1e-13 * max(abs(a) for a in alphas):  # breakdown: exact
                 break
-            if (j + 1) % 10 == 0:
-                # the residual ||A^T A y - theta y|| of a Ritz pair is beta * |last entry of its
+            if (j + 1) % check_every == 0:
+                # the residual ||S y - theta y|| of a Ritz pair is beta * |last entry of its
                 # eigenvector of T|, and some eigenvalue lies within it of theta
                 values, vectors = torch.linalg.eigh(tridiagonal())
                 ends = (-1, 0) if smallest else (-1,)
@@ -547,11 +555,49 @@ def lanczos(
             basis[j + 1] = w / beta
         values, vectors = torch.linalg.eigh(tridiagonal())
         k = len(alphas)
-        ritz = basis[:k].T @ vectors[:, -1].to(dtype=dtype, device=device)
+        ritz = basis[:k].T @ vectors[:, -1].to(dtype=start.dtype, device=start.device)
         ritz = ritz / ritz.norm()
+    return values, ritz, k
+
+
+def lanczos(
+    op: LinearMap,
+    n_iter: int,
+    tol: float,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    smallest: bool = False,
+    init: Tensor | None = None,
+) -> tuple[float, float, Tensor, int]:
+    """Extreme Ritz values of ``A^T A`` by :func:`symmetric_lanczos`.
+
+    Returns ``(sigma_max, sigma_min, vector, steps)``: ``sigma_max = ||A y||`` for the unit Ritz vector
+    ``y`` (shape ``input_shape``) of the largest Ritz value, a lower bound of ``||A||_2``;
+    ``sigma_min = sqrt(theta_min)``, an upper bound of ``min_{||x||=1} ||A x||`` (Cauchy interlacing puts
+    every Ritz value in ``[lambda_min, lambda_max]`` of ``A^T A``); both converge much faster than power
+    iterations (on ``A^T A`` and on ``c I - A^T A``) do. Stops after ``n_iter`` steps, at an invariant
+    subspace, or when the residual ``||A^T A y - theta y||`` of the largest (and, with ``smallest``, the
+    smallest) Ritz pair is at most ``tol * theta`` (checked every 10 steps; an eigenvalue of ``A^T A`` then
+    lies within ``tol * theta`` of ``theta``). Starts from ``init`` when it is given and usable, else from
+    a random vector. Keeps ``n_iter + 1`` vectors of the input's size.
+    """
+    weight = op.weight.to(dtype)
+    start = start_vector(init, op.in_numel, dtype, weight.device, generator, f"input_shape={op.input_shape}")
+    adjoint = adjoint_map(op, weight)
+
+    def forward(x: Tensor) -> Tensor:
+        return op.apply(x.reshape(1, *op.input_shape), weight)
+
+    def gram(x: Tensor) -> Tensor:  # A^T A x
+        return adjoint(forward(x)).reshape(-1)
+
+    values, ritz, steps = symmetric_lanczos(gram, start, n_iter, tol, smallest)
+    if not bool(torch.isfinite(values).all()):
+        return math.nan, math.nan, ritz.reshape(op.input_shape), steps
+    with torch.no_grad():
         sigma_max = float(forward(ritz).norm())
-        sigma_min = math.sqrt(max(float(values[0]), 0.0))
-    return sigma_max, sigma_min, ritz.reshape(op.input_shape), k
+    sigma_min = math.sqrt(max(float(values[0]), 0.0))
+    return sigma_max, sigma_min, ritz.reshape(op.input_shape), steps
 
 
 # --------------------------------------------------------------------------------------------------
