@@ -477,11 +477,11 @@ def test_resume_finds_snapshots_and_does_not_retrain_finished_siblings(tmp_path,
     trained = []
     original = LinearModeConnectivity._train_sibling
 
-    def counting(self, trainer, pl_module, k, final_step, seed):
+    def counting(self, trainer, pl_module, k, *rest):
         trained.append(k)
         if k == 9 and trained.count(9) == 1:
             raise _Killed("preempted while training a sibling")
-        return original(self, trainer, pl_module, k, final_step, seed)
+        return original(self, trainer, pl_module, k, *rest)
 
     monkeypatch.setattr(LinearModeConnectivity, "_train_sibling", counting)
     with pytest.raises(RuntimeError, match="preempted"):  # killed at step 8: snapshot 3 on disk, 9 not yet
@@ -647,10 +647,10 @@ def test_resnet8_is_unstable_at_init_and_stable_late(tmp_path):
 def test_a_sibling_that_raises_gives_nan_and_one_warning_and_the_others_go_on(tmp_path, monkeypatch):
     original = LinearModeConnectivity._train_sibling
 
-    def failing_at_3(self, trainer, pl_module, k, final_step, seed):
+    def failing_at_3(self, trainer, pl_module, k, *rest):
         if k == 3:
             raise ValueError("the sibling's scheduler needs val/loss")
-        return original(self, trainer, pl_module, k, final_step, seed)
+        return original(self, trainer, pl_module, k, *rest)
 
     monkeypatch.setattr(LinearModeConnectivity, "_train_sibling", failing_at_3)
     lmc = _lmc(tmp_path, spawn_steps=[3, STEPS_PER_EPOCH])

@@ -7,6 +7,7 @@ LinearModeConnectivity sibling tests (a sibling with the parent's seed ends bit-
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from datetime import timedelta
@@ -15,12 +16,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 from lightning.fabric.utilities.seed import _collect_rng_states
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
-from lt_theory.compat import ddp_options, uses_distributed_sampler
+from lt_theory.compat import cluster_environment, ddp_options, hpc_checkpoint_path, uses_distributed_sampler
 from lt_theory.models import MLP
 from lt_theory.training import rng_states, set_rng_states, state_fingerprint
 from lt_theory.training.state import load_beside_checkpoints, save_beside_checkpoints
@@ -39,6 +41,18 @@ def test_rng_states_restore_every_generator(collect):
     first = _draws()
     assert _draws() != first
     set_rng_states(states)  # also a state Lightning wrote into an older snapshot
+    assert _draws() == first
+
+
+def test_rng_states_load_back_with_weights_only():
+    """A checkpoint holding them (a snapshot, or the one taken before it) loads as ``fit(ckpt_path=None)`` loads
+    a requeued job's checkpoint."""
+    np.random.seed(5)
+    buffer = io.BytesIO()
+    torch.save({"states": rng_states(include_cuda=True)}, buffer)
+    first = _draws()
+    buffer.seek(0)
+    set_rng_states(torch.load(buffer, weights_only=True)["states"])
     assert _draws() == first
 
 
@@ -63,6 +77,24 @@ def test_ddp_options_read_what_the_strategy_was_built_with():
 def test_uses_distributed_sampler_reads_the_trainer_flag(flag):
     trainer = Trainer(accelerator="cpu", use_distributed_sampler=flag, logger=False, enable_checkpointing=False)
     assert uses_distributed_sampler(trainer) is flag
+
+
+def test_cluster_environment_is_the_one_the_signal_handlers_read(monkeypatch):
+    given = LightningEnvironment()
+    trainer = Trainer(accelerator="cpu", plugins=[given], logger=False, enable_checkpointing=False)
+    assert cluster_environment(trainer) is given
+    for name, value in dict(SLURM_NTASKS="1", SLURM_JOB_NAME="lt", SLURM_PROCID="0", SLURM_LOCALID="0").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    detected = cluster_environment(Trainer(accelerator="cpu", logger=False, enable_checkpointing=False))
+    assert isinstance(detected, SLURMEnvironment) and detected.auto_requeue
+
+
+def test_hpc_checkpoint_path_is_the_next_number_lightning_resumes_from(tmp_path):
+    trainer = Trainer(accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_checkpointing=False)
+    assert hpc_checkpoint_path(trainer) == str(tmp_path / "hpc_ckpt_1.ckpt")
+    (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"")
+    assert hpc_checkpoint_path(trainer) == str(tmp_path / "hpc_ckpt_4.ckpt")
 
 
 class _NotATensor:

@@ -55,9 +55,10 @@ from lt_theory.training.child import (
     train_from_snapshot,
     warn_about_training_callbacks,
 )
+from lt_theory.training.preemption import requeue_guard, save_checkpoint_atomically
 from lt_theory.training.rng import rng_states
 from lt_theory.training.siblings import SiblingStore, check_spawn_steps, resolve_spawn_steps, sibling_seed
-from lt_theory.training.state import state_fingerprint
+from lt_theory.training.state import cpu_copy, save_atomically, state_fingerprint
 
 __all__ = ["LinearModeConnectivity"]
 
@@ -193,7 +194,8 @@ class LinearModeConnectivity(TheoryCallback):
         self._store: SiblingStore | None = None
         self._init_state: dict[str, Tensor] | None = None
         self._sets: dict | None = None
-        self._writing_snapshot = False
+        self._resume_rng: tuple = (None, None)  # (step, RNG states) of a checkpoint taken before a due snapshot
+        self._guard = None  # the requeue guard of the sibling phase (SLURM)
 
     @property
     def state_key(self) -> str:
@@ -223,7 +225,7 @@ class LinearModeConnectivity(TheoryCallback):
     def _reset_run_state(self) -> None:
         self.resolved_steps = None
         self.snapshots, self.results, self.history = {}, {}, []
-        self.init_weights, self._init_state = None, None
+        self.init_weights, self._init_state, self._resume_rng = None, None, (None, None)
 
     # -- hooks --------------------------------------------------------------------------------------
 
@@ -241,6 +243,8 @@ class LinearModeConnectivity(TheoryCallback):
         self.add_charts(trainer, charts)
         if self.mode == "spawn":
             self.resolved_steps = resolve_spawn_steps(self.spawn_steps, trainer.estimated_stepping_batches)
+            if trainer.global_step > 0:  # resumed from a checkpoint taken at k before k's snapshot was recorded
+                self._maybe_snapshot(trainer)
         else:
             self._start_init_path(trainer, pl_module)
 
@@ -259,28 +263,32 @@ class LinearModeConnectivity(TheoryCallback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # on_fit_end, not on_train_end: it also runs when a finished run is resumed (the fit loop is skipped),
-        # so siblings interrupted by a preemption are trained then
+        # so siblings interrupted by a preemption are trained then; on SLURM the phase is requeue-safe
         if self.mode == "spawn":
-            with isolate_rng(include_cuda=torch.cuda.is_available()):
+            with isolate_rng(include_cuda=torch.cuda.is_available()), requeue_guard(trainer) as self._guard:
                 self._run_siblings(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        if self._writing_snapshot:
-            checkpoint[SNAPSHOT_RNG_KEY] = rng_states(include_cuda=torch.cuda.is_available())
+        if self._snapshot_due(trainer):  # a snapshot, or a checkpoint before it: a resume writes the snapshot
+            step, states = self._resume_rng  # then with the RNG states of step k, which a resume does not restore
+            fresh = step != trainer.global_step or states is None
+            checkpoint[SNAPSHOT_RNG_KEY] = rng_states(include_cuda=torch.cuda.is_available()) if fresh else states
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        self._resume_rng = (checkpoint.get("global_step"), checkpoint.get(SNAPSHOT_RNG_KEY))
 
     # -- snapshots ----------------------------------------------------------------------------------
 
-    def _maybe_snapshot(self, trainer: Trainer) -> None:
+    def _snapshot_due(self, trainer: Trainer) -> bool:
         k = trainer.global_step
-        if k not in (self.resolved_steps or []) or k in self.snapshots:
+        return self.mode == "spawn" and k in (self.resolved_steps or []) and k not in self.snapshots
+
+    def _maybe_snapshot(self, trainer: Trainer) -> None:
+        if not self._snapshot_due(trainer):
             return
-        path = self._store.snapshot(k)
-        self._writing_snapshot = True
-        try:
-            trainer.save_checkpoint(path)  # every rank enters; rank zero writes
-        finally:
-            self._writing_snapshot = False
-        self.snapshots[k] = str(path)
+        path = self._store.snapshot(trainer.global_step)
+        save_checkpoint_atomically(trainer, path)  # every rank enters; rank zero writes
+        self.snapshots[trainer.global_step] = str(path)
 
     # -- evaluation sets ----------------------------------------------------------------------------
 
@@ -357,13 +365,11 @@ class LinearModeConnectivity(TheoryCallback):
         """Train the sibling of ``k`` and evaluate the path; a sibling that fails gives NaN and a warning."""
         error = None
         try:
-            sibling_state = self._train_sibling(trainer, pl_module, k, final_step, seed)
+            sibling_state = self._train_sibling(trainer, pl_module, k, final_step, seed, fingerprint)
         except Exception as exception:  # noqa: BLE001 - one failed sibling must not lose the others
             error = f"{type(exception).__name__}: {exception}"
-        failed = error is not None
-        if trainer.world_size > 1:  # every rank takes the same branch: the evaluation below is collective
-            failed = trainer.strategy.reduce_boolean_decision(failed, all=False)
-        if not failed:
+        # every rank takes the same branch: the evaluation below is collective
+        if not trainer.strategy.reduce_boolean_decision(error is not None, all=False):
             return self._sibling_result(trainer, pl_module, k, final_step, fingerprint, seed, sibling_state)
         error = error or "on another rank"
         self.warn_once(
@@ -387,17 +393,15 @@ class LinearModeConnectivity(TheoryCallback):
             result = None
             if trainer.is_global_zero:
                 result = self._store.stored_result(k, final_step, fingerprint, seed, settings)
-        if trainer.world_size > 1:
-            result = trainer.strategy.broadcast(result, src=0)
-        return result
+        return trainer.strategy.broadcast(result, src=0)
 
     def _train_sibling(
-        self, trainer: Trainer, pl_module: LightningModule, k: int, final_step: int, seed: int
+        self, trainer: Trainer, pl_module: LightningModule, k: int, final_step: int, seed: int, fingerprint: str
     ) -> dict[str, Tensor]:
-        rank_zero_info(
-            f"LinearModeConnectivity: training the sibling spawned at step {k} to step {final_step} "
-            f"(data-order seed {seed}) from {self.snapshots[k]}"
-        )
+        """The sibling's final weights: trained, or read back if a preemption came while its path was evaluated."""
+        weights = self._store.file(k, final_step, seed, fingerprint, ".pt")
+        if trainer.strategy.broadcast(weights.exists() if trainer.is_global_zero else None, src=0):
+            return self._store.trained_weights(k, final_step, seed, fingerprint, tidy=trainer.is_global_zero)
         return train_from_snapshot(
             trainer,
             pl_module,
@@ -408,6 +412,8 @@ class LinearModeConnectivity(TheoryCallback):
             progress_dir=self._store.progress(k, final_step, seed),
             root_dir=self._store.root(k),
             warn=self.warn_once,
+            final_weights=weights,
+            guard=self._guard,
         )
 
     def _sibling_result(
@@ -420,11 +426,9 @@ class LinearModeConnectivity(TheoryCallback):
         seed: int,
         sibling_state: dict[str, Tensor],
     ) -> dict:
-        """Evaluate parent vs sibling (once), store the weights and the result on rank zero, share it."""
+        """Evaluate parent vs sibling (once), store the result on rank zero (the weights are stored), share it."""
         weights = self._store.file(k, final_step, seed, fingerprint, ".pt")
-        diverged = not all(
-            bool(torch.isfinite(v).all()) for v in sibling_state.values() if v.is_floating_point()
-        )
+        diverged = not all(bool(v.isfinite().all()) for v in sibling_state.values() if v.is_floating_point())
         if diverged:
             self.warn_once(
                 f"diverged:{k}",
@@ -447,7 +451,7 @@ class LinearModeConnectivity(TheoryCallback):
             diverged=diverged,
         )
         if trainer.is_global_zero:
-            self._store.save(k, result, sibling_state)
+            self._store.save(k, result)
         return result
 
     # -- spawn: logging -------------------------------------------------------------------------------
@@ -491,10 +495,8 @@ class LinearModeConnectivity(TheoryCallback):
         ]
         for k in sorted(self.results):
             r = self.results[k]
-            cells = [
-                _as_float(r.get(name, math.nan)) for name in ("test_error_barrier", "train_error_barrier")
-            ]
-            cells.append(_as_float(r.get("test_loss_barrier", math.nan)))
+            names = ("test_error_barrier", "train_error_barrier", "test_loss_barrier")
+            cells = [_as_float(r.get(name, math.nan)) for name in names]
             lines.append(f"| {k} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
         point = self.stable_point()
         verdict = (
@@ -517,13 +519,10 @@ class LinearModeConnectivity(TheoryCallback):
                 "no-init", "training resumed without the initial weights on disk: the init path is off."
             )
             return
-        self._init_state = {
-            key: value.detach().cpu().clone() for key, value in pl_module.state_dict().items()
-        }
+        self._init_state = cpu_copy(dict(pl_module.state_dict()))
         path = self._store.directory / "init_weights.pt"
         if trainer.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self._init_state, path)
+            save_atomically(self._init_state, path)  # a kill while writing leaves no truncated file to read back
         self.init_weights = str(path)
 
     def _measure_init_path(self, trainer: Trainer, pl_module: LightningModule) -> None:

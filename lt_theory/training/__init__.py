@@ -6,6 +6,8 @@
 - :mod:`~lt_theory.training.child`: a child run trained from a snapshot of its parent in a Trainer of its own
   (LinearModeConnectivity's siblings).
 - :mod:`~lt_theory.training.siblings`: spawn steps, a sibling's seed, the folder of finished siblings.
+- :mod:`~lt_theory.training.preemption`: SLURM's requeue signal while children train after ``fit``; atomic
+  checkpoint files.
 - :mod:`~lt_theory.training.levels`: IMP's levels as global optimizer steps.
 - :mod:`~lt_theory.training.tickets`, :mod:`~lt_theory.training.stored`: ticket files; results and checkpoints
   reused only under the same settings.

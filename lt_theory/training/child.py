@@ -4,10 +4,12 @@ A snapshot is a Lightning checkpoint written by ``trainer.save_checkpoint`` at s
 buffers, optimizers, LR schedulers, loop position, data-module state) with the global RNG states under
 :data:`SNAPSHOT_RNG_KEY`. :func:`train_from_snapshot` trains a copy of the parent's module and data module from
 it to a given step, in a child Trainer with the parent's accelerator, strategy (one device or DDP), devices,
-precision, gradient accumulation and clipping. Only the data order and the augmentation differ, through
-``order_seed``: a data module with ``reseed_order(seed)`` (the lt_theory ones) is re-seeded and the global RNG
-continues from the snapshot's, so a child with the parent's own seed reproduces the parent exactly; any other
-data module gets the global RNG seeded instead. A preempted child resumes from its own progress checkpoint.
+precision plugin, cluster environment, gradient accumulation and clipping. Only the data order and the
+augmentation differ, through ``order_seed``: a data module with ``reseed_order(seed)`` (the lt_theory ones) is
+re-seeded and the global RNG continues from the snapshot's, so a child with the parent's own seed reproduces
+the parent exactly; any other data module gets the global RNG seeded instead. A preempted child resumes from
+its own progress checkpoint; under a :class:`~lt_theory.training.preemption.RequeueGuard`, from one written at
+the step the requeue signal came.
 Used by :class:`~lt_theory.callbacks.lmc.LinearModeConnectivity` for its siblings.
 """
 
@@ -21,6 +23,7 @@ import random
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +31,14 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lt_theory.compat import ddp_options, uses_distributed_sampler
+from lt_theory.compat import cluster_environment, ddp_options, uses_distributed_sampler
+from lt_theory.training.preemption import RequeueGuard
 from lt_theory.training.rng import rng_states, set_rng_states
+from lt_theory.training.state import save_atomically
 
 __all__ = [
     "SNAPSHOT_RNG_KEY",
@@ -138,6 +144,14 @@ def _accelerator_flag(trainer: Trainer) -> str:
     )
 
 
+def _child_plugins(trainer: Trainer) -> list:
+    """The parent's cluster environment (how the job was launched and is requeued; it holds no state of the
+    run) and a copy of its precision plugin (a custom one included; its state, such as a GradScaler's, is
+    restored from the snapshot). The checkpoint IO is Lightning's default: a child's files must be on disk when
+    ``save_checkpoint`` returns, which an asynchronous IO does not promise."""
+    return [cluster_environment(trainer), copy.deepcopy(trainer.precision_plugin)]
+
+
 def _child_trainer(trainer: Trainer, max_steps: int, callbacks: list[Callback], root_dir: Path) -> Trainer:
     accelerator = _accelerator_flag(trainer)
     return Trainer(
@@ -145,7 +159,7 @@ def _child_trainer(trainer: Trainer, max_steps: int, callbacks: list[Callback], 
         strategy=check_child_strategy(trainer),
         devices=trainer.num_devices if accelerator == "cpu" else trainer.device_ids,
         num_nodes=trainer.num_nodes,
-        precision=trainer.precision,
+        plugins=_child_plugins(trainer),
         deterministic=None,  # keeps torch's flags as the parent's Trainer set them
         max_steps=max_steps,
         max_epochs=-1,
@@ -237,6 +251,8 @@ def train_from_snapshot(
     progress_dir: str | os.PathLike,
     root_dir: str | os.PathLike,
     warn: Callable[[str, str], None],
+    final_weights: str | os.PathLike | None = None,
+    guard: RequeueGuard | None = None,
 ) -> dict[str, Tensor]:
     """Train a copy of ``pl_module`` from ``snapshot`` (written at ``start_step``) to ``max_steps``.
 
@@ -253,11 +269,20 @@ def train_from_snapshot(
         progress_dir: the child's progress checkpoints, removed once it is done.
         root_dir: the child Trainer's ``default_root_dir``.
         warn: ``warn(key, message)``, called once per problem the caller should hear about.
+        final_weights: where rank zero writes the child's final state dict (atomically) before the progress
+            checkpoints are removed, so that no moment exists when a kill loses the trained child; None for
+            nowhere.
+        guard: the requeue guard of the phase (:func:`~lt_theory.training.preemption.requeue_guard`): on its
+            signal the child writes its progress checkpoint at its next step boundary.
 
     Returns:
         The child's final state dict, on the CPU.
     """
     snapshot, progress_dir = Path(snapshot), Path(progress_dir)
+    rank_zero_info(
+        f"lt_theory: training a child from step {start_step} to step {max_steps} (data-order seed {order_seed}) "
+        f"from {snapshot}"
+    )
     parent_data = trainer.datamodule
     shared = [getattr(parent_data, name, None) for name in ("train_dataset", "val_dataset", "test_dataset")]
     datamodule = _detached_copy(parent_data, trainer, shared)
@@ -271,7 +296,26 @@ def train_from_snapshot(
         module._metric_attributes = None  # Lightning's cache of metric names, keyed by the parent's ids
     progress = _progress(trainer, snapshot, progress_dir, start_step, max_steps)
     start = ChildStart(None if callable(reseed) else order_seed, from_progress=progress["resume"])
-    child = _child_trainer(trainer, max_steps, [start, progress["checkpoint"]], Path(root_dir))
+    watch = nullcontext() if guard is None else guard.watch_child(progress["path"])
+    with watch as on_signal:
+        callbacks = [start, progress["checkpoint"]] + ([] if on_signal is None else [on_signal])
+        child = _child_trainer(trainer, max_steps, callbacks, Path(root_dir))
+        ckpt_path = progress["path"] if progress["resume"] else str(snapshot)
+        _fit_child(trainer, child, module, datamodule, ckpt_path, order_seed)
+        state = {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
+        if final_weights is not None and trainer.is_global_zero:
+            save_atomically(state, final_weights)
+    if child.global_step != max_steps:
+        warn(
+            f"short:{start_step}",
+            f"the sibling of step {start_step} stopped at step {child.global_step}, not {max_steps}.",
+        )
+    if trainer.is_global_zero:
+        shutil.rmtree(progress_dir, ignore_errors=True)
+    return state
+
+
+def _fit_child(trainer: Trainer, child: Trainer, module, datamodule, ckpt_path: str, order_seed: int) -> None:
     previous_seed = os.environ.get("PL_GLOBAL_SEED")
     if trainer.world_size > 1:
         os.environ["PL_GLOBAL_SEED"] = str(order_seed)  # DistributedSampler's seed
@@ -279,18 +323,9 @@ def train_from_snapshot(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")
             warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before.*")
-            ckpt_path = progress["path"] if progress["resume"] else str(snapshot)
             child.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, **_FULL_CHECKPOINT_LOAD)
     finally:
         if previous_seed is None:
             os.environ.pop("PL_GLOBAL_SEED", None)
         else:
             os.environ["PL_GLOBAL_SEED"] = previous_seed
-    if child.global_step != max_steps:
-        warn(
-            f"short:{start_step}",
-            f"the sibling of step {start_step} stopped at step {child.global_step}, not {max_steps}.",
-        )
-    if trainer.is_global_zero:
-        shutil.rmtree(progress_dir, ignore_errors=True)  # the caller stores the final weights
-    return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}

@@ -2,7 +2,9 @@
 
 The states are those of ``torch`` (CPU), ``torch.cuda`` (every device, when CUDA is available), ``numpy``'s
 legacy global generator and Python's ``random``, under the keys Lightning's own checkpoints use (``"torch"``,
-``"torch.cuda"``, ``"numpy"``, ``"python"``), so a state written by either can be restored by the other.
+``"torch.cuda"``, ``"numpy"``, ``"python"``), so a state written by either can be restored by the other. They
+hold only tensors and Python numbers (numpy's key as an int64 tensor), so a checkpoint holding them still loads
+with ``torch.load(weights_only=True)``, as a requeued ``fit(ckpt_path=None)`` loads it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def rng_states(include_cuda: bool = True) -> dict[str, Any]:
         include_cuda: also the CUDA generators' states (an empty list without CUDA).
 
     Returns:
-        ``{"torch": ByteTensor, "numpy": tuple, "python": tuple[, "torch.cuda": list]}``.
+        ``{"torch": ByteTensor, "numpy": tuple, "python": tuple[, "torch.cuda": list]}``, numpy's tuple with its
+        key as a tensor.
 
     Example:
         >>> states = rng_states()
@@ -32,9 +35,10 @@ def rng_states(include_cuda: bool = True) -> dict[str, Any]:
         >>> bool(torch.rand(1) == first)
         True
     """
+    kind, key, *rest = np.random.get_state()
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(key.astype(np.int64)), *(_plain(value) for value in rest)),
         "python": random.getstate(),
     }
     if include_cuda:
@@ -52,7 +56,14 @@ def set_rng_states(states: dict[str, Any]) -> None:
     if states.get("torch.cuda"):
         torch.cuda.set_rng_state_all(states["torch.cuda"])
     if "numpy" in states:
-        np.random.set_state(states["numpy"])
+        kind, key, *rest = states["numpy"]
+        key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+        np.random.set_state((kind, key.astype(np.uint32), *rest))
     if "python" in states:
         version, state, gauss = states["python"]
         random.setstate((version, tuple(state), gauss))
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds."""
+    return value.item() if isinstance(value, np.generic) else value

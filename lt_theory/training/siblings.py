@@ -10,13 +10,15 @@ Lightning's loop:
 - the folder of finished siblings (:class:`SiblingStore`): a sibling's final weights and its result are
   named by ``k``, ``T``, the seed and a fingerprint of the parent's final weights, and a stored result is
   reused only for that parent, that seed and the same evaluation settings
-  (:func:`lt_theory.training.stored.changed_settings`).
+  (:func:`lt_theory.training.stored.changed_settings`). The weights are written as soon as the sibling is
+  trained, before its path is evaluated: weights without a result are a sibling to evaluate, not to train.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from numbers import Integral, Real
 from pathlib import Path
@@ -161,8 +163,26 @@ class SiblingStore:
         stored = read_json(path)
         return stored if self.reusable(stored, final_step, parent, seed, settings) else None
 
-    def save(self, k: int, result: Mapping, weights: Mapping[str, Tensor]) -> None:
-        """Write a finished sibling's final weights (``result["weights"]``) and its result (JSON, atomic)."""
-        torch.save(dict(weights), result["weights"])
+    def trained_weights(
+        self, k: int, final_step: int, seed: int, parent: str, tidy: bool = True
+    ) -> dict[str, Tensor]:
+        """The final weights of the sibling of ``k``, trained for this parent's end and seed, read back.
+
+        They are on disk without a result when a preemption came while the path was evaluated (written
+        atomically: a file under their name is complete).
+
+        Args:
+            k, final_step, seed, parent: the sibling, as in :meth:`file`.
+            tidy: also remove the sibling's progress folder, if a kill left it (one rank only).
+
+        Returns:
+            The state dict, on the CPU.
+        """
+        if tidy:
+            shutil.rmtree(self.progress(k, final_step, seed), ignore_errors=True)
+        return torch.load(self.file(k, final_step, seed, parent, ".pt"), map_location="cpu", weights_only=True)
+
+    def save(self, k: int, result: Mapping) -> None:
+        """Write a finished sibling's result (JSON, atomic); its weights (``result["weights"]``) are on disk."""
         json_file = self.file(k, result["final_step"], result["sibling_seed"], result["parent"], ".json")
         write_json(json_file, dict(result))
