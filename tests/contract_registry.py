@@ -85,6 +85,7 @@ REGISTRY: list[ContractCase] = [
             (lambda: LossLandscapeMonitor(layers="net.fc"), "layers"),
             (lambda: LossLandscapeMonitor(condition_floor=1.0), "condition_floor"),
             (lambda: LossLandscapeMonitor(probe_split="all"), "probe_split"),
+            (lambda: LossLandscapeMonitor(bn_statistics="train"), "bn_statistics"),
         ],
     ),
     ContractCase(

@@ -294,6 +294,46 @@ def test_sharpness_of_a_tanh_network_matches_the_dense_hessian():
     assert default.value == pytest.approx(float(eigenvalues[-1]), rel=1e-3)
 
 
+BN_SIZES = {"0.weight": (4, 3), "0.bias": (4,), "1.weight": (4,), "1.bias": (4,), "3.weight": (2, 4), "3.bias": (2,)}
+
+
+def dense_batchnorm_loss(theta: torch.Tensor, batches) -> torch.Tensor:
+    """``W3 tanh(BN(W0 x + b0)) + b3`` by hand, each batch normalised by its own mean and biased variance (as in
+    a training step), the cross-entropy averaged over every example."""
+    p, offset = {}, 0
+    for name, shape in BN_SIZES.items():
+        p[name] = theta[offset : offset + math.prod(shape)].reshape(shape)
+        offset += math.prod(shape)
+    total, count = 0.0, 0
+    for x, y in batches:
+        h = x @ p["0.weight"].T + p["0.bias"]
+        h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5) * p["1.weight"] + p["1.bias"]
+        logits = torch.tanh(h) @ p["3.weight"].T + p["3.bias"]
+        total = total + (-torch.log_softmax(logits, dim=1).gather(1, y[:, None])).sum()
+        count += len(y)
+    return total / count
+
+
+@pytest.mark.parametrize("bn_statistics", ["batch", "running"])
+def test_sharpness_of_a_batchnorm_network_is_that_of_the_loss_its_batchnorm_mode_gives(bn_statistics):
+    """With ``"batch"``, the Hessian of the training-step loss (per-batch statistics, stale running statistics
+    ignored); with ``"running"``, the test-time network's, which the stale statistics make another function."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        model[1].running_mean.fill_(3.0)
+        model[1].running_var.fill_(0.01)
+    batches = tanh_data(4)
+    theta = flat_parameters(model)
+    batch_top = float(torch.linalg.eigvalsh(torch.func.hessian(dense_batchnorm_loss)(theta, batches))[-1])
+    exact = sharpness(model, F.cross_entropy, batches, iters=theta.numel(), tol=0.0, bn_statistics=bn_statistics)
+    if bn_statistics == "batch":
+        assert exact.value == pytest.approx(batch_top, rel=1e-8)
+    else:
+        assert exact.value != pytest.approx(batch_top, rel=1e-2)
+        assert float(model[1].running_var[0]) == 0.01  # the running statistics were used, not updated
+
+
 def test_gradient_quantities_of_a_tanh_network_match_the_dense_gradient():
     model, batches = tanh_network(1), tanh_data(1)
     theta = flat_parameters(model).requires_grad_(True)
@@ -375,20 +415,30 @@ def conv_inputs() -> torch.Tensor:
     return torch.randn(50, 3, 6, 6, generator=g, dtype=torch.float64) * scale + 2.0
 
 
-def test_activation_conditioning_matches_explicit_covariances():
+@pytest.mark.parametrize("bn_statistics", ["batch", "running"])
+def test_activation_conditioning_matches_explicit_covariances(bn_statistics):
     model, x = conv_network(), conv_inputs()
     with torch.no_grad():
         model[1].running_mean.uniform_(-0.5, 0.5, generator=generator(6))
         model[1].running_var.uniform_(0.5, 2.0, generator=generator(7))
+        model[1].weight.uniform_(0.5, 2.0, generator=generator(8))
         model.eval()
         conv_out = model[0](x)
-        bn_out = model[1](conv_out)
+        if bn_statistics == "running":
+            bn_out = model[1](conv_out)
+        else:  # standardised by the batch's own per-channel mean and biased variance, then the affine map
+            mean = conv_out.mean(dim=(0, 2, 3), keepdim=True)
+            variance = conv_out.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+            scale, shift = (t.reshape(1, -1, 1, 1) for t in (model[1].weight, model[1].bias))
+            bn_out = (conv_out - mean) / torch.sqrt(variance + model[1].eps) * scale + shift
         hidden_in = model[3](model[2](bn_out))
         hidden_out = model[4](hidden_in)
         last_in = model[5](hidden_out)
         last_out = model[6](last_in)
     model.train()
-    result = activation_conditioning(model, x)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    result = activation_conditioning(model, x, bn_statistics=bn_statistics)
+    assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers())  # running statistics kept
     assert list(result) == ["0", "1", "4", "6"]
     expected = {
         "0": (channels(x), channels(conv_out)),

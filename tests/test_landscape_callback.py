@@ -111,7 +111,8 @@ SHAPES = {
 
 
 class HandNetwork:
-    """The eval-mode forward, loss, gradient and Hessian of the small network at one recorded state."""
+    """The forward of a training step (BatchNorm on the probe's own mean and biased variance), its loss, gradient
+    and Hessian, of the small network at one recorded state."""
 
     def __init__(self, state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> None:
         self.state, self.x, self.y = state, x, y
@@ -125,9 +126,9 @@ class HandNetwork:
         return parts
 
     def activations(self, theta: torch.Tensor) -> list[torch.Tensor]:
-        p, s = self.unflatten(theta), self.state
+        p = self.unflatten(theta)
         h1 = self.x @ p["net.0.weight"].T + p["net.0.bias"]
-        normalised = (h1 - s["net.1.running_mean"]) / torch.sqrt(s["net.1.running_var"] + 1e-5)
+        normalised = (h1 - h1.mean(0)) / torch.sqrt(h1.var(0, unbiased=False) + 1e-5)
         h2 = normalised * p["net.1.weight"] + p["net.1.bias"]
         h3 = torch.tanh(h2)
         return [self.x, h1, h2, h3, h3 @ p["net.3.weight"].T + p["net.3.bias"]]
@@ -303,7 +304,7 @@ def test_resnet_run_logs_loss_and_batchnorm_conditioning_at_the_recorded_weights
     reference, _ = make_module_and_data(seed=0)
     for step in (0, 6, 12):
         reference.load_state_dict(states.states[step])
-        reference.eval()
+        reference.train()  # BatchNorm on the probe's own statistics, as the monitor's default; a throwaway copy
         captured = {}
         hooks = [
             m.register_forward_hook(recorder(captured, name))

@@ -1,7 +1,8 @@
 r"""LossLandscapeMonitor: sharpness, the Polyak-Łojasiewicz ratio and the rates they predict, per-layer gradient
 to weight ratios and activation conditioning, on a fixed probe batch during training.
 
-On the probe's mean loss :math:`L` (the model in eval mode), every ``every_n_steps`` steps:
+On the probe's mean loss :math:`L` (dropout off; BatchNorm with the probe's own statistics, as in a training
+step, its running statistics untouched), every ``every_n_steps`` steps:
 
     sharpness       = lambda_max(Hessian of L)                       (Cohen et al., ICLR 2021)
     pl_ratio        = ||grad L||^2 / (2 (L - L*))                     (Polyak 1963; Karimi et al. 2016)
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from lt_theory.callbacks.base import TheoryCallback
 from lt_theory.callbacks.probe import Probe
-from lt_theory.checks import check_finite_real, check_nonnegative, check_positive_int
+from lt_theory.checks import check_choice, check_finite_real, check_nonnegative, check_positive_int
 from lt_theory.measures.landscape import (
     DEFAULT_CONDITION_FLOOR,
     activation_conditioning,
@@ -36,6 +37,7 @@ from lt_theory.measures.landscape import (
     predicted_rate,
     sharpness,
 )
+from lt_theory.measures.modes import BN_STATISTICS
 
 __all__ = ["LossLandscapeMonitor"]
 
@@ -56,7 +58,8 @@ class LossLandscapeMonitor(TheoryCallback):
     """Watch the local geometry of the loss: sharpness, PL ratio, predicted vs observed rates, conditioning.
 
     At fit start and every ``every_n_steps`` steps, on a fixed probe (``probe_size`` examples chosen once, as in
-    :class:`~lt_theory.callbacks.NTKDrift`, and kept in the checkpoint), with the model in eval mode:
+    :class:`~lt_theory.callbacks.NTKDrift`, and kept in the checkpoint), dropout off and BatchNorm as
+    ``bn_statistics`` says:
 
     - the probe loss ``L`` with ``loss_fn``, its gradient norm and the PL ratio ``||grad L||^2 / (2 (L - L*))``;
     - the sharpness (largest Hessian eigenvalue, by Lanczos on exact Hessian-vector products), warm-started
@@ -102,6 +105,11 @@ class LossLandscapeMonitor(TheoryCallback):
         condition_floor: covariance eigenvalues below this fraction of the largest count as rank deficiency
             (condition numbers are at most ``1 / condition_floor``).
         seed: seed of the first Lanczos start (its own generator, not the global RNG).
+        bn_statistics: ``"batch"`` (default): BatchNorm layers normalise the probe with its own statistics, as in
+            a training step, so the landscape is the one the optimizer descends (early in training the running
+            statistics describe almost no data: ResNet-20's eval-mode sharpness at initialisation is 200 times
+            its training-mode one); ``"running"``: with their running statistics, the network at test time.
+            The running statistics are not updated in either.
 
     Raises:
         ValueError: for a bad argument, naming it; at setup, for a model without Linear/Conv/BatchNorm layers or
@@ -148,6 +156,7 @@ class LossLandscapeMonitor(TheoryCallback):
         layers: list[str] | None = None,
         condition_floor: float = DEFAULT_CONDITION_FLOOR,
         seed: int = 0,
+        bn_statistics: str = "batch",
     ) -> None:
         check_positive_int("every_n_steps", every_n_steps)
         super().__init__(every_n_steps=every_n_steps)
@@ -169,6 +178,7 @@ class LossLandscapeMonitor(TheoryCallback):
         self.condition_floor = float(condition_floor)
         self.probe = Probe(probe_size, probe_split, probe_seed, probe_inputs, probe_targets)
         self.seed = seed
+        self.bn_statistics = check_choice("bn_statistics", bn_statistics, BN_STATISTICS)
         self.sharpness_vector: Tensor | None = None
         self.previous: tuple[int, float] | None = None  # (step, probe loss) of the last measurement
         self.pl_ratio_min = math.inf
@@ -199,13 +209,20 @@ class LossLandscapeMonitor(TheoryCallback):
         self, trainer: Trainer, pl_module: LightningModule, batches: list
     ) -> dict[str, float]:
         step = trainer.global_step
-        pl = pl_ratio(pl_module, self.loss_fn, batches, self.loss_star)
+        pl = pl_ratio(pl_module, self.loss_fn, batches, self.loss_star, self.bn_statistics)
         if self.sharpness_vector is None:  # the first measurement: a random start from the callback's seed
             init, generator = None, torch.Generator(pl_module.device).manual_seed(self.seed)
         else:  # warm: the previous top eigenvector (never random again: Lanczos returns a finite vector)
             init, generator = self.sharpness_vector.to(pl_module.device), None
         top = sharpness(
-            pl_module, self.loss_fn, batches, self.sharpness_iters, self.sharpness_tol, init, generator
+            pl_module,
+            self.loss_fn,
+            batches,
+            self.sharpness_iters,
+            self.sharpness_tol,
+            init,
+            generator,
+            self.bn_statistics,
         )
         self.sharpness_vector = top.vector
         scalars = {"loss": pl.loss, "grad_norm": pl.grad_norm, "sharpness": top.value}
@@ -232,7 +249,7 @@ class LossLandscapeMonitor(TheoryCallback):
             if math.isfinite(observed) or not math.isfinite(pl.loss):
                 scalars["observed_rate"] = observed
         self.previous = (step, pl.loss)
-        ratios = gradient_to_weight_ratios(pl_module, self.loss_fn, batches).ratios
+        ratios = gradient_to_weight_ratios(pl_module, self.loss_fn, batches, self.bn_statistics).ratios
         scalars.update({f"grad_to_weight/{layer or 'root'}": ratio for layer, ratio in ratios.items()})
         return scalars
 
@@ -247,7 +264,9 @@ class LossLandscapeMonitor(TheoryCallback):
                 "the probe has no labels, so the loss, sharpness, PL ratio and gradient tags are skipped; only the "
                 "activation conditioning is logged. Give `probe_targets` (or a data module with labels).",
             )
-        conditioning = activation_conditioning(pl_module, inputs, self.layer_names, self.condition_floor)
+        conditioning = activation_conditioning(
+            pl_module, inputs, self.layer_names, self.condition_floor, self.bn_statistics
+        )
         for name, layer in conditioning.items():
             scalars[f"input_condition/{name}"] = layer.input_condition
             scalars[f"output_condition/{name}"] = layer.output_condition

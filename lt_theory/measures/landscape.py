@@ -8,9 +8,12 @@ The loss is the mean over every example of the given batches,
 
 with :math:`L_b` the batch mean the caller's ``loss_fn(outputs, targets)`` returns and :math:`\theta` the
 trainable parameters (``requires_grad``; frozen parameters and buffers are constants). The model is evaluated
-in eval mode (:func:`~lt_theory.measures.modes.eval_mode`: BatchNorm normalises with its running statistics and
-does not update them, dropout is off) through ``torch.func.functional_call`` on detached copies of the
-parameters, under a forked RNG: nothing is written to ``.grad``, to a buffer or to the global RNG.
+with dropout off and no buffer updated (:func:`~lt_theory.measures.modes.measurement_mode`); BatchNorm layers
+normalise with each batch's own statistics, as in a training step (``bn_statistics="batch"``, the default: the
+loss the optimizer descends; at initialisation, ResNet-20's running statistics are those of no data and its
+eval-mode loss has a Hessian two orders of magnitude sharper), or with their running statistics
+(``"running"``, the network at test time). The loss runs through ``torch.func.functional_call`` on detached
+copies of the parameters, under a forked RNG: nothing is written to ``.grad``, to a buffer or to the global RNG.
 
 **Sharpness** :math:`\lambda_{\max}(\nabla^2 L(\theta))`, the largest *algebraic* eigenvalue of the Hessian,
 i.e. the top of its spectrum (a Hessian away from a minimum has negative eigenvalues, possibly larger in
@@ -66,7 +69,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp
 
 from lt_theory.checks import check_finite_real, check_nonnegative, check_positive_int
 from lt_theory.measures.evaluation import _inputs_and_targets, model_device
-from lt_theory.measures.modes import eval_mode, forked_rng
+from lt_theory.measures.modes import forked_rng, measurement_mode
 from lt_theory.measures.operators import start_vector, symmetric_lanczos
 
 __all__ = [
@@ -218,7 +221,7 @@ def _check_loss_fn(loss_fn: object) -> LossFn:
 
 
 def _loss_and_gradient(
-    model: nn.Module, loss_fn: LossFn, batches: Iterable
+    model: nn.Module, loss_fn: LossFn, batches: Iterable, bn_statistics: str
 ) -> tuple[float, dict[str, Tensor]]:
     """The mean loss over the batches and its gradient with respect to the trainable parameters."""
     loss_fn = _check_loss_fn(loss_fn)
@@ -226,7 +229,7 @@ def _loss_and_gradient(
     device = model_device(model)
     gradient = {name: torch.zeros_like(p) for name, p in trainable.items()}
     total = torch.zeros((), dtype=torch.float64, device=device)
-    with eval_mode(model), forked_rng(device):
+    with measurement_mode(model, bn_statistics), forked_rng(device):
         for inputs, targets, weight in _weighted_batches(batches, device):
             batch_gradient, value = grad_and_value(_batch_loss(model, loss_fn, constants, inputs, targets))(
                 trainable
@@ -250,11 +253,12 @@ def sharpness(
     tol: float = 1e-3,
     init: Tensor | None = None,
     generator: torch.Generator | None = None,
+    bn_statistics: str = "batch",
 ) -> Sharpness:
     """The largest eigenvalue of the Hessian of the mean loss over ``batches`` (the sharpness), by Lanczos.
 
     Each Lanczos step is one exact Hessian-vector product per batch, forward-over-reverse (``torch.func.jvp`` of
-    ``torch.func.grad`` of the loss through ``functional_call``), in eval mode. The value is the largest Ritz
+    ``torch.func.grad`` of the loss through ``functional_call``). The value is the largest Ritz
     value, the top of the spectrum (largest algebraic, not largest magnitude: negative curvature is not
     reported), a lower bound of ``lambda_max`` that is exact once the Krylov space is invariant (at most as many
     steps as parameters) and otherwise stops when its residual is at most ``tol * |value|`` (checked after every
@@ -272,6 +276,9 @@ def sharpness(
             finite or zero, starts from a Gaussian draw of ``generator``.
         generator: the generator of that draw; None uses a fresh one seeded 0 (never the global RNG).
 
+        bn_statistics: how BatchNorm layers normalise: ``"batch"`` (default) with each batch's own statistics,
+            as in a training step, so the loss is the one the optimizer descends; ``"running"`` with their
+            running statistics, the network at test time. Running statistics are never updated.
     Returns:
         :class:`Sharpness` ``(value, vector, iterations)``.
 
@@ -296,7 +303,7 @@ def sharpness(
     dtype = next(iter(trainable.values())).dtype
     shapes = [(name, p.shape, p.numel(), p.dtype) for name, p in trainable.items()]
     size = sum(numel for _, _, numel, _ in shapes)
-    with eval_mode(model), forked_rng(device):
+    with measurement_mode(model, bn_statistics), forked_rng(device):
         weighted = _weighted_batches(batches, device)
         gradients = [
             (grad(_batch_loss(model, loss_fn, constants, inputs, targets)), weight)
@@ -319,7 +326,9 @@ def sharpness(
     return Sharpness(float(values[-1]), vector.detach(), steps)
 
 
-def pl_ratio(model: nn.Module, loss_fn: LossFn, batches: Iterable, loss_star: float = 0.0) -> PLRatio:
+def pl_ratio(
+    model: nn.Module, loss_fn: LossFn, batches: Iterable, loss_star: float = 0.0, bn_statistics: str = "batch"
+) -> PLRatio:
     """The Polyak-Łojasiewicz ratio ``||grad L||^2 / (2 (L - L*))`` at the current weights.
 
     Args:
@@ -329,6 +338,9 @@ def pl_ratio(model: nn.Module, loss_fn: LossFn, batches: Iterable, loss_star: fl
         loss_star: the infimum ``L*`` of the loss (0 for cross-entropy and squared error, which an
             over-parameterised network can approach).
 
+        bn_statistics: how BatchNorm layers normalise: ``"batch"`` (default) with each batch's own statistics,
+            as in a training step, so the loss is the one the optimizer descends; ``"running"`` with their
+            running statistics, the network at test time. Running statistics are never updated.
     Returns:
         :class:`PLRatio` ``(loss, grad_norm, ratio, reason)``; ``ratio`` is NaN, with the reason, when the loss
         or gradient is not finite or ``L <= L*``.
@@ -346,7 +358,7 @@ def pl_ratio(model: nn.Module, loss_fn: LossFn, batches: Iterable, loss_star: fl
         PLRatio(loss=1.0, grad_norm=2.0, ratio=2.0, reason='')
     """
     loss_star = check_finite_real("loss_star", loss_star)
-    loss, gradient = _loss_and_gradient(model, loss_fn, batches)
+    loss, gradient = _loss_and_gradient(model, loss_fn, batches, bn_statistics)
     grad_norm = math.sqrt(sum(float(g.double().square().sum()) for g in gradient.values()))
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         return PLRatio(loss, grad_norm, math.nan, "the loss or its gradient is not finite (NaN or Inf)")
@@ -358,19 +370,24 @@ def pl_ratio(model: nn.Module, loss_fn: LossFn, batches: Iterable, loss_star: fl
     return PLRatio(loss, grad_norm, grad_norm**2 / (2.0 * (loss - loss_star)), "")
 
 
-def gradient_to_weight_ratios(model: nn.Module, loss_fn: LossFn, batches: Iterable) -> GradientToWeight:
+def gradient_to_weight_ratios(
+    model: nn.Module, loss_fn: LossFn, batches: Iterable, bn_statistics: str = "batch"
+) -> GradientToWeight:
     """``||grad_W L|| / ||W||`` for every layer, ``W`` all the layer's own trainable parameters together.
 
     A layer is the module that owns the parameters (``"net.conv1"`` for ``"net.conv1.weight"`` and its bias;
     ``""``, as in ``named_modules``, for the root module's own parameters). Weight and bias together keep the
-    ratio finite for a BatchNorm layer, whose bias starts at zero. The gradient is taken with ``torch.func`` in
-    eval mode, as in :func:`pl_ratio`: no ``.grad`` is written.
+    ratio finite for a BatchNorm layer, whose bias starts at zero. The gradient is taken with ``torch.func``, as in
+    :func:`pl_ratio`: no ``.grad`` is written.
 
     Args:
         model: the network.
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean as a scalar tensor.
         batches: ``(inputs, targets, ...)`` pairs; the loss is their mean weighted by example count.
 
+        bn_statistics: how BatchNorm layers normalise: ``"batch"`` (default) with each batch's own statistics,
+            as in a training step, so the loss is the one the optimizer descends; ``"running"`` with their
+            running statistics, the network at test time. Running statistics are never updated.
     Returns:
         :class:`GradientToWeight` ``(ratios, grad_norms, weight_norms)``, dictionaries keyed by layer in
         ``named_parameters`` order.
@@ -387,7 +404,7 @@ def gradient_to_weight_ratios(model: nn.Module, loss_fn: LossFn, batches: Iterab
         >>> gradient_to_weight_ratios(model, half_se, [(x, y)]).ratios  # ||(7, 0, 7)|| / ||(3, 0, 4)||
         {'': 1.9798989873223332}
     """
-    _, gradient = _loss_and_gradient(model, loss_fn, batches)
+    _, gradient = _loss_and_gradient(model, loss_fn, batches, bn_statistics)
     parameters = dict(model.named_parameters())
     grad_squares: dict[str, float] = {}
     weight_squares: dict[str, float] = {}
@@ -413,6 +430,7 @@ def activation_conditioning(
     inputs: Tensor,
     layers: Sequence[str] | None = None,
     floor: float = DEFAULT_CONDITION_FLOOR,
+    bn_statistics: str = "batch",
 ) -> dict[str, LayerConditioning]:
     """The condition numbers of the centred covariances of each layer's input and output features.
 
@@ -433,6 +451,9 @@ def activation_conditioning(
             BatchNorm layer that the forward pass calls.
         floor: the relative eigenvalue floor, in (0, 1).
 
+        bn_statistics: how BatchNorm layers normalise: ``"batch"`` (default) with each batch's own statistics,
+            as in a training step, so the loss is the one the optimizer descends; ``"running"`` with their
+            running statistics, the network at test time. Running statistics are never updated.
     Returns:
         ``{layer: LayerConditioning(input_condition, input_rank, output_condition, output_rank)}`` in
         ``named_modules`` order.
@@ -467,7 +488,7 @@ def activation_conditioning(
     device = model_device(model)
     handles = [layer.register_forward_hook(record(name, layer)) for name, layer in chosen.items()]
     try:
-        with eval_mode(model), torch.no_grad(), forked_rng(device):
+        with measurement_mode(model, bn_statistics), torch.no_grad(), forked_rng(device):
             model(inputs.to(device))
     finally:
         for handle in handles:

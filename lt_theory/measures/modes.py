@@ -13,9 +13,13 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["eval_mode", "forked_rng"]
+__all__ = ["BN_STATISTICS", "batch_statistics", "eval_mode", "forked_rng", "measurement_mode"]
+
+BN_STATISTICS = ("batch", "running")
+"""How BatchNorm layers normalise during a measurement: as in a training step, or as at test time."""
 
 
 @contextlib.contextmanager
@@ -44,6 +48,60 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """Make every BatchNorm layer (SyncBatchNorm included) normalise with the statistics of the batch it sees,
+    as in a training step, whatever its mode, without updating its running statistics.
+
+    Forward hooks replace each layer's output by ``F.batch_norm`` of its input with batch statistics and the
+    layer's own affine parameters (those ``torch.func.functional_call`` passes, when it runs the model), so
+    the layer's mode, its buffers and a SyncBatchNorm's process group are never touched: under DDP a
+    measurement on one rank enters no collective. The hooks run before any other forward hook of the layer, so
+    those see the batch-normalised output.
+
+    Args:
+        model: the module.
+
+    Returns:
+        A context manager yielding ``model``; the hooks are removed on exit.
+
+    Example:
+        >>> norm = nn.BatchNorm1d(1).eval()  # running statistics: mean 0, variance 1
+        >>> inputs = torch.tensor([[1.0], [3.0]])
+        >>> with batch_statistics(norm):
+        ...     norm(inputs).flatten().tolist()  # (x - 2) / sqrt(1 + 1e-5)
+        [-0.9999949932098389, 0.9999949932098389]
+        >>> norm(inputs).flatten().tolist(), norm.running_mean.tolist()  # back to the running statistics
+        ([0.9999949932098389, 2.9999849796295166], [0.0])
+    """
+
+    def with_batch_statistics(module: nn.modules.batchnorm._BatchNorm, args, output):
+        return F.batch_norm(args[0], None, None, module.weight, module.bias, True, 0.0, module.eps)
+
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    handles = [layer.register_forward_hook(with_batch_statistics, prepend=True) for layer in layers]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def measurement_mode(model: nn.Module, bn_statistics: str = "running") -> Iterator[nn.Module]:
+    """:func:`eval_mode` (dropout off, no buffer updated), with BatchNorm normalising by its running statistics
+    (``"running"``, the network at test time) or by each batch's (``"batch"``, the loss a training step sees:
+    :func:`batch_statistics`).
+
+    Raises:
+        ValueError: for another ``bn_statistics``.
+    """
+    if bn_statistics not in BN_STATISTICS:
+        raise ValueError(f"`bn_statistics` must be one of {BN_STATISTICS}, got {bn_statistics!r}")
+    with eval_mode(model), (batch_statistics(model) if bn_statistics == "batch" else contextlib.nullcontext()):
+        yield model
 
 
 def forked_rng(device: torch.device | str | None = None) -> contextlib.AbstractContextManager:
