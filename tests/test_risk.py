@@ -414,6 +414,104 @@ def test_find_peaks_with_a_known_noise_level_uses_it_as_the_floor():
         find_peaks(curve, noise_level=-0.01)
 
 
+def test_find_peaks_standard_errors_set_the_floor_of_each_comparison():
+    """``noise_factor sqrt(2 ln n) sqrt((e_i^2 + e_j^2) / 2)`` between the two points a comparison subtracts:
+    the peak and its higher base for the prominence, the top of the first descent and the left base for the
+    descent; equal standard errors everywhere are ``noise_level``."""
+    # Peak at index 4 (0.47), bases at 2 (0.44, the higher) and 9 (0.30): prominence 0.03; the descent before
+    # it runs from index 0 (0.62) to 2: 0.18. n = 10 points.
+    curve = [0.62, 0.49, 0.44, 0.457, 0.47, 0.451, 0.41, 0.37, 0.32, 0.30]
+    floor = 1.25 * math.sqrt(2 * math.log(10))
+    for delta, found in ((-1e-6, 1), (1e-6, 0)):
+        sigma = 0.03 / floor + delta
+        assert len(find_peaks(curve, smoothing=None, standard_errors=[sigma] * 10)) == found
+        assert len(find_peaks(curve, smoothing=None, noise_level=sigma)) == found
+        # only the peak's and its higher base's count for the prominence: the root mean square of the two
+        errors = [0.0] * 10
+        errors[4], errors[2] = 0.0, math.sqrt(2) * sigma
+        errors[9] = errors[7] = 1.0  # the lower base and a point on the way down: no part in it
+        assert len(find_peaks(curve, smoothing=None, standard_errors=errors)) == found
+        errors[4], errors[2] = sigma, sigma
+        assert len(find_peaks(curve, smoothing=None, standard_errors=errors)) == found
+        # the descent: its top (index 0) and the left base
+        errors = [0.0] * 10
+        errors[0] = math.sqrt(2) * (0.18 / floor + delta)
+        assert len(find_peaks(curve, smoothing=None, standard_errors=errors)) == found
+        assert (
+            len(find_peaks(curve, smoothing=None, standard_errors=errors, require_descent_before=False)) == 1
+        )
+    (peak,) = find_peaks(curve, smoothing=None, standard_errors=[0.0] * 10)
+    assert (peak.index, peak.left_base, peak.right_base) == (4, 2, 9)
+    assert peak.prominence == pytest.approx(0.03, abs=1e-12)
+    # a plateau (indices 3 to 5, prominence 1 over the left base at index 2) is held to its largest one
+    plateau = [3.0, 2.0, 1.0, 2.0, 2.0, 2.0, 1.0, 0.0]
+    floor = 1.25 * math.sqrt(2 * math.log(8))
+    for delta, found in ((-1e-6, 1), (1e-6, 0)):
+        errors = [0.0] * 8
+        errors[5] = math.sqrt(2) * (1.0 / floor + delta)
+        assert len(find_peaks(plateau, smoothing=None, standard_errors=errors)) == found
+
+
+def test_find_peaks_standard_errors_through_the_smoothing():
+    """The moving median's value is one raw point's: its standard error is that point's (a spike's huge one
+    does not count when the median drops the spike); the moving mean's is the root mean square over the
+    window, in units of one raw point."""
+    curve = [5.0, 4.0, 3.0, 2.0, 3.0, 9.0, 4.0, 3.0, 2.0, 1.0, 0.0]
+    # median of 3: 5 4 3 3 3 4 4 3 2 1 0; a plateau of 4 at indices 5, 6 (the raw 4 at index 6 both times),
+    # left base index 4 (the raw 3 at index 4), right base the end: prominence 1; descent 5 - 3 = 2.
+    floor = 1.25 * math.sqrt(2 * math.log(11))
+    errors = [0.0] * 11
+    errors[5] = 100.0  # the spike
+    (peak,) = find_peaks(curve, standard_errors=errors)
+    assert (peak.index, peak.height, peak.prominence, peak.left_base) == (5, 4.0, 1.0, 4)
+    for delta, found in ((-1e-6, 1), (1e-6, 0)):
+        errors[6] = math.sqrt(2) * (1.0 / floor + delta)
+        assert len(find_peaks(curve, standard_errors=errors)) == found
+    errors = [0.0] * 11
+    errors[4] = math.sqrt(2) * (2.0 / floor + 1e-6)  # the left base's raw point: its descent goes
+    assert find_peaks(curve, standard_errors=errors) == []
+    errors[4] = math.sqrt(2) * (1.0 / floor - 1e-6)  # and the prominence (1) just holds
+    assert len(find_peaks(curve, standard_errors=errors, require_descent_before=False)) == 1
+
+    curve = [6.0, 5.0, 4.0, 3.0, 2.0, 3.0, 5.0, 3.0, 2.0, 1.0, 0.0, -1.0]
+    # mean of 3: ... 3, 8/3, 10/3, 11/3, 10/3, 2 ...; peak at index 6, left base 4: prominence 1. A standard
+    # error e at raw index 7 (in the peak's window, not the base's) gives the peak e / sqrt(3).
+    floor = 1.25 * math.sqrt(2 * math.log(12))
+    (peak,) = find_peaks(curve, smoothing="mean", standard_errors=[0.0] * 12)
+    assert (peak.index, peak.left_base, peak.prominence) == (6, 4, pytest.approx(1.0, abs=1e-12))
+    for delta, found in ((-1e-6, 1), (1e-6, 0)):
+        errors = [0.0] * 12
+        errors[7] = math.sqrt(6) * (1.0 / floor + delta)
+        assert len(find_peaks(curve, smoothing="mean", standard_errors=errors)) == found
+        sigma = 1.0 / floor + delta  # equal standard errors: the floor of noise_level
+        assert len(find_peaks(curve, smoothing="mean", standard_errors=[sigma] * 12)) == found
+        assert len(find_peaks(curve, smoothing="mean", noise_level=sigma)) == found
+
+
+def test_find_peaks_rejects_bad_standard_errors():
+    curve = [1.0, 0.5, 0.8, 0.3]
+    with pytest.raises(
+        ValueError, match="`standard_errors` must have one entry per entry of `values` \\(4\\), got 3"
+    ):
+        find_peaks(curve, standard_errors=[0.1, 0.1, 0.1])
+    for bad in (-0.1, math.nan, math.inf):
+        with pytest.raises(ValueError, match="`standard_errors` must be finite and >= 0"):
+            find_peaks(curve, standard_errors=[0.1, bad, 0.1, 0.1])
+    with pytest.raises(ValueError, match="`standard_errors`"):
+        find_peaks(curve, standard_errors=torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="`standard_errors`"):
+        find_peaks(curve, standard_errors="0.1")
+    with pytest.raises(ValueError, match="`noise_level`.*`standard_errors`"):
+        find_peaks(curve, noise_level=0.1, standard_errors=[0.1] * 4)
+    # where the value is NaN or Inf (dropped), so may its standard error be; a tensor works like a list
+    curve = [1.0, 0.5, math.nan, 0.8, 0.3, math.inf, 0.2]
+    errors = [0.01, 0.01, math.nan, 0.01, 0.01, -1.0, 0.01]
+    assert find_peaks(curve, smoothing=None, standard_errors=errors) == find_peaks(
+        curve, smoothing=None, standard_errors=torch.tensor([0.01] * 7)
+    )
+    assert len(find_peaks(curve, smoothing=None, standard_errors=errors)) == 1
+
+
 def test_find_peaks_none_on_a_monotone_noisy_curve():
     for seed in range(20):
         assert find_peaks(descending(GRID) + noise(seed, 0.02), GRID) == [], seed
