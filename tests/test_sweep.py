@@ -1,42 +1,36 @@
-"""The width sweep: the model-wise machinery against theory (min-norm random features); what the aggregation
-computes itself, on hand-written runs with known answers (means by width and by parameter count, the
-interpolation threshold, the peak and its noise level, the verdict, the summary table, the figure, the
-bias-variance decomposition by width against its definitions); the CLI on a tiny grid (hparams, final metrics
-against a plain evaluation of the final models, the aggregated curve, the data module reused, a SLURM task
-equal to its sequential run), the bias-variance mode, and bad inputs."""
+"""The sweep's aggregation: the model-wise machinery against theory (min-norm random features); what the
+aggregation computes itself, on hand-written runs with known answers (means by width and by parameter count,
+the interpolation threshold, the peak and its noise level, the verdict, the summary table, the figure, the
+bias-variance decomposition by width against its definitions); the curves of any axes on hand-written records
+(axis kinds, crossed axes, replicates, the effective model complexity, callback scalars and their log-log
+slopes against numpy.polyfit). The config format is tested in test_sweep_config.py, trained sweeps in
+test_sweep_run.py."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
 
-import lt_theory.data.datamodule as datamodule_module
 import lt_theory.sweep.curve as sweep_curve
-import lt_theory.sweep.run as sweep_run
 from lt_theory import loggers
-from lt_theory.measures.risk import cross_entropy_bias_variance, mse_bias_variance
+from lt_theory.measures.risk import effective_model_complexity
 from lt_theory.sweep import (
     AGGREGATE_DIR,
     AGGREGATE_FILE,
     RESULT_FILE,
     aggregate,
-    build_model,
-    check_splits,
-    check_widths,
-    main,
+    axis_kinds,
+    loglog_slope,
     model_wise_curve,
-    sweep_tasks,
+    sweep_curves,
 )
+from lt_theory.sweep.report import summary
 
 # --------------------------------------------------------------------------------------------------------
 # Theory: min-norm least squares on random ReLU features (Belkin, Hsu, Ma & Mandal, PNAS 2019)
@@ -133,7 +127,7 @@ def test_lstsq_gives_the_minimum_norm_interpolant_above_the_threshold():
 def test_min_norm_random_features_peak_at_p_equal_n_through_the_aggregation(tmp_path, n, one_thread):
     """The same aggregation code as a sweep: result.json files in, the peak and the threshold out."""
     _write_runs(tmp_path, _random_features_runs(n))
-    curve = aggregate(tmp_path, epsilon=1e-8)
+    curve = aggregate(tmp_path, epsilon=1e-8).model_wise
     assert curve.interpolation_width == n  # the first p whose training MSE is 0: p = n
     assert [peak.position for peak in curve.peaks] == [n]  # exactly one peak, at p = n
     test = dict(zip(curve.widths, curve.metrics["test_error"]))
@@ -143,7 +137,9 @@ def test_min_norm_random_features_peak_at_p_equal_n_through_the_aggregation(tmp_
     assert "at the interpolation threshold, as double descent predicts" in curve.verdict
     assert "Wider helps here" in curve.verdict
     saved = json.loads((tmp_path / AGGREGATE_DIR / AGGREGATE_FILE).read_text())
-    assert saved["peaks"][0]["position"] == n and saved["interpolation_width"] == n
+    assert (
+        saved["model_wise"]["peaks"][0]["position"] == n and saved["model_wise"]["interpolation_width"] == n
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -268,7 +264,7 @@ def test_aggregate_logs_hand_computed_means_threshold_and_peak_by_width_and_by_p
     _write_hand_runs(tmp_path)
     peak_calls = _spy(monkeypatch, sweep_curve, "find_peaks")
     figures = _spy(monkeypatch, loggers, "log_figure")
-    curve = aggregate(tmp_path, epsilon=0.01)
+    curve = aggregate(tmp_path, epsilon=0.01).model_wise
 
     assert curve.widths == _HAND_WIDTHS and curve.num_parameters == _HAND_PARAMS and curve.runs == [2] * 7
     for name, means in _HAND_MEANS.items():
@@ -367,7 +363,7 @@ def test_bias_variance_by_width_assembles_each_widths_splits_and_leaves_incomple
         (folder / RESULT_FILE).write_text(json.dumps(record))
     figures = _spy(monkeypatch, loggers, "log_figure")
     with pytest.warns(UserWarning, match=r"width 8: .* split\(s\) \[1\] have not finished"):
-        curve = aggregate(tmp_path)
+        curve = aggregate(tmp_path).model_wise
 
     expected: dict[str, list[float]] = {}
     for width in (2, 4):
@@ -417,365 +413,6 @@ def test_bias_variance_by_width_assembles_each_widths_splits_and_leaves_incomple
     ]
 
 
-# --------------------------------------------------------------------------------------------------------
-# The CLI on a tiny grid
-# --------------------------------------------------------------------------------------------------------
-
-TINY = [
-    "--model.class_path=lt_theory.models.MLP",
-    "--model.width_arg=hidden",
-    "--data=lt_theory.data.SyntheticCIFARDataModule",
-    "--data.num_train=48",
-    "--data.num_test=24",
-    "--data.batch_size=16",
-    "--data.label_noise=0.25",
-    "--module.optimizer=adam",
-    "--module.lr=0.01",
-    "--module.schedule=constant",
-    "--trainer.max_epochs=1",
-    "--trainer.accelerator=cpu",
-    "--trainer.devices=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.enable_checkpointing=false",
-    "--trainer.num_sanity_val_steps=0",
-    "--trainer.limit_val_batches=0",
-    "--trainer.log_every_n_steps=1",
-    "--name=tiny",
-]
-
-
-def _run(tmp_path, *extra):
-    return main(["run", *TINY, f"--logdir={tmp_path}", *extra])
-
-
-def _events(folder: Path) -> EventAccumulator:
-    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
-    accumulator.Reload()
-    return accumulator
-
-
-def _hparams(accumulator: EventAccumulator) -> dict:
-    content = accumulator.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
-    values = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
-    return {k: (v.number_value if v.HasField("number_value") else v.string_value) for k, v in values.items()}
-
-
-def _plain_final_metrics(data, model) -> dict[str, float]:
-    """The final metrics of a run by a plain loop over the whole training set and the test set."""
-    train, test = data.train_dataset, data.test_dataset
-    noisy = torch.zeros(len(train.labels), dtype=torch.bool)
-    noisy[train.noisy_indices] = True
-    model.eval()
-    with torch.no_grad():
-        right = (model(data.preprocess(train.images)).argmax(dim=1) == train.labels).double()
-        test_logits = model(data.preprocess(test.images)).double()
-    return {
-        "train_error": 1 - float(right.mean()),
-        "train_error_clean": 1 - float(right[~noisy].mean()),
-        "train_error_noisy": 1 - float(right[noisy].mean()),
-        "memorized_fraction": float(right[noisy].mean()),
-        "test_error": float((test_logits.argmax(dim=1) != test.labels).double().mean()),
-        "test_loss": float(torch.nn.functional.cross_entropy(test_logits, test.labels)),
-    }
-
-
-def test_tiny_sweep_logs_hparams_and_final_metrics_and_aggregates_exactly_those(tmp_path, monkeypatch):
-    generated = []
-    original = datamodule_module.make_synthetic_cifar
-    monkeypatch.setattr(
-        datamodule_module,
-        "make_synthetic_cifar",
-        lambda *a, **k: generated.append(a) or original(*a, **k),
-    )
-    finals = {}  # width -> (the data module, a copy of the final model), taken as the sweep logs its hparams
-    log_final = sweep_run._FinalHyperparameters.on_fit_end
-
-    def keep_final_model(self, trainer, pl_module):
-        finals[self.params["width"]] = (trainer.datamodule, copy.deepcopy(pl_module))
-        return log_final(self, trainer, pl_module)
-
-    monkeypatch.setattr(sweep_run._FinalHyperparameters, "on_fit_end", keep_final_model)
-    curve = _run(
-        tmp_path, "--widths=[4, 2]", "--seed=3", "--trainer.max_epochs=2", "--probe.every_n_epochs=1"
-    )
-    assert len(generated) == 1  # one data module for the whole sweep
-    expected = {width: _plain_final_metrics(*finals[width]) for width in (2, 4)}
-    sweep = tmp_path / "tiny"
-    results = {w: json.loads((sweep / f"width_{w:04d}" / RESULT_FILE).read_text()) for w in (2, 4)}
-    for width, result in results.items():
-        events = _events(sweep / f"width_{width:04d}")
-        expected_parameters = 3 * 32 * 32 * width + width + 10 * width + 10  # MLP((3, 32, 32), (w,))
-        assert _hparams(events) == {
-            "width": width,
-            "seed": 3,
-            "num_parameters": expected_parameters,
-            "model": "lt_theory.models.MLP",
-            "label_noise": 0.25,
-        }
-        assert result["num_parameters"] == expected_parameters and result["epochs"] == 2
-        assert result["num_test"] == 24 and result["global_step"] == 6
-        for name, value in result["metrics"].items():
-            # the final model's numbers, not the first epoch's: a plain evaluation of its weights
-            tolerance = 1e-5 if name == "test_loss" else 1e-12
-            assert value == pytest.approx(expected[width][name], rel=tolerance, abs=1e-12), (width, name)
-            logged = events.Scalars(f"dd/final_{name}")
-            assert [(e.step, e.value) for e in logged] == [(6, pytest.approx(value, rel=1e-6))]
-            assert [e.step for e in events.Scalars(f"dd/{name}")] == [3, 6]
-            assert events.Scalars(f"dd/{name}")[-1].value == pytest.approx(value, rel=1e-6)
-        assert set(result["metrics"]) == {
-            "train_error",
-            "train_error_clean",
-            "train_error_noisy",
-            "memorized_fraction",
-            "test_error",
-            "test_loss",
-        }
-    # the aggregated curve is made of exactly the runs' final metrics
-    assert curve.widths == [2, 4] and curve.runs == [1, 1]
-    for name in ("train_error", "test_error", "test_loss", "memorized_fraction"):
-        assert curve.metrics[name] == [results[2]["metrics"][name], results[4]["metrics"][name]]
-        assert curve.metrics[name] == pytest.approx(
-            [expected[2][name], expected[4][name]], rel=1e-5, abs=1e-12
-        )
-    aggregated = _events(sweep / AGGREGATE_DIR)
-    for name in ("train_error", "test_error"):
-        by_width = [(e.step, e.value) for e in aggregated.Scalars(f"dd/{name}_by_width")]
-        assert by_width == [(w, pytest.approx(results[w]["metrics"][name], rel=1e-6)) for w in (2, 4)]
-        by_params = [(e.step, e.value) for e in aggregated.Scalars(f"dd/{name}_by_params")]
-        assert [s for s, _ in by_params] == [results[w]["num_parameters"] for w in (2, 4)]
-    assert "dd/modelwise_curve" in aggregated.Tags()["images"]
-    assert "dd/modelwise_summary/text_summary" in aggregated.Tags()["tensors"]
-    saved = json.loads((sweep / AGGREGATE_DIR / AGGREGATE_FILE).read_text())
-    assert saved["metrics"]["test_error"] == curve.metrics["test_error"]
-    assert "Wider" in saved["verdict"]
-
-
-def test_a_slurm_task_trains_what_the_sequential_sweep_trained_and_done_runs_are_kept(tmp_path, monkeypatch):
-    _run(tmp_path / "sequential", "--widths=[2, 4]")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
-    results = _run(tmp_path / "array", "--widths=[2, 4]")  # task 1 = width 4, no aggregation
-    assert [r["width"] for r in results] == [4]
-    assert not (tmp_path / "array" / "tiny" / "width_0002").exists()
-    assert not (tmp_path / "array" / "tiny" / AGGREGATE_DIR).exists()
-    alone = json.loads((tmp_path / "array" / "tiny" / "width_0004" / RESULT_FILE).read_text())
-    in_sequence = json.loads((tmp_path / "sequential" / "tiny" / "width_0004" / RESULT_FILE).read_text())
-    assert alone["metrics"] == in_sequence["metrics"]  # the data module was reset between the runs
-    events_before = sorted((tmp_path / "array" / "tiny" / "width_0004").glob("events.*"))
-    again = _run(tmp_path / "array", "--widths=[2, 4]", "--task_index=1")
-    assert again[0]["metrics"] == alone["metrics"]
-    assert sorted((tmp_path / "array" / "tiny" / "width_0004").glob("events.*")) == events_before
-    curve = main(["aggregate", f"--logdir={tmp_path / 'array' / 'tiny'}"])
-    assert curve.widths == [4]
-
-
-def test_bias_variance_mode_decomposes_the_saved_test_predictions(tmp_path):
-    curve = _run(tmp_path, "--widths=[2, 4]", "--splits=2")
-    sweep = tmp_path / "tiny"
-    assert sorted(p.name for p in sweep.iterdir()) == [
-        AGGREGATE_DIR,
-        "width_0002_split_0",
-        "width_0002_split_1",
-        "width_0004_split_0",
-        "width_0004_split_1",
-    ]
-    for i, width in enumerate((2, 4)):
-        saved = [torch.load(sweep / f"width_{width:04d}_split_{s}" / "test_predictions.pt") for s in (0, 1)]
-        logits = torch.stack([p["logits"].double() for p in saved])
-        labels = saved[0]["labels"]
-        ce = cross_entropy_bias_variance(logits, labels)
-        mse = mse_bias_variance(torch.softmax(logits, dim=-1), labels)
-        assert curve.bias_variance["bias_squared"][i] == pytest.approx(float(ce.bias_squared), rel=1e-12)
-        assert curve.bias_variance["variance"][i] == pytest.approx(float(ce.variance), rel=1e-12)
-        assert curve.bias_variance["mse_variance"][i] == pytest.approx(float(mse.variance), rel=1e-12)
-        assert curve.bias_variance["mse_bias_squared"][i] == pytest.approx(float(mse.bias_squared), rel=1e-12)
-        assert curve.bias_variance["variance"][i] > 0  # two models on disjoint halves, two initialisations
-        hparams = [_hparams(_events(sweep / f"width_{width:04d}_split_{s}")) for s in (0, 1)]
-        assert [(h["split"], h["num_splits"]) for h in hparams] == [(0, 2), (1, 2)]
-        errors = [
-            json.loads((sweep / f"width_{width:04d}_split_{s}" / RESULT_FILE).read_text()) for s in (0, 1)
-        ]
-        assert curve.metrics["test_error"][i] == pytest.approx(
-            (errors[0]["metrics"]["test_error"] + errors[1]["metrics"]["test_error"]) / 2
-        )
-    aggregated = _events(sweep / AGGREGATE_DIR)
-    assert [e.step for e in aggregated.Scalars("dd/variance_by_width")] == [2, 4]
-    assert "dd/bias_variance" in aggregated.Tags()["images"]
-
-
-def test_print_tasks_lists_the_array(tmp_path, capsys):
-    assert _run(tmp_path, "--widths=[1, 3]", "--splits=2", "--print_tasks=true") is None
-    out = capsys.readouterr().out
-    assert "4 tasks; as a SLURM array: sbatch --array=0-3" in out
-    assert "task   3: width_0003_split_1" in out
-    assert not (tmp_path / "tiny").exists()
-
-
-# --------------------------------------------------------------------------------------------------------
-# Bad inputs
-# --------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "widths, match",
-    [
-        ([], "empty grid"),
-        ([0, 2], "ints >= 1"),
-        ([-1], "ints >= 1"),
-        ([2, 2], "repeat"),
-        ([1.5], "ints >= 1"),
-    ],
-)
-def test_bad_width_grids_raise_value_error(widths, match):
-    with pytest.raises(ValueError, match=match):
-        check_widths(widths)
-    with pytest.raises(ValueError, match="`widths`"):
-        sweep_tasks(widths)
-
-
-@pytest.mark.parametrize("splits", [1, 0, -2, True, 2.0])
-def test_fewer_than_two_splits_raise_value_error(splits):
-    with pytest.raises(ValueError, match="`splits`.*m >= 2"):
-        check_splits(splits)
-
-
-@pytest.mark.parametrize(
-    "extra, match",
-    [
-        (["--widths=[]"], "empty grid"),
-        (["--widths=[0, 4]"], "ints >= 1"),
-        (["--splits=1"], "m >= 2"),
-        (["--widths=[2, 4]", "--task_index=2"], r"`task_index` must be in \[0, 2\)"),
-        (["--model.width_arg=width"], "`model.width_arg` must name an argument"),
-        (["--model.init_args={'hidden': 8}"], "must not set the swept width argument"),
-        (["--model.class_path=lt_theory.models.NoSuchNet"], "`model.class_path`"),
-    ],
-)
-def test_bad_cli_arguments_are_usage_errors(tmp_path, capsys, extra, match):
-    with pytest.raises(SystemExit) as exit_info:
-        _run(tmp_path, *extra)
-    assert exit_info.value.code == 2
-    assert __import__("re").search(match, capsys.readouterr().err)
-    assert not (tmp_path / "tiny").exists()
-
-
-def test_aggregate_of_an_empty_or_missing_folder_is_a_usage_error(tmp_path, capsys):
-    for folder in (tmp_path, tmp_path / "missing"):
-        with pytest.raises(SystemExit):
-            main(["aggregate", f"--logdir={folder}"])
-    assert "no finished run" in capsys.readouterr().err
-
-
-def test_build_model_fills_sequence_width_arguments_and_passes_num_classes():
-    assert build_model("lt_theory.models.MLP", "hidden", 5, {"in_shape": [4]}, num_classes=3).hidden == (5,)
-    two = build_model("lt_theory.models.MLP", "hidden", 6, {"in_shape": [4], "hidden": [0, 0]})
-    assert list(two.hidden) == [6, 6]
-    net = build_model("lt_theory.models.PreActResNet18", "k", 2, num_classes=7)
-    assert net.k == 2 and net.fc.out_features == 7
-    with pytest.raises(ValueError, match="`model.width_arg`"):
-        build_model("lt_theory.models.PreActResNet18", "width", 2)
-    pooled = build_model("lt_theory.models.PreActResNet18", "k", 2, input_pool=2)
-    assert isinstance(pooled[0], torch.nn.AvgPool2d) and pooled[0].kernel_size == 2
-    plain = build_model("lt_theory.models.PreActResNet18", "k", 2)
-    assert sum(p.numel() for p in pooled.parameters()) == sum(p.numel() for p in plain.parameters())
-    x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(pooled(x), pooled[1](torch.nn.functional.avg_pool2d(x, 2)))
-    with pytest.raises(ValueError, match="`model.input_pool`"):
-        build_model("lt_theory.models.PreActResNet18", "k", 2, input_pool=0)
-
-
-TINY_CONFIG = """
-widths: [2, 4]
-logdir: {logdir}
-name: tiny
-model:
-  class_path: lt_theory.models.MLP
-  width_arg: hidden
-data:
-  class_path: lt_theory.data.SyntheticCIFARDataModule
-  init_args: {{num_train: 48, num_test: 24, batch_size: 16, label_noise: 0.25}}
-module: {{optimizer: adam, lr: 0.01, schedule: constant}}
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  enable_progress_bar: false
-  enable_model_summary: false
-  enable_checkpointing: false
-  limit_val_batches: 0
-"""
-
-
-def test_the_slurm_array_template_runs_its_task_of_a_sweep_config(tmp_path):
-    """recipes/slurm/sweep_array.sbatch --sweep CONFIG, with `srun` replaced by a pass-through."""
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_CONFIG.format(logdir=tmp_path / "runs"))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    # the pass-through also says which Python environment `python` starts in the template
-    (bin_dir / "srun").write_text('#!/bin/bash\npython -c "import sys; print(\'PREFIX\', sys.prefix)"\nexec "$@"\n')
-    (bin_dir / "srun").chmod(0o755)
-    # A wrapper, not a symlink: Python finds its virtual environment from the path it is started by, so a
-    # symlink in another folder would start the base interpreter without this environment's packages.
-    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    (bin_dir / "python").chmod(0o755)
-    script = Path(__file__).parents[1] / "recipes" / "slurm" / "sweep_array.sbatch"
-    environment = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID="1")
-    done = subprocess.run(
-        ["bash", str(script), "--sweep", str(config), "--seed=2"],
-        env=environment,
-        cwd=Path(__file__).parents[1],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert f"PREFIX {sys.prefix}\n" in done.stdout  # the test's own (virtual) environment, not the base one
-    runs = sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir())
-    assert runs == ["width_0004"]  # task 1 of widths [2, 4], no aggregation inside an array task
-    result = json.loads((tmp_path / "runs" / "tiny" / "width_0004" / RESULT_FILE).read_text())
-    assert result["width"] == 4 and result["seed"] == 2
-
-
-SWEEP_CONFIGS = sorted((Path(__file__).parents[1] / "recipes" / "configs" / "sweeps").glob("*.yaml"))
-
-
-@pytest.mark.parametrize("config", SWEEP_CONFIGS, ids=lambda p: p.name)
-def test_every_sweep_config_parses_and_lists_its_tasks(config, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["run", "--config", str(config), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    assert "class_path: lt_theory" in capsys.readouterr().out
-    assert main(["run", "--config", str(config), "--print_tasks=true"]) is None
-    assert "tasks; as a SLURM array" in capsys.readouterr().out
-
-
-# --------------------------------------------------------------------------------------------------------
-# Stale results: another config, a rerun, mixed runs
-# --------------------------------------------------------------------------------------------------------
-
-
-def test_a_sweep_folder_made_with_other_settings_is_refused_and_rerun_starts_afresh(tmp_path, capsys):
-    _run(tmp_path, "--widths=[2]")
-    run = tmp_path / "tiny" / "width_0002"
-    before = json.loads((run / RESULT_FILE).read_text())
-    capsys.readouterr()
-    with pytest.raises(SystemExit):
-        _run(tmp_path, "--widths=[2]", "--data.label_noise=0.0")
-    message = capsys.readouterr().err
-    assert "data differ" in message and "--rerun true" in message and "--name" in message, message
-    assert json.loads((run / RESULT_FILE).read_text()) == before  # untouched
-    curve = _run(tmp_path, "--widths=[2]", "--data.label_noise=0.0", "--rerun=true")
-    assert "train_error_noisy" in before["metrics"] and "train_error_noisy" not in curve.metrics
-    assert len(list(run.glob("events.out.tfevents.*"))) == 1  # the first run's events are gone
-    assert json.loads((run / RESULT_FILE).read_text())["label_noise"] == 0.0
-
-
-def test_a_data_seed_other_than_the_sweeps_is_a_usage_error(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        _run(tmp_path, "--widths=[2]", "--data.seed=5")
-    assert "give `--seed` instead" in capsys.readouterr().err
-
-
 def test_full_data_and_bias_variance_runs_are_not_averaged_together():
     plain = {"width": 2, "num_parameters": 20, "metrics": {"test_error": 0.3}}
     split = {**plain, "split": 0, "num_splits": 2}
@@ -800,3 +437,196 @@ def test_a_damaged_result_file_is_named_and_nothing_is_overwritten(tmp_path):
         aggregate(tmp_path)
     assert damaged.read_text() == '{"width": 2, "metr'
     assert not (tmp_path / AGGREGATE_DIR).exists()
+
+
+def _events(folder: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+# --------------------------------------------------------------------------------------------------------
+# Any axes, on hand-written records: kinds, crossed curves, replicates, EMC, callback scalars and slopes
+# --------------------------------------------------------------------------------------------------------
+
+WIDTH, SIZE, NOISE, SEED = (
+    "model.net.init_args.k",
+    "data.init_args.num_train",
+    "data.init_args.label_noise",
+    "seed_everything",
+)
+
+# Mean train error by (k, n) over two seeds, at epsilon = 0.01: k = 2 fits n <= 200 (the seeds 0.00 and 0.02
+# at n = 200 average to 0.01), so its EMC is 200; k = 8 fits n <= 400 (EMC 400), and 800 is the first failure
+# of both. Test errors peak where each k's EMC is (Nakkiran et al.'s sample-wise non-monotonicity).
+_SAMPLE_TRAIN = {
+    (2, 100): (0.0, 0.0),
+    (2, 200): (0.0, 0.02),
+    (2, 400): (0.10, 0.12),
+    (2, 800): (0.30, 0.28),
+    (8, 100): (0.0, 0.0),
+    (8, 200): (0.0, 0.0),
+    (8, 400): (0.01, 0.0),
+    (8, 800): (0.06, 0.04),
+}
+_SAMPLE_TEST = {
+    (2, 100): 0.50,
+    (2, 200): 0.62,
+    (2, 400): 0.45,
+    (2, 800): 0.35,
+    (8, 100): 0.40,
+    (8, 200): 0.38,
+    (8, 400): 0.47,
+    (8, 800): 0.30,
+}
+
+
+def _sample_records() -> list[dict]:
+    records = []
+    for (k, n), train_errors in _SAMPLE_TRAIN.items():
+        for seed, train in enumerate(train_errors):
+            records.append(
+                {
+                    "axes": {WIDTH: k, SIZE: n, SEED: seed},
+                    "num_parameters": 100 * k * k,
+                    "train_size": n,
+                    "num_test": 10_000,
+                    "metrics": {"train_error": train, "test_error": _SAMPLE_TEST[k, n] + 0.001 * seed},
+                }
+            )
+    return records
+
+
+def _write_records(directory: Path, records: list[dict]) -> None:
+    for i, record in enumerate(records):
+        folder = directory / f"run_{i:03d}"
+        folder.mkdir(parents=True)
+        (folder / RESULT_FILE).write_text(json.dumps(record))
+
+
+def test_a_training_set_size_axis_gives_the_sample_wise_curve_and_the_emc_by_hand(tmp_path):
+    records = _sample_records()
+    assert axis_kinds(records) == {WIDTH: "width", SIZE: "train_size", SEED: "seed"}
+    _write_records(tmp_path, records)
+    result = aggregate(tmp_path, epsilon=0.01)
+    assert result.model_wise is None  # two drawn axes: one curve per value of the other
+    events = _events(tmp_path / AGGREGATE_DIR)
+    for k in (2, 8):
+        stored = [json.loads(p.read_text()) for p in sorted(tmp_path.glob(f"run_*/{RESULT_FILE}"))]
+        mine = [r for r in stored if r["axes"][WIDTH] == k]
+        by_size: dict[int, list[float]] = {}
+        for r in mine:
+            by_size.setdefault(r["train_size"], []).append(r["metrics"]["train_error"])
+        hand_emc = max(n for n, errors in by_size.items() if sum(errors) / len(errors) <= 0.01)
+        assert hand_emc == {2: 200, 8: 400}[k]
+        curve = result.curve("train_size", k=k)
+        assert (curve.kind, curve.axis, curve.emc) == ("train_size", SIZE, hand_emc)
+        assert curve.positions == [100, 200, 400, 800] and curve.runs == [2, 2, 2, 2]
+        hand_test = [
+            sum(r["metrics"]["test_error"] for r in mine if r["train_size"] == n) / 2 for n in by_size
+        ]
+        assert curve.metrics["test_error"] == pytest.approx(hand_test, rel=1e-12)
+        assert f"n = {hand_emc}." in curve.verdict and f"[{WIDTH}={k}]" in curve.verdict
+        assert [(e.step, e.value) for e in events.Scalars(f"dd/effective_model_complexity/k={k}")] == [
+            (0, float(hand_emc))
+        ]
+        logged = [(e.step, e.value) for e in events.Scalars(f"dd/test_error_by_train_size/k={k}")]
+        assert logged == [(n, pytest.approx(e, rel=1e-6)) for n, e in zip(curve.positions, hand_test)]
+    [peak] = result.curve("train_size", k=8).peaks  # more data hurts from n = 200 to 400 at k = 8, its EMC
+    assert (peak.position, peak.left_base, peak.right_base) == (400, 200, 800)
+    # the model-wise curves at each n (seeds averaged): widths 2 and 8
+    at_400 = result.curve("width", num_train=400)
+    assert at_400.model_wise.widths == [2, 8] and at_400.model_wise.interpolation_width == 8
+    assert "dd/modelwise_curve/num_train=400" in events.Tags()["images"]
+
+
+def test_callback_scalars_against_width_and_their_loglog_slope_match_numpy_polyfit(tmp_path, monkeypatch):
+    widths = [1, 2, 4, 8, 16]
+    records = [
+        {
+            "axes": {WIDTH: k, SEED: seed},
+            "num_parameters": 10 * k,
+            "metrics": {"test_error": 0.3},
+            "final_scalars": {
+                "ntk/relative_change": 0.8 * k**-0.5 * (1.1 if seed else 0.95) * (1 + 0.05 * (k % 3)),
+                "spectral/lipschitz_upper": 3.0 + k,
+            },
+        }
+        for k in widths
+        for seed in (0, 1)
+    ]
+    _write_records(tmp_path, records)
+    figures = _spy(monkeypatch, loggers, "log_figure")
+    result = aggregate(tmp_path)
+    curve = result.curve("width")
+    means = [
+        sum(r["final_scalars"]["ntk/relative_change"] for r in records if r["axes"][WIDTH] == k) / 2
+        for k in widths
+    ]
+    assert curve.scalars["ntk/relative_change"] == pytest.approx(means, rel=1e-12)
+    expected = np.polyfit(np.log(widths), np.log(means), 1)[0]
+    assert curve.slopes["ntk/relative_change"] == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(-0.5, abs=0.05)
+    assert abs(np.polyfit(widths, means, 1)[0] - expected) > 0.3  # a slope on linear axes would differ
+    events = _events(tmp_path / AGGREGATE_DIR)
+    logged = [(e.step, e.value) for e in events.Scalars("ntk/relative_change_by_width")]
+    assert logged == [(k, pytest.approx(m, rel=1e-6)) for k, m in zip(widths, means)]
+    [slope] = events.Scalars("ntk/relative_change_loglog_slope_by_width")
+    assert (slope.step, slope.value) == (0, pytest.approx(expected, rel=1e-6))
+    [(args, _)] = [(a, k) for a, k in figures if a[1] == "ntk/relative_change_by_width_loglog"]
+    axis = args[2].axes[0]
+    assert (axis.get_xscale(), axis.get_yscale()) == ("log", "log")
+    points, fit = axis.get_lines()
+    assert list(points.get_ydata()) == pytest.approx(means, rel=1e-12)
+    assert np.polyfit(np.log(fit.get_xdata()), np.log(fit.get_ydata()), 1)[0] == pytest.approx(
+        expected, rel=1e-9
+    )
+    assert f"ntk/relative_change: log-log slope {expected:.4f}" in summary(result)
+
+
+def test_a_value_axis_crossed_with_width_gives_one_curve_per_value_of_the_other(tmp_path):
+    errors = {(2, 0.1): 0.30, (2, 0.2): 0.40, (4, 0.1): 0.25, (4, 0.2): 0.45, (8, 0.1): 0.20, (8, 0.2): 0.35}
+    records = [
+        {
+            "axes": {WIDTH: k, NOISE: p},
+            "num_parameters": 10 * k,
+            "label_noise": p,
+            "train_size": 1000,
+            "metrics": {"train_error": 0.0, "test_error": e},
+        }
+        for (k, p), e in errors.items()
+    ]
+    _write_records(tmp_path, records)
+    result = aggregate(tmp_path)
+    assert result.kinds == {WIDTH: "width", NOISE: "value"}
+    assert result.labels == {WIDTH: "width", NOISE: "label_noise"}
+    assert len(result.curves) == 2 + 3
+    for p in (0.1, 0.2):
+        curve = result.curve("width", label_noise=p)
+        assert curve.model_wise.widths == [2, 4, 8]
+        assert curve.metrics["test_error"] == [errors[k, p] for k in (2, 4, 8)]
+    for k in (2, 4, 8):
+        curve = result.curve(NOISE, k=k)
+        assert (curve.values, curve.steps) == ([0.1, 0.2], [0, 1])  # a float axis is logged by index
+        assert curve.metrics["test_error"] == [errors[k, 0.1], errors[k, 0.2]]
+    events = _events(tmp_path / AGGREGATE_DIR)
+    assert [e.step for e in events.Scalars("dd/test_error_by_width/label_noise=0.2")] == [2, 4, 8]
+    logged = [(e.step, e.value) for e in events.Scalars("dd/test_error_by_label_noise/k=4")]
+    assert logged == [(0, pytest.approx(0.25)), (1, pytest.approx(0.45))]
+    assert {"dd/error_by_width", "dd/error_by_label_noise"} <= set(events.Tags()["images"])
+
+
+def test_loglog_slope_keeps_positive_finite_points_and_needs_two_positions():
+    assert loglog_slope([1, 10, 100], [2.0, 20.0, 200.0]) == pytest.approx(1.0, rel=1e-12)
+    assert loglog_slope([0, 1, 10], [5.0, 2.0, 20.0]) == pytest.approx(1.0, rel=1e-12)  # x = 0 dropped
+    assert loglog_slope([1, 10, 100], [2.0, -1.0, 200.0]) == pytest.approx(1.0, rel=1e-12)  # y < 0 dropped
+    assert math.isnan(loglog_slope([3], [1.0])) and math.isnan(loglog_slope([2, 2], [1.0, 3.0]))
+
+
+def test_the_emc_of_the_sweep_is_the_measures_own(tmp_path):
+    records = _sample_records()
+    result = sweep_curves(records, epsilon=0.05)
+    for k in (2, 8):
+        mine = [r for r in records if r["axes"][WIDTH] == k]
+        sizes, train = [r["train_size"] for r in mine], [r["metrics"]["train_error"] for r in mine]
+        assert result.curve("train_size", k=k).emc == effective_model_complexity(sizes, train, 0.05)

@@ -1,6 +1,8 @@
 """Models for the recipes and the tests: CIFAR ResNets (He et al., 2016), PreAct ResNet-18 of width ``k``
-(Nakkiran et al., 2019), and small nets (MLP, LeNet-5). Plain ``torch.nn``, traceable by ``torch.fx``."""
+(Nakkiran et al., 2019), small nets (MLP, LeNet-5), and
+any of them on average-pooled inputs (PooledInput). Plain ``torch.nn``, traceable by ``torch.fx``."""
 
+from lt_theory.models.pooled import PooledInput
 from lt_theory.models.preact_resnet import PreActBlock, PreActResNet18
 from lt_theory.models.resnet_cifar import (
     BasicBlock,
@@ -19,6 +21,7 @@ __all__ = [
     "BasicBlock",
     "CIFARResNet",
     "LeNet",
+    "PooledInput",
     "PreActBlock",
     "PreActResNet18",
     "ZeroPadShortcut",

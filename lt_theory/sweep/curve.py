@@ -111,14 +111,14 @@ def model_wise_curve(
     if len(noise) > 1:
         raise ValueError(
             f"the runs have different label-noise rates {sorted(noise, key=str)}: aggregate one rate at a time "
-            "(give each rate its own `--name`)"
+            "(give each rate its own `--sweep.name`, or make the rate an axis)"
         )
     kinds = {(r.get("split") is None, r.get("num_splits")) for r in results}
     if len(kinds) > 1:
         raise ValueError(
             "the runs mix full-data runs and bias-variance runs, or different numbers of splits "
             f"{sorted({k[1] for k in kinds}, key=str)}: models trained on n and on n/m examples cannot be averaged; "
-            "give each its own `--name`"
+            "give each its own `--sweep.name`"
         )
     by_width: dict[int, list[Mapping[str, Any]]] = {}
     for record in results:

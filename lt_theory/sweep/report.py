@@ -1,20 +1,44 @@
-"""Aggregation: read the runs' results, log the curve, its figures and its summary to TensorBoard."""
+"""Aggregation: read the runs' results, log every curve, its figures and its summary to TensorBoard.
+
+Tags of the TensorBoard run ``<sweep>/aggregate``, for each curve against an axis whose tag name is
+``<label>`` (``width``, ``train_size``, or the key's short name, e.g. ``label_noise``), with ``<suffix>`` empty
+for a sweep of one axis and ``/<other>=<value>`` for each curve of a crossed sweep; the step of a point is the
+width or number of examples (an int axis value), else the value's index:
+
+- ``dd/<metric>_by_<label><suffix>``: the mean final ``train_error``, ``test_error``, ``test_loss``, ...;
+- width axes: ``dd/<metric>_by_params<suffix>`` (step = parameter count), ``dd/interpolation_width``,
+  ``dd/peak_width``, ``dd/peak_test_error`` (other labels: ``dd/interpolation_<label>``, ``dd/peak_<label>``,
+  ``dd/peak_test_error_by_<label>``), the figures ``dd/modelwise_curve<suffix>`` and, with splits,
+  ``dd/bias_variance<suffix>`` and ``dd/<bias-variance term>_by_<label><suffix>``; the text
+  ``dd/modelwise_summary<suffix>``;
+- training-set-size axes: ``dd/effective_model_complexity<suffix>`` (step 0);
+- every callback scalar the runs recorded: ``<tag>_by_<label><suffix>`` (e.g. ``ntk/relative_change_by_width``)
+  and its log-log least-squares slope ``<tag>_loglog_slope_by_<label><suffix>`` (step 0), with the figure
+  ``<tag>_by_<label>_loglog`` (every curve of the axis, with its fitted line);
+- the figure ``dd/error_by_<label>`` (train and test error, one line per curve) and the text
+  ``dd/sweep_summary`` (every table and verdict).
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from lt_theory import loggers
 from lt_theory.figures import FONT_SIZE, new_figure
-from lt_theory.sweep.curve import ModelWiseCurve, model_wise_curve
+from lt_theory.sweep.axis_curves import SweepAggregate, SweepCurve, sweep_curves
+from lt_theory.sweep.curve import ModelWiseCurve
 from lt_theory.sweep.run import RESULT_FILE
+from lt_theory.sweep.tasks import short_names, value_text
 from lt_theory.training.stored import read_json, write_json
 
 AGGREGATE_FILE = "aggregate.json"
@@ -45,22 +69,24 @@ def aggregate(
     epsilon: float = 0.01,
     smoothing: str | None = None,
     window: int = 3,
-) -> ModelWiseCurve:
-    """Read every run of a sweep folder, draw the model-wise curve into TensorBoard and say what it shows.
+) -> SweepAggregate:
+    """Read every run of a sweep folder, draw its curves into TensorBoard and say what they show.
 
     Writes the TensorBoard run ``<logdir>/aggregate`` (replacing an earlier one; tags in the module
-    docstring) and ``<logdir>/aggregate/aggregate.json`` (the curve), and prints the curve and the verdict.
+    docstring) and ``<logdir>/aggregate/aggregate.json``, and logs the tables and verdicts on rank zero.
+    A partial sweep (a job array with tasks still running or failed) is aggregated from the runs that ended.
 
     Args:
-        logdir: the sweep folder (``<run --logdir>/<run --name>``), holding one folder per run.
-        epsilon: the train error at or below which a width interpolates.
+        logdir: the sweep folder (``<sweep.logdir>/<sweep.name>``), holding one folder per run.
+        epsilon: the train error at or below which a run interpolates (threshold, EMC).
         smoothing, window: passed to :func:`lt_theory.measures.risk.find_peaks`.
 
     Returns:
-        The :class:`ModelWiseCurve`.
+        The :class:`~lt_theory.sweep.axis_curves.SweepAggregate` (``.model_wise`` for a sweep of one width axis).
 
     Raises:
-        ValueError: if ``logdir`` is not a folder or holds no finished run (see :func:`model_wise_curve`).
+        ValueError: if ``logdir`` is not a folder or holds no finished run (see
+            :func:`~lt_theory.sweep.axis_curves.sweep_curves`).
     """
     directory = Path(logdir)
     if not directory.is_dir():
@@ -71,22 +97,28 @@ def aggregate(
         hint = f"; the sweeps under it: {sorted(set(sweeps))}" if sweeps else ""
         raise ValueError(
             f"`logdir` {str(directory)!r} holds no finished run (no */{RESULT_FILE}): it must be the sweep's "
-            f"folder, <run --logdir>/<run --name>{hint}"
+            f"folder, <sweep.logdir>/<sweep.name>{hint}"
         )
-    curve = model_wise_curve(results, epsilon, smoothing, window, load_predictions=_load_predictions)
+    result = sweep_curves(results, epsilon, smoothing, window, load_predictions=_load_predictions)
     out = directory / AGGREGATE_DIR
     if out.is_dir():
         for old in out.glob("events.out.tfevents.*"):
             old.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    _log_curve(curve, directory)
-    write_json(out / AGGREGATE_FILE, curve.as_dict())
-    print(_table(curve))
-    print(curve.verdict)
-    return curve
+    _log(result, directory)
+    write_json(out / AGGREGATE_FILE, result.as_dict())
+    rank_zero_info(f"[sweep] {len(results)} runs aggregated into {out}\n" + summary(result))
+    return result
 
 
-def _log_curve(curve: ModelWiseCurve, directory: Path) -> None:
+def _suffix(result: SweepAggregate, curve: SweepCurve) -> str:
+    if not curve.fixed:
+        return ""
+    names = short_names(result.axes)
+    return "/" + ",".join(f"{names[k]}={value_text(v)}" for k, v in curve.fixed.items())
+
+
+def _log(result: SweepAggregate, directory: Path) -> None:
     logger = TensorBoardLogger(
         save_dir=str(directory), name="", version=AGGREGATE_DIR, default_hp_metric=False
     )
@@ -98,49 +130,163 @@ def _log_curve(curve: ModelWiseCurve, directory: Path) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+    charts: dict[str, list[str]] = {}
+    for curve in result.curves:
+        suffix = _suffix(result, curve)
+        if curve.model_wise is not None:
+            _log_model_wise(trainer, curve.model_wise, curve.label, suffix, charts)
+        else:
+            _log_points(trainer, curve, suffix, charts)
+        _log_callback_scalars(trainer, curve, suffix, charts)
+    for axis in dict.fromkeys(curve.axis for curve in result.curves):
+        curves = [c for c in result.curves if c.axis == axis]
+        label = curves[0].label
+        loggers.log_figure(trainer, f"dd/error_by_{label}", _error_figure(result, curves), step=0)
+        for tag in sorted({t for c in curves for t in c.scalars}):
+            loggers.log_figure(
+                trainer, f"{tag}_by_{label}_loglog", _scalar_figure(result, curves, tag), step=0
+            )
+    loggers.add_custom_scalar_charts(trainer, "dd sweep", charts)
+    loggers.log_text(trainer, "dd/sweep_summary", summary(result, markdown=True), step=0)
+    logger.save()
+    logger.finalize("success")
+
+
+def _peak_tags(label: str) -> tuple[str, str]:
+    return (
+        f"dd/peak_{label}",
+        "dd/peak_test_error" if label == "width" else f"dd/peak_test_error_by_{label}",
+    )
+
+
+def _log_model_wise(trainer: Trainer, curve: ModelWiseCurve, label: str, suffix: str, charts: dict) -> None:
     series = {**curve.metrics, **curve.bias_variance}
     for i, (width, params) in enumerate(zip(curve.widths, curve.num_parameters)):
-        loggers.log_scalars(
-            trainer, {f"dd/{name}_by_width": values[i] for name, values in series.items()}, width
-        )
+        loggers.log_scalars(trainer, {f"dd/{n}_by_{label}{suffix}": v[i] for n, v in series.items()}, width)
         by_params = {
-            f"dd/{name}_by_params": curve.metrics[name][i]
+            f"dd/{name}_by_params{suffix}": curve.metrics[name][i]
             for name in ("train_error", "test_error")
             if name in curve.metrics
         }
-        loggers.log_scalars(trainer, {k: v for k, v in by_params.items()}, params)
+        loggers.log_scalars(trainer, by_params, params)
+    position_tag, error_tag = _peak_tags(label)
     for peak in curve.peaks:
         loggers.log_scalars(
-            trainer, {"dd/peak_width": peak.position, "dd/peak_test_error": peak.value}, peak.position
+            trainer, {position_tag + suffix: peak.position, error_tag + suffix: peak.value}, peak.position
         )
     if curve.interpolation_width is not None:
-        loggers.log_scalars(
-            trainer, {"dd/interpolation_width": curve.interpolation_width}, curve.interpolation_width
-        )
-    charts = {
-        "Model-wise: error by width": ["dd/train_error_by_width", "dd/test_error_by_width"],
-        "Model-wise: error by parameter count": ["dd/train_error_by_params", "dd/test_error_by_params"],
-    }
+        at = curve.interpolation_width
+        loggers.log_scalars(trainer, {f"dd/interpolation_{label}{suffix}": at}, at)
+    charts[f"Model-wise: error by {label}{suffix}"] = [
+        f"dd/train_error_by_{label}{suffix}",
+        f"dd/test_error_by_{label}{suffix}",
+    ]
+    charts[f"Model-wise: error by parameter count{suffix}"] = [
+        f"dd/train_error_by_params{suffix}",
+        f"dd/test_error_by_params{suffix}",
+    ]
     if curve.bias_variance:
-        charts["Bias-variance by width (cross-entropy)"] = [
-            "dd/bias_squared_by_width",
-            "dd/variance_by_width",
-            "dd/risk_by_width",
-        ]
-        charts["Bias-variance by width (squared error)"] = [
-            "dd/mse_bias_squared_by_width",
-            "dd/mse_variance_by_width",
-            "dd/mse_risk_by_width",
-        ]
-    loggers.add_custom_scalar_charts(trainer, "dd sweep", charts)
-    loggers.log_figure(trainer, "dd/modelwise_curve", _curve_figure(curve), step=0)
+        for title, prefix in (("cross-entropy", ""), ("squared error", "mse_")):
+            charts[f"Bias-variance by {label} ({title}){suffix}"] = [
+                f"dd/{prefix}{name}_by_{label}{suffix}" for name in ("bias_squared", "variance", "risk")
+            ]
+    loggers.log_figure(trainer, f"dd/modelwise_curve{suffix}", _curve_figure(curve), step=0)
     if curve.bias_variance:
-        loggers.log_figure(trainer, "dd/bias_variance", _bias_variance_figure(curve), step=0)
+        loggers.log_figure(trainer, f"dd/bias_variance{suffix}", _bias_variance_figure(curve), step=0)
     loggers.log_text(
-        trainer, "dd/modelwise_summary", curve.verdict + "\n\n" + _table(curve, markdown=True), step=0
+        trainer,
+        f"dd/modelwise_summary{suffix}",
+        curve.verdict + "\n\n" + _table(curve, markdown=True),
+        step=0,
     )
-    logger.save()
-    logger.finalize("success")
+
+
+def _log_points(trainer: Trainer, curve: SweepCurve, suffix: str, charts: dict) -> None:
+    label = curve.label
+    for i, step in enumerate(curve.steps):
+        loggers.log_scalars(
+            trainer, {f"dd/{n}_by_{label}{suffix}": v[i] for n, v in curve.metrics.items()}, step
+        )
+    position_tag, error_tag = _peak_tags(label)
+    for peak in curve.peaks:
+        step = curve.steps[curve.positions.index(peak.position)]
+        loggers.log_scalars(
+            trainer, {position_tag + suffix: peak.position, error_tag + suffix: peak.value}, step
+        )
+    if curve.emc is not None:
+        loggers.log_scalars(trainer, {f"dd/effective_model_complexity{suffix}": curve.emc}, 0)
+    charts[f"Error by {label}{suffix}"] = [
+        f"dd/train_error_by_{label}{suffix}",
+        f"dd/test_error_by_{label}{suffix}",
+    ]
+
+
+def _log_callback_scalars(trainer: Trainer, curve: SweepCurve, suffix: str, charts: dict) -> None:
+    label = curve.label
+    steps = curve.model_wise.widths if curve.model_wise is not None else curve.steps
+    for i, step in enumerate(steps):
+        loggers.log_scalars(
+            trainer, {f"{t}_by_{label}{suffix}": v[i] for t, v in curve.scalars.items()}, step
+        )
+    slopes = {f"{t}_loglog_slope_by_{label}{suffix}": b for t, b in curve.slopes.items() if math.isfinite(b)}
+    loggers.log_scalars(trainer, slopes, 0)
+    for tag in curve.scalars:
+        charts.setdefault(f"{tag} by {label}", []).append(f"{tag}_by_{label}{suffix}")
+
+
+def _group_label(result: SweepAggregate, curve: SweepCurve) -> str:
+    names = short_names(result.axes)
+    return ", ".join(f"{names[k]}={value_text(v)}" for k, v in curve.fixed.items())
+
+
+def _error_figure(result: SweepAggregate, curves: list[SweepCurve]):
+    figure, axis = new_figure(7, 4)
+    for curve in curves:
+        group = _group_label(result, curve)
+        test = axis.plot(
+            curve.positions, curve.metrics["test_error"], "o-", label=f"test error {group}".strip()
+        )
+        if "train_error" in curve.metrics:
+            axis.plot(
+                curve.positions, curve.metrics["train_error"], "s--", color=test[0].get_color(), alpha=0.6
+            )
+    _x_axis(axis, curves[0])
+    axis.set_ylabel("error (dashed: train)")
+    axis.legend(fontsize=FONT_SIZE)
+    return figure
+
+
+def _x_axis(axis, curve: SweepCurve) -> None:
+    axis.set_xlabel({"train_size": "training examples"}.get(curve.kind, curve.axis))
+    if curve.kind in ("width", "train_size") and all(p > 0 for p in curve.positions):
+        axis.set_xscale("log")
+    if curve.positions == list(range(len(curve.values))) and curve.values != curve.positions:
+        axis.set_xticks(curve.positions, [value_text(v) for v in curve.values])
+
+
+def _scalar_figure(result: SweepAggregate, curves: list[SweepCurve], tag: str):
+    figure, axis = new_figure(7, 4)
+    for curve in curves:
+        if tag not in curve.scalars:
+            continue
+        x, y = np.asarray(curve.positions, dtype=float), np.asarray(curve.scalars[tag], dtype=float)
+        slope = curve.slopes.get(tag, math.nan)
+        name = _group_label(result, curve)
+        points = axis.plot(
+            x, y, "o", label=f"{name} slope {slope:.3f}".strip() if math.isfinite(slope) else name
+        )
+        keep = (x > 0) & (y > 0) & np.isfinite(x) & np.isfinite(y)
+        if math.isfinite(slope):
+            intercept = np.mean(np.log(y[keep])) - slope * np.mean(np.log(x[keep]))
+            axis.plot(x[keep], np.exp(intercept + slope * np.log(x[keep])), "-", color=points[0].get_color())
+    _x_axis(axis, curves[0])
+    if all(p > 0 for p in curves[0].positions):
+        axis.set_xscale("log")
+    if all(v > 0 for c in curves for v in c.scalars.get(tag, []) if math.isfinite(v)):
+        axis.set_yscale("log")
+    axis.set_ylabel(tag)
+    axis.legend(fontsize=FONT_SIZE)
+    return figure
 
 
 def _curve_figure(curve: ModelWiseCurve):
@@ -178,6 +324,14 @@ def _bias_variance_figure(curve: ModelWiseCurve):
     return figure
 
 
+def _render(header: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(x) for x in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(x.rjust(n) for x, n in zip(line, widths)) for line in [header, *rows])
+
+
 def _table(curve: ModelWiseCurve, markdown: bool = False) -> str:
     names = list(curve.metrics) + list(curve.bias_variance)
     header = ["width", "parameters", "runs", *names]
@@ -185,8 +339,46 @@ def _table(curve: ModelWiseCurve, markdown: bool = False) -> str:
         [str(w), f"{p:,}", str(r), *(f"{(curve.metrics | curve.bias_variance)[n][i]:.4f}" for n in names)]
         for i, (w, p, r) in enumerate(zip(curve.widths, curve.num_parameters, curve.runs))
     ]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-    widths = [max(len(x) for x in column) for column in zip(header, *rows)]
-    return "\n".join("  ".join(x.rjust(n) for x, n in zip(line, widths)) for line in [header, *rows])
+    return _render(header, rows, markdown)
+
+
+def _number(value: Any) -> str:
+    return "" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
+def _points_table(curve: SweepCurve, markdown: bool) -> str:
+    names = list(curve.metrics) + list(curve.scalars)
+    header = [curve.label, "parameters", "train size", "runs", *names]
+    rows = [
+        [value_text(v), _number(curve.num_parameters[i]), _number(curve.train_sizes[i]), str(curve.runs[i])]
+        + [f"{(curve.metrics | curve.scalars)[n][i]:.4f}" for n in names]
+        for i, v in enumerate(curve.values)
+    ]
+    return _render(header, rows, markdown)
+
+
+def summary(result: SweepAggregate, markdown: bool = False) -> str:
+    """Every curve's table and verdict, the EMC and the log-log slopes, as text (or markdown).
+
+    Args:
+        result: the aggregate.
+        markdown: markdown tables and headings (TensorBoard's text panel) instead of aligned columns.
+
+    Returns:
+        The text.
+    """
+    names = short_names(result.axes)
+    parts = []
+    for curve in result.curves:
+        title = f"Against {curve.axis}" + (f" ({_group_label(result, curve)})" if curve.fixed else "")
+        slopes = [f"{tag}: log-log slope {b:.4f}" for tag, b in curve.slopes.items() if math.isfinite(b)]
+        parts += [
+            ("### " if markdown else "") + title,
+            _points_table(curve, markdown),
+            curve.verdict,
+            *slopes,
+        ]
+    replicates = [names[k] for k, kind in result.kinds.items() if kind == "seed"]
+    if replicates:
+        parts.append(f"Runs of different {', '.join(replicates)} are averaged.")
+    return "\n\n".join(parts) if markdown else "\n".join(parts)

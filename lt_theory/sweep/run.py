@@ -1,7 +1,17 @@
-"""Training the runs of a sweep: one per task, sequentially or as a SLURM array task, reused when done."""
+"""Training the runs of a sweep: one per task, sequentially or as a SLURM array task, reused when done.
+
+Each task's recipe config (:func:`lt_theory.sweep.config.task_config`) is written to ``config.yaml`` in its
+folder, seeded with ``seed_everything`` as a recipe is, instantiated by the recipe parser and trained; one
+data module per distinct ``data`` config is reused, restored to its initial state before each run (so a run
+sees the data order it would see alone). The result record ``result.json`` holds the axis values, the final
+errors of the DoubleDescentProbe, the last value of every scalar the other callbacks logged (tags under
+``spectral/``, ``ntk/``, ``lmc/``, ``imp/``, ``landscape/``, ``report/``, read from the run's event files), and
+the settings it was made with.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from collections.abc import Mapping
@@ -10,14 +20,19 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from lt_theory.callbacks.double_descent import DoubleDescentProbe
-from lt_theory.data.datamodule import derived_seed
-from lt_theory.module import ClassificationModule
-from lt_theory.sweep.config import SweepConfig, build_datamodule, run_settings
-from lt_theory.sweep.models import build_model, num_parameters
-from lt_theory.sweep.tasks import SweepTask
+from lt_theory.sweep.config import (
+    SweepConfig,
+    instantiate,
+    parse_config,
+    recipe_yaml,
+    run_settings,
+    task_config,
+)
+from lt_theory.sweep.models import net_name, num_parameters
+from lt_theory.sweep.progress import Progress
+from lt_theory.sweep.tasks import SweepTask, short_names
 from lt_theory.training.stored import changed_settings, read_json, write_json
 
 PREDICTIONS_FILE = "test_predictions.pt"
@@ -29,84 +44,87 @@ SETTINGS_FILE = "settings.json"
 RESULT_FILE = "result.json"
 
 
-def _run_seed(sweep: SweepConfig, task: SweepTask) -> int:
-    """The initialisation seed: ``seed`` itself, or one derived from it per split in the bias-variance mode."""
-    if task.split is None:
-        return sweep.seed
-    return derived_seed("sweep-init", sweep.seed, task.split) % 2**31
+CONFIG_FILE = "config.yaml"
 
 
-def _train(sweep: SweepConfig, task: SweepTask, datamodule: LightningDataModule, data_state: dict) -> dict | None:
-    """Train one task and return its result record (on global rank zero; None elsewhere)."""
-    run_dir = sweep.directory / task.name
+CALLBACK_PREFIXES = ("spectral", "ntk", "lmc", "imp", "landscape", "report")
+"""Tag prefixes whose scalars a run records as its final scalars (``dd/`` is the record's ``metrics``)."""
+
+
+def _hparam(value: Any) -> Any:
+    return value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+
+
+def _reuse(sweep: SweepConfig, run_dir: Path, settings: dict) -> dict | None:
+    """The stored record of a finished run made with the same settings, None to train; refuse other settings."""
     result_path = run_dir / RESULT_FILE
-    settings = run_settings(sweep)
-    if result_path.exists() and not sweep.rerun:
-        done = read_json(result_path)
-        changed = changed_settings(done.get("settings", {}), settings)
-        if changed:
-            raise ValueError(
-                f"{run_dir} holds a run made with other settings ({', '.join(changed)} differ): give this sweep "
-                "another `--name`, or `--rerun true` to train it again with the new settings"
-            )
-        print(f"[sweep] {task.name}: done already ({result_path}); `--rerun true` trains it again")
-        return done
-    if run_dir.exists() and (sweep.rerun or not _same_settings_in_progress(run_dir, settings)):
-        shutil.rmtree(run_dir)  # events, checkpoints (a SLURM requeue would resume them) and results
+    if not result_path.exists() or sweep.rerun:
+        return None
+    done = read_json(result_path)
+    changed = changed_settings(done.get("settings", {}), settings)
+    if changed:
+        raise ValueError(
+            f"{run_dir} holds a run made with other settings ({', '.join(changed)} differ): give this sweep "
+            "another `--sweep.name`, or `--sweep.rerun true` to train it again with the new settings"
+        )
+    return done
+
+
+def _prepare_folder(sweep: SweepConfig, run_dir: Path, settings: dict) -> None:
+    same = (run_dir / SETTINGS_FILE).exists() and not changed_settings(
+        read_json(run_dir / SETTINGS_FILE), settings
+    )
+    if run_dir.exists() and (sweep.rerun or not same):
+        shutil.rmtree(run_dir)  # events, checkpoints (a SLURM requeue resumes from them) and results
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / SETTINGS_FILE, settings)
-    datamodule.load_state_dict(data_state)  # the same data order and augmentation as a lone run
-    seed = _run_seed(sweep, task)
-    seed_everything(seed, workers=True, verbose=False)
-    num_classes = getattr(datamodule, "num_classes", None) or sweep.model_init_args.get("num_classes")
-    if num_classes is None:
-        raise ValueError("the data module has no `num_classes`: give `model.init_args.num_classes`")
-    net = build_model(
-        sweep.model_class_path,
-        sweep.model_width_arg,
-        task.width,
-        sweep.model_init_args,
-        num_classes=num_classes,
-        input_pool=sweep.model_input_pool,
-    )
-    module = ClassificationModule(net, num_classes=num_classes, **sweep.module_args)
-    probe = DoubleDescentProbe(**sweep.probe_args, measure_on_train_end=True)
-    params: dict[str, Any] = {
-        "width": task.width,
-        "seed": sweep.seed,
-        "num_parameters": num_parameters(net),
-        "model": sweep.model_class_path,
-    }
-    label_noise = getattr(datamodule, "label_noise", None)
-    if label_noise is not None:
-        params["label_noise"] = float(label_noise)
-    if task.split is not None:
-        params.update(split=task.split, num_splits=sweep.splits)
-    logger = TensorBoardLogger(
-        save_dir=str(sweep.directory), name="", version=task.name, default_hp_metric=False
-    )
-    trainer = Trainer(
-        **sweep.trainer_args,
-        logger=logger,
-        callbacks=[probe, _FinalHyperparameters(probe, params)],
-        default_root_dir=str(run_dir),
-    )
+
+
+def _shared_datamodule(data: LightningDataModule, spec: Mapping, cache: dict) -> LightningDataModule:
+    """The data module of this ``data`` config made first, restored to its initial state (else ``data``)."""
+    key = json.dumps(spec, sort_keys=True, default=str)
+    if key not in cache:
+        cache[key] = (data, data.state_dict())
+    datamodule, state = cache[key]
+    datamodule.load_state_dict(state)  # the same data order and augmentation as a lone run
+    return datamodule
+
+
+def _train(sweep: SweepConfig, task: SweepTask, config: dict, settings: dict, cache: dict) -> dict | None:
+    """Train one task from its recipe config: its record (None off global rank zero)."""
+    run_dir = sweep.directory / task.name
+    _prepare_folder(sweep, run_dir, settings)
+    (run_dir / CONFIG_FILE).write_text(recipe_yaml(config, task))
+    cfg = parse_config(sweep.parser, config)
+    seed_everything(config["seed_everything"], workers=True, verbose=False)
+    init = instantiate(sweep.parser, cfg)
+    module = init.model
+    datamodule = _shared_datamodule(init.data, config["data"], cache)
+    trainer_args = {**init.trainer}
+    callbacks = list(trainer_args.get("callbacks") or [])
+    probe = next(c for c in callbacks if isinstance(c, DoubleDescentProbe))
+    params = _hyperparameters(sweep, task, config, module, datamodule)
+    trainer_args["callbacks"] = [*callbacks, _FinalHyperparameters(probe, params)]
+    trainer = Trainer(**trainer_args)
     trainer.fit(module, datamodule=datamodule)
     if not probe.history:
         raise RuntimeError(
             f"{task.name}: training ended before any step, so there is no final model to measure"
         )
-    final = _final_metrics(probe)
     if not trainer.is_global_zero:
         return None
     record = {
-        **params,
+        "task_index": task.index,
+        **{k: v for k, v in params.items() if k not in short_names(list(task.values)).values()},
+        "axes": dict(task.values),
         "label_noise": params.get("label_noise"),
+        "train_size": _train_size(datamodule),
         "split": task.split,
         "num_splits": sweep.splits,
         "epochs": probe.history[-1]["epoch"],
         "global_step": trainer.global_step,
-        "metrics": final,
+        "metrics": _final_metrics(probe),
+        "final_scalars": final_scalars(run_dir),
         "num_test": None if probe.last_test_labels is None else len(probe.last_test_labels),
         "test_predictions": None,
         "settings": settings,
@@ -116,23 +134,55 @@ def _train(sweep: SweepConfig, task: SweepTask, datamodule: LightningDataModule,
             {"logits": probe.last_test_logits, "labels": probe.last_test_labels}, run_dir / PREDICTIONS_FILE
         )
         record["test_predictions"] = PREDICTIONS_FILE
-    write_json(result_path, record)
-    print(
-        f"[sweep] {task.name}: {record['num_parameters']:,} parameters, train error "
-        f"{final.get('train_error', math.nan):.4f}, test error {final.get('test_error', math.nan):.4f}"
-    )
+    write_json(run_dir / RESULT_FILE, record)
     return record
 
 
-def _same_settings_in_progress(run_dir: Path, settings: Mapping[str, Any]) -> bool:
-    """Whether an unfinished run in ``run_dir`` (a preempted SLURM task) was started with these settings, so
-    that its checkpoint may be resumed."""
-    path = run_dir / SETTINGS_FILE
-    return path.exists() and not changed_settings(read_json(path), settings)
+def _hyperparameters(sweep: SweepConfig, task: SweepTask, config: dict, module, datamodule) -> dict[str, Any]:
+    """What TensorBoard's HPARAMS shows for a run: its axis values, seed, size, model, noise and split."""
+    names = short_names(list(task.values))
+    params: dict[str, Any] = {names[key]: _hparam(value) for key, value in task.values.items()}
+    params.update(
+        seed=config["data"]["init_args"].get("seed", config["seed_everything"]),
+        num_parameters=num_parameters(module),
+        model=net_name(config["model"]["net"]),
+    )
+    label_noise = getattr(datamodule, "label_noise", None)
+    if label_noise is not None:
+        params["label_noise"] = float(label_noise)
+    if task.split is not None:
+        params.update(split=task.split, num_splits=sweep.splits)
+    return params
+
+
+def _train_size(datamodule: LightningDataModule) -> int | None:
+    dataset = getattr(datamodule, "train_dataset", None)
+    return None if dataset is None else len(dataset)
 
 
 def _final_metrics(probe: DoubleDescentProbe) -> dict[str, float]:
     return {k: float(v) for k, v in probe.history[-1].items() if k not in ("epoch", "step")}
+
+
+def final_scalars(run_dir: str | Path) -> dict[str, float]:
+    """The last value (largest step) of each scalar a callback logged in a run's event files.
+
+    Args:
+        run_dir: the run's folder (its TensorBoard version).
+
+    Returns:
+        ``{tag: value}`` for the tags under :data:`CALLBACK_PREFIXES` (empty without event files).
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    out = {}
+    for tag in sorted(events.Tags().get("scalars", [])):
+        if tag.split("/", 1)[0] in CALLBACK_PREFIXES:
+            last = max(events.Scalars(tag), key=lambda e: (e.step, e.wall_time))
+            out[tag] = float(last.value)
+    return out
 
 
 class _FinalHyperparameters(Callback):
@@ -148,23 +198,48 @@ class _FinalHyperparameters(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module) -> None:
         if not self.probe.history:
             return
+        train_size = _train_size(trainer.datamodule) if trainer.datamodule is not None else None
+        if train_size is not None:
+            self.params["train_size"] = train_size
         metrics = {f"dd/final_{k}": v for k, v in _final_metrics(self.probe).items()}
         for logger in trainer.loggers:
             logger.log_hyperparams(self.params, metrics, step=trainer.global_step)
 
 
+def _summary(record: dict | None) -> str:
+    if record is None:
+        return "trained (the record is written by global rank zero)"
+    metrics = record.get("metrics", {})
+    return (
+        f"{record['num_parameters']:,} parameters, train error {metrics.get('train_error', math.nan):.4f}, "
+        f"test error {metrics.get('test_error', math.nan):.4f}"
+    )
+
+
 def run_sweep(sweep: SweepConfig) -> list[dict]:
-    """Train the tasks of a validated sweep, one data module per split reused across its widths.
+    """Train the selected tasks of a validated sweep, saying how far it is and how long is left.
+
+    Args:
+        sweep: from :func:`lt_theory.sweep.config.validate_config`.
 
     Returns:
         The result records of the tasks run (or found done), on global rank zero.
+
+    Raises:
+        ValueError: for a run folder that holds a result made with other settings.
     """
+    progress = Progress(sweep.selected, len(sweep.tasks))
+    cache: dict = {}
     results = []
-    for split in sorted({task.split for task in sweep.tasks}, key=lambda s: -1 if s is None else s):
-        datamodule = build_datamodule(sweep, split)
-        data_state = datamodule.state_dict()
-        for task in (t for t in sweep.tasks if t.split == split):
-            record = _train(sweep, task, datamodule, data_state)
-            if record is not None:
-                results.append(record)
+    for task in sweep.selected:
+        config = task_config(sweep, task)
+        settings = run_settings(config)
+        record = _reuse(sweep, sweep.directory / task.name, settings)
+        trained = record is None
+        if trained:
+            progress.started(task)
+            record = _train(sweep, task, config, settings, cache)
+        progress.done(task, _summary(record), trained)
+        if record is not None:
+            results.append(record)
     return results
