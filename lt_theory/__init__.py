@@ -15,6 +15,7 @@ from lt_theory.callbacks.lmc import LinearModeConnectivity
 from lt_theory.callbacks.ntk import NTKDrift
 from lt_theory.callbacks.spectral import SpectralNormMonitor
 from lt_theory.module import ClassificationModule
+from lt_theory.report import TheoryReport, diagnose
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,7 @@ __all__ = [
     "LossLandscapeMonitor",
     "NTKDrift",
     "SpectralNormMonitor",
+    "TheoryReport",
     "__version__",
+    "diagnose",
 ]
