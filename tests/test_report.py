@@ -726,3 +726,17 @@ def test_a_trainer_without_tensorboard(tmp_path):
     assert callback.report is None
     with pytest.raises(ValueError, match="`num_classes` must be an integer >= 2"):
         TheoryReport(num_classes=1)
+
+
+def test_only_global_rank_zero_reports(tmp_path, monkeypatch):
+    """Under DDP every rank calls on_fit_end: the others neither read the logs nor write a file."""
+    from types import SimpleNamespace
+
+    from lt_theory.report import callback as report_callback
+
+    calls = []
+    monkeypatch.setattr(report_callback, "diagnose", lambda *args, **kwargs: calls.append(args))
+    callback = TheoryReport()
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    callback.on_fit_end(SimpleNamespace(is_global_zero=False, loggers=[logger], logger=logger), None)
+    assert calls == [] and callback.report is None and not list(tmp_path.iterdir())
