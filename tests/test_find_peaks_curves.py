@@ -21,15 +21,6 @@ import torch
 from lt_theory.measures.risk import _noise_level, find_peaks
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP contention on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def isotropic_risk(gamma: float, signal: float, noise: float) -> float:
     """HMRT Theorem 1: the limiting excess test risk of min-norm least squares, p / n -> gamma, isotropic
     features, ``signal`` = ||beta||^2 (r^2), ``noise`` = sigma^2."""

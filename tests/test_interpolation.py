@@ -33,14 +33,6 @@ from lt_theory.models import MLP
 REL = 1e-6  # float32 statistics against float64 references
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the tensors are tiny and extra threads only slow a loaded 2-core machine down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ------------------------------------------------------------------------------------------------------------
 # Models, data and references.

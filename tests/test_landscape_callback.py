@@ -41,13 +41,6 @@ REL = 1e-8  # float64 run against float64 references
 LAYERS = ("net.0", "net.1", "net.3")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def small_module(seed: int = 0) -> ClassificationModule:
     torch.manual_seed(seed)

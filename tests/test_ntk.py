@@ -31,15 +31,6 @@ from lt_theory.models import MLP, LeNet
 TOL = 1e-9  # relative Frobenius error allowed in float64 (observed errors are ~1e-15)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run on one intra-op thread: the tensors here are tiny, so more threads only add synchronisation, which
-    on a loaded 2-core machine (OpenMP threads waiting for each other) slows these tests down tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ------------------------------------------------------------------------------------------------------------
 # Models and the reference.

@@ -50,14 +50,6 @@ TAGS = (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, threads waiting for each other slow tiny work tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def logged(logger: CSVLogger) -> dict[str, dict[int, float]]:
     """``{quantity: {step: value}}`` of the ``ntk/`` tags in the logger's metrics.csv."""

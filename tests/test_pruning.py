@@ -37,15 +37,6 @@ from lt_theory.measures.pruning import (
 from lt_theory.models import LeNet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are tiny: one intra-op thread avoids thread start-up and contention costs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def T(*values):  # a short constructor for explicit float64 tensors
     return torch.tensor(values, dtype=torch.float64)
 

@@ -34,14 +34,6 @@ from lt_theory.measures.risk import (
 EXACT = 1e-12  # float64 tolerance for identities that hold exactly in exact arithmetic (observed ~1e-16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are tiny: one intra-op thread avoids OpenMP contention on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def noisy_data() -> SyntheticCIFARDataModule:

@@ -63,14 +63,6 @@ WARM_RTOL = 1e-3
 ROUNDING = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the runs are tiny, and two threads on a shared 2-core machine can stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class RecordingLogger(Logger):
     """Keeps every ``log_metrics`` call, in order."""

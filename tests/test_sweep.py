@@ -37,15 +37,6 @@ from lt_theory.sweep.report import summary
 # --------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread():
-    """LAPACK on one intra-op thread: on a busy 2-core machine, two threads waiting for each other made the
-    least-squares fits 60 times slower (2 s -> 130 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _random_features_runs(n: int, seeds: int = 4) -> list[dict]:
     """Test and train MSE of the min-norm least-squares fit on p random ReLU features, p swept through n.
@@ -124,7 +115,7 @@ def test_lstsq_gives_the_minimum_norm_interpolant_above_the_threshold():
 
 
 @pytest.mark.parametrize("n", [60, 120, 200])
-def test_min_norm_random_features_peak_at_p_equal_n_through_the_aggregation(tmp_path, n, one_thread):
+def test_min_norm_random_features_peak_at_p_equal_n_through_the_aggregation(tmp_path, n):
     """The same aggregation code as a sweep: result.json files in, the peak and the threshold out."""
     _write_runs(tmp_path, _random_features_runs(n))
     curve = aggregate(tmp_path, epsilon=1e-8).model_wise
