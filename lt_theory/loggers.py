@@ -28,6 +28,7 @@ from __future__ import annotations
 import sys
 import weakref
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from lightning.pytorch import Trainer
@@ -36,6 +37,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lt_theory.figures import render_rgb
 
 __all__ = [
+    "LoggerTarget",
     "add_custom_scalar_charts",
     "has_tensorboard",
     "log_figure",
@@ -49,6 +51,25 @@ __all__ = [
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Number of writes that reached a logger in this process; the distributed contract test reads it.
 emitted_writes = 0
+
+
+class LoggerTarget(NamedTuple):
+    """Loggers to write to without a Trainer (a sweep's aggregation, a report): every function here takes it
+    where it takes a trainer, since they read only ``loggers``, ``is_global_zero`` and ``global_step``.
+
+    Example:
+        >>> import tempfile
+        >>> from lightning.pytorch.loggers import CSVLogger
+        >>> target = LoggerTarget([CSVLogger(tempfile.mkdtemp())])
+        >>> log_scalars(target, {"dd/test_error_by_width": 0.31}, step=64)
+        >>> target.loggers[0].save()
+        >>> open(target.loggers[0].experiment.metrics_file_path).read().splitlines()
+        ['dd/test_error_by_width,step', '0.31,64']
+    """
+
+    loggers: list
+    is_global_zero: bool = True
+    global_step: int = 0
 
 
 def _step(trainer: Trainer, step: int | None) -> int:

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -122,32 +121,25 @@ def _log(result: SweepAggregate, directory: Path) -> None:
     logger = TensorBoardLogger(
         save_dir=str(directory), name="", version=AGGREGATE_DIR, default_hp_metric=False
     )
-    trainer = Trainer(
-        logger=logger,
-        accelerator="cpu",
-        devices=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    target = loggers.LoggerTarget([logger])  # no Trainer (nor its cluster detection) just to write events
     charts: dict[str, list[str]] = {}
     for curve in result.curves:
         suffix = _suffix(result, curve)
         if curve.model_wise is not None:
-            _log_model_wise(trainer, curve.model_wise, curve.label, suffix, charts)
+            _log_model_wise(target, curve.model_wise, curve.label, suffix, charts)
         else:
-            _log_points(trainer, curve, suffix, charts)
-        _log_callback_scalars(trainer, curve, suffix, charts)
+            _log_points(target, curve, suffix, charts)
+        _log_callback_scalars(target, curve, suffix, charts)
     for axis in dict.fromkeys(curve.axis for curve in result.curves):
         curves = [c for c in result.curves if c.axis == axis]
         label = curves[0].label
-        loggers.log_figure(trainer, f"dd/error_by_{label}", _error_figure(result, curves), step=0)
+        loggers.log_figure(target, f"dd/error_by_{label}", _error_figure(result, curves), step=0)
         for tag in sorted({t for c in curves for t in c.scalars}):
             loggers.log_figure(
-                trainer, f"{tag}_by_{label}_loglog", _scalar_figure(result, curves, tag), step=0
+                target, f"{tag}_by_{label}_loglog", _scalar_figure(result, curves, tag), step=0
             )
-    loggers.add_custom_scalar_charts(trainer, "dd sweep", charts)
-    loggers.log_text(trainer, "dd/sweep_summary", summary(result, markdown=True), step=0)
+    loggers.add_custom_scalar_charts(target, "dd sweep", charts)
+    loggers.log_text(target, "dd/sweep_summary", summary(result, markdown=True), step=0)
     logger.save()
     logger.finalize("success")
 
@@ -159,24 +151,26 @@ def _peak_tags(label: str) -> tuple[str, str]:
     )
 
 
-def _log_model_wise(trainer: Trainer, curve: ModelWiseCurve, label: str, suffix: str, charts: dict) -> None:
+def _log_model_wise(
+    target: loggers.LoggerTarget, curve: ModelWiseCurve, label: str, suffix: str, charts: dict
+) -> None:
     series = {**curve.metrics, **curve.bias_variance}
     for i, (width, params) in enumerate(zip(curve.widths, curve.num_parameters)):
-        loggers.log_scalars(trainer, {f"dd/{n}_by_{label}{suffix}": v[i] for n, v in series.items()}, width)
+        loggers.log_scalars(target, {f"dd/{n}_by_{label}{suffix}": v[i] for n, v in series.items()}, width)
         by_params = {
             f"dd/{name}_by_params{suffix}": curve.metrics[name][i]
             for name in ("train_error", "test_error")
             if name in curve.metrics
         }
-        loggers.log_scalars(trainer, by_params, params)
+        loggers.log_scalars(target, by_params, params)
     position_tag, error_tag = _peak_tags(label)
     for peak in curve.peaks:
         loggers.log_scalars(
-            trainer, {position_tag + suffix: peak.position, error_tag + suffix: peak.value}, peak.position
+            target, {position_tag + suffix: peak.position, error_tag + suffix: peak.value}, peak.position
         )
     if curve.interpolation_width is not None:
         at = curve.interpolation_width
-        loggers.log_scalars(trainer, {f"dd/interpolation_{label}{suffix}": at}, at)
+        loggers.log_scalars(target, {f"dd/interpolation_{label}{suffix}": at}, at)
     charts[f"Model-wise: error by {label}{suffix}"] = [
         f"dd/train_error_by_{label}{suffix}",
         f"dd/test_error_by_{label}{suffix}",
@@ -190,46 +184,44 @@ def _log_model_wise(trainer: Trainer, curve: ModelWiseCurve, label: str, suffix:
             charts[f"Bias-variance by {label} ({title}){suffix}"] = [
                 f"dd/{prefix}{name}_by_{label}{suffix}" for name in ("bias_squared", "variance", "risk")
             ]
-    loggers.log_figure(trainer, f"dd/modelwise_curve{suffix}", _curve_figure(curve), step=0)
+    loggers.log_figure(target, f"dd/modelwise_curve{suffix}", _curve_figure(curve), step=0)
     if curve.bias_variance:
-        loggers.log_figure(trainer, f"dd/bias_variance{suffix}", _bias_variance_figure(curve), step=0)
+        loggers.log_figure(target, f"dd/bias_variance{suffix}", _bias_variance_figure(curve), step=0)
     loggers.log_text(
-        trainer,
+        target,
         f"dd/modelwise_summary{suffix}",
         curve.verdict + "\n\n" + _table(curve, markdown=True),
         step=0,
     )
 
 
-def _log_points(trainer: Trainer, curve: SweepCurve, suffix: str, charts: dict) -> None:
+def _log_points(target: loggers.LoggerTarget, curve: SweepCurve, suffix: str, charts: dict) -> None:
     label = curve.label
     for i, step in enumerate(curve.steps):
         loggers.log_scalars(
-            trainer, {f"dd/{n}_by_{label}{suffix}": v[i] for n, v in curve.metrics.items()}, step
+            target, {f"dd/{n}_by_{label}{suffix}": v[i] for n, v in curve.metrics.items()}, step
         )
     position_tag, error_tag = _peak_tags(label)
     for peak in curve.peaks:
         step = curve.steps[curve.positions.index(peak.position)]
         loggers.log_scalars(
-            trainer, {position_tag + suffix: peak.position, error_tag + suffix: peak.value}, step
+            target, {position_tag + suffix: peak.position, error_tag + suffix: peak.value}, step
         )
     if curve.emc is not None:
-        loggers.log_scalars(trainer, {f"dd/effective_model_complexity{suffix}": curve.emc}, 0)
+        loggers.log_scalars(target, {f"dd/effective_model_complexity{suffix}": curve.emc}, 0)
     charts[f"Error by {label}{suffix}"] = [
         f"dd/train_error_by_{label}{suffix}",
         f"dd/test_error_by_{label}{suffix}",
     ]
 
 
-def _log_callback_scalars(trainer: Trainer, curve: SweepCurve, suffix: str, charts: dict) -> None:
+def _log_callback_scalars(target: loggers.LoggerTarget, curve: SweepCurve, suffix: str, charts: dict) -> None:
     label = curve.label
     steps = curve.model_wise.widths if curve.model_wise is not None else curve.steps
     for i, step in enumerate(steps):
-        loggers.log_scalars(
-            trainer, {f"{t}_by_{label}{suffix}": v[i] for t, v in curve.scalars.items()}, step
-        )
+        loggers.log_scalars(target, {f"{t}_by_{label}{suffix}": v[i] for t, v in curve.scalars.items()}, step)
     slopes = {f"{t}_loglog_slope_by_{label}{suffix}": b for t, b in curve.slopes.items() if math.isfinite(b)}
-    loggers.log_scalars(trainer, slopes, 0)
+    loggers.log_scalars(target, slopes, 0)
     for tag in curve.scalars:
         charts.setdefault(f"{tag} by {label}", []).append(f"{tag}_by_{label}{suffix}")
 
