@@ -449,6 +449,11 @@ def test_activation_conditioning_matches_explicit_covariances(bn_statistics):
         assert result[name].input_condition == pytest.approx(explicit_condition(inputs), rel=1e-8), name
         assert result[name].output_condition == pytest.approx(explicit_condition(outputs), rel=1e-8), name
         assert (result[name].input_rank, result[name].output_rank) == (inputs.shape[1], outputs.shape[1])
+    raw_inputs = {"0": x, "1": conv_out, "4": hidden_in, "6": last_in}  # the tensors as the layers take them
+    for name, tensor in raw_inputs.items():  # the scale of every value, not centred
+        assert result[name].input_rms == pytest.approx(
+            float(tensor.double().square().mean().sqrt()), rel=1e-10
+        )
     # layer 4 sees 64 features of 50 examples: the centred covariance has rank 49, the condition is capped
     assert result["4"].input_rank == 49 == int(torch.linalg.matrix_rank(torch.cov(hidden_in.T, correction=0)))
     assert result["4"].input_condition == pytest.approx(1 / DEFAULT_CONDITION_FLOOR, rel=1e-6)
@@ -618,3 +623,4 @@ def test_nan_in_the_probe_gives_nan_results_without_raising_or_warning():
     )
     assert all(math.isnan(r) for r in ratios.ratios.values())
     assert all(math.isnan(c.input_condition) and c.input_rank == 0 for c in conditioning.values())
+    assert all(math.isnan(c.input_rms) for c in conditioning.values())

@@ -144,6 +144,10 @@ class HandNetwork:
         cond = lambda f: float(torch.linalg.cond(torch.cov(f.T, correction=0)))  # noqa: E731
         return {name: (cond(i), cond(o)) for name, (i, o) in pairs.items()}
 
+    def input_rms(self) -> dict[str, float]:
+        a = self.activations(self.theta)
+        return {name: float(torch.sqrt(torch.mean(f * f))) for name, f in zip(LAYERS, (a[0], a[1], a[3]))}
+
 
 def cosine_lr(step: int) -> float:
     """The rate of the next step after ``step`` steps of CosineAnnealingLR(T_max=STEPS), eta_min 0."""
@@ -196,6 +200,8 @@ def test_every_logged_number_against_an_independent_recomputation(tmp_path):
         for layer, (input_condition, output_condition) in net.layer_conditions().items():
             expected[f"input_condition/{layer}"] = input_condition
             expected[f"output_condition/{layer}"] = output_condition
+        for layer, rms in net.input_rms().items():
+            expected[f"input_rms/{layer}"] = rms
         for quantity, value in expected.items():
             assert series[quantity][step] == pytest.approx(value, rel=REL, abs=1e-14), f"{quantity} at {step}"
         assert set(series) - {"observed_rate"} == set(expected) - {"observed_rate"}
@@ -359,7 +365,15 @@ def test_nan_in_the_probe_is_logged_as_nan_with_one_warning_and_training_goes_on
     assert len(messages) == 1 and "not finite" in messages[0], messages
     series = logged(logger)
     assert sorted(series["loss"]) == [0, 3, 6]
-    for quantity in ("loss", "grad_norm", "pl_ratio", "sharpness", "condition", "input_condition/net.1"):
+    for quantity in (
+        "loss",
+        "grad_norm",
+        "pl_ratio",
+        "sharpness",
+        "condition",
+        "input_condition/net.1",
+        "input_rms/net.0",
+    ):
         assert all(math.isnan(v) for v in series[quantity].values()), quantity
 
 
@@ -371,7 +385,7 @@ def test_a_probe_without_labels_logs_only_the_conditioning_with_one_warning(tmp_
     )
     assert len(messages) == 1 and "no labels" in messages[0], messages
     series = logged(logger)
-    assert {q.split("/")[0] for q in series} == {"input_condition", "output_condition"}
+    assert {q.split("/")[0] for q in series} == {"input_condition", "output_condition", "input_rms"}
 
 
 def test_an_undefined_pl_ratio_is_left_out_with_one_warning(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,10 +53,14 @@ def write_run(directory: Path, scalars=None, texts=None, images=(), hparams=None
 
 
 def assert_advice_ordered(report) -> None:
-    """Every finding's advice runs debugging, then data, then algorithm (the report's promise)."""
+    """Every finding's advice: the items it takes from other findings ("... (see '<condition>')": an earlier
+    stage's, or the measured cause that explains a symptom) first, then its own, debugging, then data, then
+    algorithm (the report's promise); no advice where it holds or is unknown."""
     rank = {STAGE_LABELS[s]: i for i, s in enumerate(STAGES)}
     for finding in report.findings:
-        stages = [rank[item.split(":", 1)[0]] for item in finding.advice]
+        taken = [bool(re.search(r" \(see '[^']*'\)$", item)) for item in finding.advice]
+        assert taken == sorted(taken, reverse=True), finding
+        stages = [rank[item.split(":", 1)[0]] for item, t in zip(finding.advice, taken) if not t]
         assert stages == sorted(stages), finding
         assert (finding.verdict in ("holds", "unknown")) <= (not finding.advice), finding
 
@@ -149,30 +154,79 @@ def test_stable_from_the_first_k_under_two_percent(tmp_path):
     assert finding.verdict == "holds" and "stable from k=100" in finding.evidence
 
 
-def test_nan_loss_puts_a_bug_hunt_first_everywhere(tmp_path):
+def test_a_nan_loss_without_a_measured_cause_puts_a_bug_hunt_first_everywhere(tmp_path):
     report = diagnose(
         write_run(
             tmp_path / "run",
             scalars={
                 "train/loss_step": [(0, 2.3), (1, 2.1), (2, math.nan), (3, math.nan)],
-                "landscape/sharpness": 400.0,
-                "landscape/sharpness_x_lr": 40.0,
+                "landscape/sharpness": [(0, 10.0), (2, math.nan)],
+                "landscape/sharpness_x_lr": [(0, 1.0), (2, math.nan)],  # under 2 while finite: not the cause
+                "lmc/test_error_barrier": [(0, 0.3), (2, 0.3)],
             },
         )
     )
     assert_advice_ordered(report)
     finite = report.finding("Finite loss")
     assert finite.verdict == "violated" and "first at step 2" in finite.evidence
-    assert finite.advice[0].startswith("Debug: Look for a bug before tuning anything")
-    smooth = report.finding(
-        "Smoothness vs learning rate"
-    )  # violated too: the bug hunt comes before its lr advice
-    assert smooth.advice[0].startswith("Debug: Look for a bug") and "(see 'Finite loss')" in smooth.advice[0]
-    assert smooth.advice[1].startswith("Algorithm: Lower the learning rate")
+    assert finite.advice[0].startswith("Debug: Look for a bug: NaN or Inf in the inputs")
+    smooth = report.finding("Smoothness vs learning rate")
+    assert smooth.verdict == "holds" and smooth.value == 1.0 and "does not explain it" in smooth.evidence
+    # violated too: the bug hunt comes before its advice
+    barrier = report.finding("Stability to SGD noise (LMC)")
+    assert barrier.advice[0].startswith("Debug: Look for a bug")
+    assert barrier.advice[0].endswith("(see 'Finite loss')")
+    assert report.leads == {} and report.advice()[0].startswith("Debug: Look for a bug")
+    # once, not per finding
+    assert sum(item.startswith("Debug: Look for a bug") for item in report.advice()) == 1
+
+
+def test_a_nan_loss_after_lr_times_sharpness_of_40_puts_the_learning_rate_first(tmp_path):
+    """The step past 2 / sharpness, measured while the loss was finite, explains the NaN: lowering the learning rate
+    to the number the rule computes is tried first, the bug hunt next (rules.py, "Measured causes")."""
+    report = diagnose(
+        write_run(
+            tmp_path / "run",
+            scalars={
+                "train/loss_step": [(0, 2.3), (1, 2.1), (2, math.nan), (3, math.nan)],
+                "landscape/sharpness": [(0, 400.0), (2, math.nan)],
+                "landscape/sharpness_x_lr": [(0, 40.0), (2, math.nan)],
+            },
+        )
+    )
+    assert_advice_ordered(report)
+    lower = "Algorithm: Lower the learning rate to at most 0.005 (= 2 / sharpness 400 at step 0)"
+    smooth = report.finding("Smoothness vs learning rate")
+    assert (smooth.verdict, smooth.value) == ("violated", 40.0)  # its largest finite value, not the NaN
+    assert "Not finite from step 2: the run diverged" in smooth.evidence
+    assert smooth.advice[0].startswith(lower)  # no bug hunt pushed ahead of it
+    finite = report.finding("Finite loss")
+    assert finite.verdict == "violated"
+    assert finite.advice[0].startswith(lower)
+    assert finite.advice[0].endswith("(see 'Smoothness vs learning rate')")
+    assert finite.advice[1:] == (
+        "Debug: Look for a bug: NaN or Inf in the inputs or labels, a log or a division by zero in the loss (give "
+        "cross_entropy logits, not probabilities), a layer dividing by a zero statistic.",
+    )  # the rest of its advice (lower the rate x0.1 ...) is the cause's own
+    advice = report.advice()
+    assert advice[0].startswith(lower) and not advice[0].endswith("')")
+    assert advice[1].startswith("Debug: Look for a bug")
+    assert sum(item.startswith(lower) for item in advice) == 1
+
+
+def test_lr_times_sharpness_never_finite_is_unknown_and_explains_nothing(tmp_path):
+    report = diagnose(
+        write_run(
+            tmp_path / "run",
+            scalars={
+                "train/loss_step": [(0, math.nan), (1, math.nan)],
+                "landscape/sharpness_x_lr": [(0, math.nan), (1, math.nan)],
+            },
+        )
+    )
+    smooth = report.finding("Smoothness vs learning rate")
+    assert smooth.verdict == "unknown" and "not finite at any measurement" in smooth.evidence
     assert report.advice()[0].startswith("Debug: Look for a bug")
-    assert (
-        sum(item.startswith("Debug: Look for a bug") for item in report.advice()) == 1
-    )  # once, not per finding
 
 
 @pytest.mark.parametrize("from_hparams", [True, False])
@@ -220,6 +274,80 @@ def test_input_condition_1e8_without_batchnorm_asks_for_input_normalisation(tmp_
         finding.advice[-1] == "Algorithm: Add BatchNorm (or LayerNorm) before net.fc1 (the model has no "
         "normalisation layer)."
     )
+
+
+@pytest.mark.parametrize(
+    ("rms", "verdict"),
+    [
+        (1.0, "holds"),
+        (3.0, "holds"),  # within half a decade of 1
+        (0.33, "holds"),
+        (5.0, "borderline"),
+        (0.2, "borderline"),
+        (12.0, "violated"),  # beyond a decade
+        (0.05, "violated"),
+    ],
+)
+def test_input_scale_bands(tmp_path, rms, verdict):
+    scalars = {"landscape/input_rms/net.fc1": rms, "landscape/input_rms/net.fc2": 1.0}
+    finding = judge(tmp_path, "Input scale", scalars=scalars)
+    assert (finding.verdict, finding.value) == (verdict, pytest.approx(rms))
+    assert finding.reference == "0.1 <= RMS <= 10 (within a decade of 1, the RMS of standardised inputs)"
+    assert finding.quantity == "landscape/input_rms/net.fc1"
+    if verdict != "holds":
+        expected = f"Data: Normalise the inputs: net.fc1, the first layer, sees values of RMS {rms:.3g}"
+        assert finding.advice[0].startswith(expected)
+
+
+def test_inputs_1000_times_too_large_ask_for_normalisation_before_the_learning_rate(tmp_path):
+    report = diagnose(
+        write_run(
+            tmp_path / "run",
+            scalars={
+                "train/loss_step": [(0, 230.0), (1, 1e9), (2, math.inf)],
+                "landscape/sharpness": [(0, 4e4)],
+                "landscape/sharpness_x_lr": [(0, 2000.0)],
+                "landscape/input_rms/net.fc1": [(0, 1000.0)],
+                "landscape/input_rms/net.fc2": [(0, 300.0)],
+            },
+        )
+    )
+    assert_advice_ordered(report)
+    scale = report.finding("Input scale")
+    assert scale.verdict == "violated" and "far above the 1 of standardised data" in scale.advice[0]
+    normalise = "Data: Normalise the inputs: net.fc1, the first layer, sees values of RMS 1e+03"
+    assert scale.advice[1] == (
+        "Algorithm: If the inputs cannot be normalised, put a normalisation layer right after net.fc1 (BatchNorm "
+        "absorbs the scale of its input), or retune the learning rate: the scale multiplies the first layer's "
+        "curvature by about 1e+06."
+    )
+    for condition in ("Finite loss", "Smoothness vs learning rate"):  # explained, and data before algorithm
+        assert report.finding(condition).advice[0].startswith(normalise), condition
+    assert report.leads == {".": scale.advice[0]} and report.advice()[0] == scale.advice[0]
+
+
+def test_the_generic_normalise_advice_goes_when_the_input_scale_was_measured(tmp_path):
+    # exploding updates: "normalise the inputs" among the advice
+    scalars = {"landscape/grad_to_weight/net.fc1": 5.0, "lr": 1.0}
+    blind = judge(tmp_path, "Gradient health", scalars=scalars)
+    generic = "Data: Normalise the inputs: subtract the training set's"
+    assert blind.verdict == "violated" and any(item.startswith(generic) for item in blind.advice)
+    scalars["landscape/input_rms/net.fc1"] = 1.0  # measured, and in range: not the data
+    seeing = judge(tmp_path / "b", "Gradient health", scalars=scalars)
+    assert seeing.verdict == "violated" and not any(item.startswith("Data:") for item in seeing.advice)
+
+
+def test_a_normalisation_layer_after_the_first_absorbs_a_large_input_scale(tmp_path):
+    scalars = {"landscape/input_rms/net.conv1": 130.0, "landscape/input_rms/net.bn1": 40.0}
+    finding = judge(tmp_path, "Input scale", scalars=scalars)
+    assert (
+        finding.verdict == "holds"
+        and "net.bn1, a normalisation layer, takes net.conv1's output" in finding.evidence
+    )
+    scalars["landscape/input_rms/net.conv1"] = (
+        0.01  # too small: BatchNorm's epsilon is not negligible, not absorbed
+    )
+    assert judge(tmp_path / "b", "Input scale", scalars=scalars).verdict == "violated"
 
 
 def test_an_ill_conditioned_hidden_layer_points_at_dead_units_first(tmp_path):
@@ -500,6 +628,9 @@ def healthy_scalars() -> dict:
         "landscape/input_condition/net.bn1": 1e4,
         "landscape/output_condition/net.bn1": 1e2,
         "landscape/input_condition/net.fc": 1e3,
+        "landscape/input_rms/net.conv1": 0.97,
+        "landscape/input_rms/net.bn1": 40.0,  # hidden layers' scales are not judged
+        "landscape/input_rms/net.fc": 0.5,
         "spectral/lipschitz_upper": [(0, 10.0), (1000, 50.0)],
         "spectral/margin_normalized/p10": 0.01,
         "spectral/margin_normalized/p50": 0.05,

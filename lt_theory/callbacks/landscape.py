@@ -51,6 +51,7 @@ CHARTS = {
     "Gradient / weight norm per layer": ["grad_to_weight/.*"],
     "Input feature conditioning per layer": ["input_condition/.*"],
     "Output feature conditioning per layer": ["output_condition/.*"],
+    "Input scale (RMS) per layer": ["input_rms/.*"],
 }
 
 
@@ -69,7 +70,9 @@ class LossLandscapeMonitor(TheoryCallback):
       :func:`~lt_theory.measures.landscape.predicted_rate`), and ``observed_rate``, the per-step fraction removed
       since the previous measurement;
     - per layer, ``||grad W|| / ||W||`` and the condition numbers of the centred covariances of its input and
-      output features (BatchNorm's input against its output is how much it improves the conditioning).
+      output features (BatchNorm's input against its output is how much it improves the conditioning), and the
+      root mean square of its input, the scale a condition number cannot see (the first layer's: the scale of
+      the data, about 1 when the inputs are standardised).
 
     Only global rank zero computes; other ranks do not wait for it. The optimizer is SGD with momentum and weight
     decay in the recipes: the predicted rate is the plain gradient-descent idealisation of a step.
@@ -84,9 +87,10 @@ class LossLandscapeMonitor(TheoryCallback):
     (running minimum over the run), ``landscape/sharpness``, ``landscape/sharpness_x_lr``, ``landscape/condition``,
     ``landscape/predicted_rate``, ``landscape/observed_rate`` (from the second measurement),
     ``landscape/grad_to_weight/<layer>``, ``landscape/input_condition/<layer>``,
-    ``landscape/output_condition/<layer>``; a custom-scalars panel ``landscape``. ``pl_ratio``, ``condition``
-    and ``predicted_rate`` are left out (with one warning) where ``L <= L*``; the loss-based tags need probe
-    labels (without them only the conditioning is logged, with one warning).
+    ``landscape/output_condition/<layer>``, ``landscape/input_rms/<layer>``; a custom-scalars panel
+    ``landscape``. ``pl_ratio``, ``condition`` and ``predicted_rate`` are left out (with one warning) where
+    ``L <= L*``; the loss-based tags need probe labels (without them only the conditioning and the input RMS are
+    logged, with one warning).
 
     Args:
         every_n_steps: measure every this many optimizer steps (and once at fit start).
@@ -262,7 +266,8 @@ class LossLandscapeMonitor(TheoryCallback):
             self.warn_once(
                 "no-targets",
                 "the probe has no labels, so the loss, sharpness, PL ratio and gradient tags are skipped; only the "
-                "activation conditioning is logged. Give `probe_targets` (or a data module with labels).",
+                "activation conditioning and the input RMS are logged. Give `probe_targets` (or a data module with "
+                "labels).",
             )
         conditioning = activation_conditioning(
             pl_module, inputs, self.layer_names, self.condition_floor, self.bn_statistics
@@ -270,6 +275,7 @@ class LossLandscapeMonitor(TheoryCallback):
         for name, layer in conditioning.items():
             scalars[f"input_condition/{name}"] = layer.input_condition
             scalars[f"output_condition/{name}"] = layer.output_condition
+            scalars[f"input_rms/{name}"] = layer.input_rms
         bad = [name for name, value in scalars.items() if not math.isfinite(value)]
         if bad:
             self.warn_once(

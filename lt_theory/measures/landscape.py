@@ -54,7 +54,9 @@ squared loss with respect to its weights is :math:`\mathbb E[x x^\top] \otimes I
 correlated inputs make it ill-conditioned and gradient descent slow (LeCun, Bottou, Orr & Müller, 1998,
 "Efficient BackProp"); BatchNorm rescales each channel (Ioffe & Szegedy, ICML 2015; Santurkar, Tsipras, Ilyas
 & Madry, NeurIPS 2018, "How Does Batch Normalization Help Optimization?"), and its output's condition number
-against its input's is that effect, measured.
+against its input's is that effect, measured. A condition number is blind to a common scale; the **input RMS**
+:math:`\sqrt{\mathbb E[x^2]}` of a layer is that scale (for the first layer, the scale of the data: about 1 for
+standardised inputs, about 130 for raw 0-255 pixels).
 """
 
 from __future__ import annotations
@@ -162,12 +164,16 @@ class LayerConditioning(NamedTuple):
         input_rank: eigenvalues of that covariance above ``floor * lambda_max`` (0 when zero or not finite).
         output_condition: the same for the output features.
         output_rank: the same for the output features.
+        input_rms: the root mean square of every value of the layer's input, ``sqrt(mean(x ** 2))`` over the
+            batch, the features and the spatial positions (not centred: an offset counts); NaN when not finite.
+            For the first layer it is the scale of the data the network sees: unit-variance inputs give about 1.
     """
 
     input_condition: float
     input_rank: int
     output_condition: float
     output_rank: int
+    input_rms: float = math.nan
 
 
 # --------------------------------------------------------------------------------------------------
@@ -432,7 +438,8 @@ def activation_conditioning(
     floor: float = DEFAULT_CONDITION_FLOOR,
     bn_statistics: str = "batch",
 ) -> dict[str, LayerConditioning]:
-    """The condition numbers of the centred covariances of each layer's input and output features.
+    """The condition numbers of the centred covariances of each layer's input and output features, and the scale
+    (root mean square) of its input.
 
     Features are the last dimension for ``nn.Linear`` and the channels (dimension 1) for convolutions and
     BatchNorm, pooled over the batch and every spatial position: a ``(N, C, H, W)`` activation gives
@@ -442,7 +449,10 @@ def activation_conditioning(
     eigenvalues above ``floor * lambda_max``. The model runs once on ``inputs`` in eval mode under
     ``torch.no_grad`` and a forked RNG, with forward hooks (removed afterwards); a layer called several times
     is measured at its first call. Cost: one forward pass, and an eigendecomposition of a ``d x d`` matrix
-    per measured feature space (``d`` channels or features).
+    per measured feature space (``d`` channels or features). A condition number does not change when every
+    feature is multiplied by the same factor; ``input_rms``, ``sqrt(mean(x ** 2))`` over every value of the
+    layer's input, is that factor: inputs multiplied by 1000 raise the first layer's input RMS 1000 times and
+    leave its condition number as it was.
 
     Args:
         model: the network.
@@ -450,12 +460,12 @@ def activation_conditioning(
         layers: names of the layers to measure (``named_modules`` names); None for every Linear, Conv and
             BatchNorm layer that the forward pass calls.
         floor: the relative eigenvalue floor, in (0, 1).
-
         bn_statistics: how BatchNorm layers normalise: ``"batch"`` (default) with each batch's own statistics,
             as in a training step, so the loss is the one the optimizer descends; ``"running"`` with their
             running statistics, the network at test time. Running statistics are never updated.
+
     Returns:
-        ``{layer: LayerConditioning(input_condition, input_rank, output_condition, output_rank)}`` in
+        ``{layer: LayerConditioning(input_condition, input_rank, output_condition, output_rank, input_rms)}`` in
         ``named_modules`` order.
 
     Raises:
@@ -470,18 +480,21 @@ def activation_conditioning(
         >>> result = activation_conditioning(batchnorm, inputs)[""]  # variances 1 and 100, uncorrelated
         >>> round(result.input_condition, 4), round(result.output_condition, 4), result.output_rank  # eps 1e-5
         (100.0, 1.0, 2)
+        >>> round(result.input_rms, 4)  # sqrt((1 + 100) / 2): the scale of the values, not centred
+        7.1063
     """
     if not isinstance(inputs, Tensor):
         raise ValueError(f"`inputs` must be a torch.Tensor, got {type(inputs).__name__}")
     if not (isinstance(floor, float | int) and 0 < floor < 1):
         raise ValueError(f"`floor` must be a number in (0, 1), got {floor!r}")
     chosen = conditioned_layers(model, layers)
-    covariances: dict[str, tuple[Tensor, Tensor]] = {}
+    covariances: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
 
     def record(name: str, layer: nn.Module):
         def hook(module, args, output) -> None:
             if name not in covariances:
-                covariances[name] = (_covariance(args[0], layer), _covariance(output, layer))
+                rms = args[0].detach().double().pow(2).mean().sqrt()
+                covariances[name] = (_covariance(args[0], layer), _covariance(output, layer), rms)
 
         return hook
 
@@ -502,8 +515,11 @@ def activation_conditioning(
     result = {}
     for name in chosen:
         if name in covariances:
-            input_cov, output_cov = covariances[name]
-            result[name] = LayerConditioning(*_condition(input_cov, floor), *_condition(output_cov, floor))
+            input_cov, output_cov, rms = covariances[name]
+            rms = float(rms) if bool(torch.isfinite(rms)) else math.nan
+            result[name] = LayerConditioning(
+                *_condition(input_cov, floor), *_condition(output_cov, floor), rms
+            )
     return result
 
 

@@ -16,9 +16,10 @@ The conditions and their references:
   promise at least one e-fold over the steps measured unless the loss already fell that much;
 - smoothness against the learning rate: lr x sharpness < 2 (GD on a quadratic diverges beyond; Cohen et al.
   2021's edge of stability is at 2, 2 + 2m with momentum m);
-- activation conditioning (LeCun et al. 1998) against float32's resolution, and whether BatchNorm lowers it
-  (Ioffe & Szegedy 2015; Santurkar et al. 2018); gradient health, gradient-to-weight ratios (Glorot & Bengio
-  2010);
+- the scale of the inputs the first layer sees, within a decade of unit scale (LeCun et al. 1998; the limits
+  measured, see :mod:`lt_theory.report.rules`); activation conditioning (LeCun et al. 1998) against float32's
+  resolution, and whether BatchNorm lowers it (Ioffe & Szegedy 2015; Santurkar et al. 2018); gradient health,
+  gradient-to-weight ratios (Glorot & Bengio 2010);
 - spectral: the growth of the certified Lipschitz bound and the normalised margins (Bartlett, Foster &
   Telgarsky 2017);
 - lazy vs feature learning: the NTK's relative change (Lee et al. 2019; Chizat, Oyallon & Bach 2019);
@@ -30,7 +31,10 @@ The conditions and their references:
 
 Advice is ordered as practitioners debug: a bug first (pipeline, labels, initialisation), then the data
 (normalisation), then the algorithm (learning rate, warm-up, width, normalisation layers, weight decay); a
-run's violated bug or data finding puts its first advice ahead of its later findings' advice.
+run's violated bug or data finding puts its first advice ahead of its later findings' advice. One exception: a
+training-loss symptom (a non-finite loss, a loss that does not fall, a loss at chance) that a violated measured
+cause explains (inputs far from unit scale; lr x sharpness past the stability limit) is led by that cause's
+advice, and so is the report (:attr:`Report.leads`): the bug hunt comes next.
 
 Outputs: :meth:`Report.to_markdown` (the verdict table), :meth:`Report.write` (``report.md``, a self-contained
 ``report.html`` with the callbacks' figures embedded, and the TensorBoard text ``report/diagnosis`` of each
@@ -50,8 +54,8 @@ Example:
     >>> finding.verdict, finding.value, finding.reference
     ('violated', 40.0, '< 2 (gradient descent; no hparams.yaml: assumed without momentum)')
     >>> print(finding.advice[0])
-    Algorithm: Lower the learning rate to at most 0.005 (= 2 / sharpness 400): the step is too large for
-    the curvature.
+    Algorithm: Lower the learning rate to at most 0.005 (= 2 / sharpness 400 at step 100): the step is too
+    large for the curvature.
 """
 
 from lt_theory.report.callback import TheoryReport

@@ -199,6 +199,13 @@ def pl_condition(run: RunLog, limits: Mapping, context: Context) -> Judgement | 
     if len(losses) < 2 or mu is None:
         return None
     tag = "landscape/pl_ratio"
+    last_loss = run.scalars["landscape/loss"][-1]
+    if not math.isfinite(last_loss[1]):
+        evidence = (
+            f"the probe loss is not finite at step {last_loss[0]}: the run diverged, and the PL condition of a "
+            "diverged network is not judged (see 'Finite loss')."
+        )
+        return Judgement("unknown", math.nan, evidence, tag, {})
     if kappa is None or kappa <= 0:
         evidence = (
             f"PL quotient {fmt(mu)}, but the sharpness is not known: kappa = beta / mu cannot be formed."
@@ -245,34 +252,84 @@ def smoothness(run: RunLog, limits: Mapping, context: Context) -> Judgement | No
     tag = "landscape/sharpness_x_lr"
     if tag not in run.scalars:
         return None
-    value = run.last(tag)
+    series = run.scalars[tag]
     limit, note = _stability_limit(run, limits["limit"])
-    facts = {"limit": limits["limit"] if limit is None else limit, "limit_note": note}
-    if not math.isfinite(value):
-        return Judgement(
-            "violated",
-            value,
-            f"`{tag}` is not finite at the last step: the run diverged.",
-            tag,
-            {**facts, "lr_to": ""},
-        )
-    last = value
-    value = max((v for _, v in _finite(run.scalars[tag])), default=value)  # a schedule's end (lr -> 0) hides it
-    evidence = f"lr x sharpness = {fmt(value)} at its largest (last measurement {fmt(last)}); limit {note}."
-    if limit is None:
-        return Judgement("unknown", value, evidence, tag, facts)
-    sharpness = run.last("landscape/sharpness", finite=True)
-    facts["lr_to"] = (
-        f" to at most {fmt(limit / sharpness)} (= {limit:.3g} / sharpness {fmt(sharpness)})"
-        if sharpness
-        else ""
+    facts = {"limit": limits["limit"] if limit is None else limit, "limit_note": note, "lr_to": ""}
+    finite = _finite(series)
+    broken = [step for step, v in series if not math.isfinite(v)]
+    diverged = f" Not finite from step {broken[0]}: the run diverged." if broken else ""
+    if not finite:
+        evidence = f"`{tag}` is not finite at any measurement (NaN or Inf from the start: see 'Finite loss')."
+        return Judgement("unknown", series[-1][1], evidence, tag, facts)
+    # judged at its largest finite value: a schedule's end (lr -> 0) or a diverged end (NaN) hides it
+    peak_step, value = max(finite, key=lambda item: item[1])
+    evidence = (
+        f"lr x sharpness = {fmt(value)} at its largest (step {peak_step}; last measurement {fmt(series[-1][1])}); "
+        f"limit {note}."
     )
+    if limit is None:
+        return Judgement("unknown", value, evidence + diverged, tag, facts)
     band = limits["band"]
     verdict = (
         "holds" if value < (1 - band) * limit else "borderline" if value <= (1 + band) * limit else "violated"
     )
+    # the learning rate to advise: limit / the sharpness where the step first went past the limit (later
+    # sharpness is that of a catapulted or diverging network, flatter or sharper than the one the lr was for)
+    first_over = next((step for step, v in finite if v > limit), peak_step)
+    sharpness = dict(run.scalars.get("landscape/sharpness", [])).get(first_over)
+    if sharpness is None or not math.isfinite(sharpness) or sharpness <= 0:
+        sharpness, first_over = run.last("landscape/sharpness", finite=True), None
+    if sharpness and sharpness > 0:
+        where = "" if first_over is None else f" at step {first_over}"
+        facts["lr_to"] = (
+            f" to at most {fmt(limit / sharpness)} (= {limit:.3g} / sharpness {fmt(sharpness)}{where})"
+        )
     if verdict == "borderline":
         evidence += " At the edge of stability: training goes on, but not monotonically."
+    elif verdict == "violated" and first_over is not None:
+        evidence += f" First past the limit at step {first_over}, sharpness {fmt(sharpness)}."
+    evidence += diverged
+    if broken and verdict == "holds":
+        evidence += (
+            " lr x sharpness was under the limit at every finite measurement: the step does not explain it."
+        )
+    return Judgement(verdict, value, evidence, tag, facts)
+
+
+@check("input_scale")
+def input_scale(run: RunLog, limits: Mapping, context: Context) -> Judgement | None:
+    layers = run.layers("landscape/input_rms")
+    if not layers:
+        return None
+    names = list(layers)  # in the order logged: named_modules order, the first layer first
+    first = names[0]
+    tag = f"landscape/input_rms/{first}"
+    value = run.last(tag, finite=True)
+    if value is None:
+        evidence = f"`{tag}` is not finite at any measurement: NaN or Inf in the inputs (see 'Finite loss')."
+        return Judgement("unknown", run.last(tag), evidence, tag, {})
+    low, high, band = limits["low"], limits["high"], limits["band"]
+    facts = {"first_layer": first, "rms": value, "curvature_factor": value**2}
+    evidence = f"the first layer measured, {first}, sees inputs of RMS {fmt(value)} (standardised data: 1)"
+    following = names[1] if len(names) > 1 else None
+    if value > high / band and following is not None and is_normalisation_layer(following):
+        evidence += (
+            f"; {following}, a normalisation layer, takes {first}'s output, so the scale does not reach the loss "
+            "(BatchNorm is invariant to the scale of its input)."
+        )
+        return Judgement("holds", value, evidence, tag, facts)
+    if low <= value <= high:
+        verdict = "holds" if low * band <= value <= high / band else "borderline"
+    else:
+        verdict = "violated"
+    facts["how"] = ("far " if verdict == "violated" else "") + ("above" if value > 1 else "below")
+    if verdict != "holds":
+        evidence += (
+            f", {facts['how']} it: the first layer's curvature is about {fmt(value**2)} times that of standardised "
+            "inputs, so learning rates tuned for those do not transfer."
+        )
+    else:
+        evidence += "."
     return Judgement(verdict, value, evidence, tag, facts)
 
 
@@ -360,7 +417,7 @@ def gradient_health(run: RunLog, limits: Mapping, context: Context) -> Judgement
         return Judgement(
             "violated",
             last[broken[0]],
-            f"not finite at {', '.join(broken)}. " + evidence,
+            f"not finite at {', '.join(broken)}" + (f". {evidence}" if finite else "."),
             f"landscape/grad_to_weight/{broken[0]}",
             facts,
         )

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from lt_theory.report import render
 from lt_theory.report.checks import CHECKS, Context, Judgement
 from lt_theory.report.read import THEORY_PREFIXES, TRAINING_PREFIXES, RunLog, read_runs
-from lt_theory.report.rules import RULES, STAGE_LABELS, STAGES, Rule
+from lt_theory.report.rules import NORMALISE, RULES, STAGE_LABELS, STAGES, Rule
 
 __all__ = ["VERDICTS", "Finding", "Report", "diagnose", "log_directory"]
 
@@ -58,12 +58,16 @@ class Report:
         findings: one :class:`Finding` per condition and run, runs in path order, conditions in rule order.
         runs: the runs read (their images go into the HTML report).
         skipped: runs under ``source`` without lt_theory tags.
+        leads: ``{run: advice item}`` for each run whose training-loss symptom (a non-finite loss, a loss that
+            does not fall, a loss at chance) a violated measured cause explains: that cause's first advice,
+            which :meth:`advice` puts first (see :mod:`lt_theory.report.rules`, "Measured causes").
     """
 
     source: Path
     findings: list[Finding]
     runs: list[RunLog] = field(default_factory=list, repr=False)
     skipped: list[str] = field(default_factory=list)
+    leads: dict[str, str] = field(default_factory=dict)
 
     def finding(self, condition: str, run: str | None = None) -> Finding:
         """The finding of ``condition`` (in ``run``, else the only run that has it).
@@ -86,15 +90,17 @@ class Report:
         return {(f"{f.run}: {f.condition}" if several else f.condition): f.verdict for f in self.findings}
 
     def advice(self) -> list[str]:
-        """Every advice item of the violated, then borderline, findings, once each, debugging first."""
+        """Every advice item of the violated, then borderline, findings, once each: a measured cause that explains
+        a run's training-loss symptom first (:attr:`leads`), then debugging, data, algorithm."""
         ordered = sorted(
             (f for f in self.findings if f.verdict in ("violated", "borderline")),
             key=lambda f: f.verdict != "violated",
         )
         items = [_SEE.sub("", item) for f in ordered for item in f.advice]  # a copied item once, as itself
         rank = {STAGE_LABELS[s]: i for i, s in enumerate(STAGES)}
-        unique = list(dict.fromkeys(items))
-        return sorted(unique, key=lambda item: rank.get(item.split(":", 1)[0], len(STAGES)))
+        leads = list(dict.fromkeys(self.leads.values()))
+        unique = [item for item in dict.fromkeys(items) if item not in leads]
+        return leads + sorted(unique, key=lambda item: rank.get(item.split(":", 1)[0], len(STAGES)))
 
     def to_markdown(self, details: bool = True) -> str:
         """The verdict table (condition, value, reference, verdict, advice), then what to try and the evidence."""
@@ -124,7 +130,8 @@ class Report:
             from torch.utils.tensorboard import SummaryWriter
 
             for run in self.runs:
-                mine = Report(self.source, [f for f in self.findings if f.run == run.name])
+                leads = {name: item for name, item in self.leads.items() if name == run.name}
+                mine = Report(self.source, [f for f in self.findings if f.run == run.name], leads=leads)
                 if mine.findings:
                     with SummaryWriter(str(run.directory), filename_suffix=".report") as writer:
                         writer.add_text(REPORT_TAG, mine.to_markdown(), global_step=run.last_step)
@@ -176,24 +183,44 @@ def _finding(rule: Rule, judgement: Judgement, run: RunLog) -> Finding:
     )
 
 
-def _debugging_first(findings: list[tuple[Rule, Finding]]) -> list[Finding]:
+def _explaining_cause(findings: list[tuple[Rule, Finding]]) -> Finding | None:
+    """The run's violated measured cause of the earliest stage (rule order within a stage) when a violated
+    training-loss symptom needs explaining, else None."""
+    if not any(rule.symptom and f.verdict == "violated" for rule, f in findings):
+        return None
+    causes = [(r, f) for r, f in findings if r.cause and f.verdict == "violated" and f.advice]
+    return min(causes, key=lambda item: STAGES.index(item[0].stage))[1] if causes else None
+
+
+def _debugging_first(findings: list[tuple[Rule, Finding]], cause: Finding | None) -> list[Finding]:
     """Put the first advice of a run's violated earlier-stage findings (a bug, then the data) ahead of the advice
-    of its later-stage violated findings: what practitioners check first comes first everywhere."""
+    of its later-stage violated findings: what practitioners check first comes first everywhere. A symptom that
+    ``cause`` explains is led by the cause's first advice, keeps only its bug-stage items after it, and puts
+    nothing ahead of the other findings."""
+    explained = cause is not None
     out = []
     for rule, finding in findings:
-        if finding.verdict == "violated":
+        if finding.verdict == "violated" and explained and rule.symptom:
+            bug = tuple(item for item in finding.advice if item.startswith(f"{STAGE_LABELS['bug']}:"))
+            finding = finding._replace(advice=(f"{cause.advice[0]} (see '{cause.condition}')", *bug))
+        elif finding.verdict == "violated":
             stage = STAGES.index(rule.stage)
             earlier = [
                 f"{f.advice[0]} (see '{f.condition}')"
                 for r, f in findings
-                if f.verdict == "violated" and f.advice and STAGES.index(r.stage) < stage
+                if f.verdict == "violated"
+                and f.advice
+                and STAGES.index(r.stage) < stage
+                and not (explained and r.symptom)
             ]
             finding = finding._replace(advice=tuple(dict.fromkeys(earlier)) + finding.advice)
         out.append(finding)
     return out
 
 
-def _diagnose_run(run: RunLog, context: Context) -> list[Finding]:
+def _diagnose_run(run: RunLog, context: Context) -> tuple[list[Finding], str | None]:
+    """The run's findings, and the advice item that leads it (the first advice of a cause that explains a
+    symptom), or None."""
     judged = []
     for rule in RULES:
         judgement = CHECKS[rule.key](run, rule.limits, context)
@@ -203,7 +230,11 @@ def _diagnose_run(run: RunLog, context: Context) -> list[Finding]:
                     f"check {rule.key!r} gave verdict {judgement.verdict!r}, not one of {VERDICTS}"
                 )
             judged.append((rule, _finding(rule, judgement, run)))
-    return _debugging_first(judged)
+    if any(rule.key == "input_scale" and f.verdict != "unknown" for rule, f in judged):
+        generic = f"{STAGE_LABELS[NORMALISE[0]]}: {NORMALISE[1]}"  # the input scale was measured: it says
+        judged = [(r, f._replace(advice=tuple(a for a in f.advice if a != generic))) for r, f in judged]
+    cause = _explaining_cause(judged)
+    return _debugging_first(judged, cause), None if cause is None else cause.advice[0]
 
 
 def log_directory(trainer) -> Path:
@@ -278,6 +309,11 @@ def diagnose(source, num_classes: int | None = None) -> Report:
             "ClassificationModule write them)"
         )
     context = Context(runs=usable, num_classes=num_classes)
-    findings = [finding for run in usable for finding in _diagnose_run(run, context)]
+    findings, leads = [], {}
+    for run in usable:
+        found, lead = _diagnose_run(run, context)
+        findings += found
+        if lead is not None:
+            leads[run.name] = lead
     skipped = [run.name for run in runs if run not in usable]
-    return Report(root, findings, usable, skipped)
+    return Report(root, findings, usable, skipped, leads)

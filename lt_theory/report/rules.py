@@ -12,6 +12,30 @@ Advice items are ``(stage, template)`` pairs. The stages are the order in which 
 decay). A finding's advice is sorted by stage (stable within a stage); a template naming a number the check
 did not produce (e.g. ``{first_layer}`` when the worst layer is not the first) is left out.
 
+**Measured causes come before the bug hunt.** The training-loss rules (``symptom=True``: a non-finite loss, a loss
+that does not fall, a loss at chance) see what went wrong, not why, so their advice is a bug hunt. Two rules
+measure a cause that produces those symptoms on its own (``cause=True``): inputs far from unit scale
+(``input_scale``, data) and a step past the stability limit (``smoothness``, algorithm: lr x sharpness measured
+above 2, or 2 + 2m with momentum m, while it was still finite). When a symptom and a cause are both violated in a
+run, the symptom is explained: the first advice of the earliest-stage violated cause leads the symptom's advice
+and the whole report's (:meth:`~lt_theory.report.Report.advice`), the symptom keeps only its bug-stage items
+(tried if the fix does not remove it), and it pushes no bug hunt ahead of the other findings. A run whose loss
+went to NaN at lr x sharpness = 20 is told "lower the learning rate to 2 / sharpness" first, then "look for a bug"
+if the loss is still not finite at that rate: the measured cause is the cheapest thing to test (one re-run at the
+computed rate), and a bug hunt first would send the user looking for a NaN in the data that is not there
+(tests/test_report_runs.py: an MLP at lr = 20 / its sharpness at initialisation has a NaN loss from step 18 to 20,
+seeds 0 to 4, and its report starts with "lower the learning rate to 2 / sharpness"; the same MLP on inputs x1000
+at lr 0.05 blows up in its first epoch, and its report starts with normalising the inputs). A non-finite loss with
+no violated cause (lr x sharpness under the limit at every finite measurement, or never finite) is still a bug
+hunt first. A run at chance with no violated cause (shuffled labels, or a network too narrow for its data: one run
+cannot tell the two apart, a wider twin of the same pipeline can) is told to check the labels, then to overfit one
+small batch, then to go wider: Karpathy's order.
+
+The rules that cannot see the inputs (a non-finite loss, a PL plateau, exploding gradients) give the generic
+:data:`NORMALISE` item; a run whose first layer's input RMS was measured (the ``input_scale`` rule judged it)
+does without it: the input-scale finding says whether normalising applies, with the number, and a report does
+not say "normalise" next to "Input scale: holds".
+
 Thresholds (the ``limits`` of each rule):
 
 ==========================  ===================================================================================
@@ -33,6 +57,21 @@ Thresholds (the ``limits`` of each rule):
                             of at most 1e-5 per step for any lr <= 1; CS231n's healthy update ratio is ~1e-3)
 ``EXPLODING_UPDATE`` = 1    lr x gradient-to-weight ratio above which one step rewrites the layer
 ``CHANCE_FRACTION`` = 0.95  a training loss at or above 95% of ln C is at chance (5% margin for batch noise)
+``INPUT_SCALE`` = 0.1, 10   the first layer's input RMS (``landscape/input_rms/<first layer>``) beyond a
+                            decade of 1 is "violated", beyond half a decade (1 / sqrt(10) to sqrt(10))
+                            "borderline". Measured by tests/test_report_runs.py
+                            (``test_input_scale_limits_where_learning_rates_stop_working``: an MLP 32-64-10 on
+                            standardised Gaussian clusters times s, plain SGD, 3 epochs of 640 in batches of 32,
+                            the full training loss after; chance 0.95 ln 10 = 2.19): the sharpness at
+                            initialisation is 0.70 at s = 1, x7.1 at s = 3, x80 at s = 10 and x0.25 at s = 0.1
+                            (the last layer's alone); a scale acts on the first layer as a learning-rate factor
+                            of about s^2, so one rate trains about a decade of scales. Loss at s = 0.1, 0.32, 1,
+                            3.2, 10: lr 0.05: 2.28 (chance), 2.12, 1.02, 0.12, 0.014; lr 0.1: 2.25 (chance),
+                            1.90, 0.34, 0.048, 0.003; lr 0.5: 1.84, 0.17, 0.028, 0.003, NaN. A decade from 1, a
+                            rate that trains the standardised data fails (NaN, or stuck at chance); within half
+                            a decade all three train. A normalisation layer right after the first layer absorbs
+                            a large scale (ResNet-8 on synthetic CIFAR x1000: the same loss and sharpness at
+                            initialisation as x1, tests/test_report_runs.py): then it holds
 ``PL_EFOLDS`` = 1           PL at lr = 1/beta must guarantee at least one e-fold of loss decrease over the
                             steps measured: kappa = beta / mu at most that number of steps
 ``DD_TOLERANCE`` = 0.01     a test-error rise counts when above 1 point (two binomial standard errors on a
@@ -47,7 +86,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["RULES", "STAGES", "STAGE_LABELS", "Rule", "rule"]
+__all__ = ["NORMALISE", "RULES", "STAGES", "STAGE_LABELS", "Rule", "rule"]
 
 STAGES = ("bug", "data", "algorithm")
 STAGE_LABELS = {"bug": "Debug", "data": "Data", "algorithm": "Algorithm"}
@@ -62,6 +101,7 @@ RANK_DEFICIENT = 1e11
 VANISHING_RATIO = 1e-5
 EXPLODING_UPDATE = 1.0
 CHANCE_FRACTION = 0.95
+INPUT_SCALE = (0.1, 10.0)
 PL_EFOLDS = 1.0
 DD_TOLERANCE = 0.01
 
@@ -71,16 +111,16 @@ FRANKLE_LMC = (
     "Frankle, Dziugaite, Roy & Carbin 2020, 'Linear Mode Connectivity and the Lottery Ticket Hypothesis'"
 )
 
-_NORMALISE = (
+NORMALISE = (
     "data",
     "Normalise the inputs: subtract the training set's per-channel mean and divide by its "
     "standard deviation, so the first layers see values of order one.",
 )
 _OVERFIT_ONE_BATCH = (
     "bug",
-    "Overfit one small batch: a correct pipeline drives its loss to about 0 in a few hundred steps. If it "
-    "cannot, look for a bug: the optimizer not stepping, zero_grad missing, frozen parameters, a loss detached "
-    "from the graph, a learning rate of 0.",
+    "Overfit one small batch (a handful of examples): a correct pipeline drives its loss to about 0 in a few "
+    "hundred steps, even with a small network. If it cannot, look for a bug: the optimizer not stepping, "
+    "zero_grad missing, frozen parameters, a loss detached from the graph, a learning rate of 0.",
 )
 
 
@@ -100,6 +140,9 @@ class Rule:
         advice: ``(stage, template)`` items for a violated (and, without ``borderline_advice``, borderline)
             verdict.
         borderline_advice: items for a borderline verdict, when they differ.
+        cause: the rule measures a cause of the training-loss symptoms (see "Measured causes" above): when it is
+            violated, it explains a violated symptom of the same run and its first advice leads.
+        symptom: the rule sees a training-loss symptom that a violated cause of the same run explains.
     """
 
     key: str
@@ -111,6 +154,8 @@ class Rule:
     limits: Mapping[str, float] = field(default_factory=dict)
     advice: tuple[tuple[str, str], ...] = ()
     borderline_advice: tuple[tuple[str, str], ...] | None = None
+    cause: bool = False
+    symptom: bool = False
 
 
 RULES: tuple[Rule, ...] = (
@@ -121,14 +166,14 @@ RULES: tuple[Rule, ...] = (
         reference="finite at every step",
         source=f"a non-finite loss is a diverged run (lt_theory's evaluation rule); rule out a bug first: {KARPATHY}",
         stage="bug",
+        symptom=True,
         advice=(
             (
                 "bug",
-                "Look for a bug before tuning anything: NaN or Inf in the inputs or labels, a log or a division "
-                "by zero in the loss (give cross_entropy logits, not probabilities), a layer dividing by a zero "
-                "statistic.",
+                "Look for a bug: NaN or Inf in the inputs or labels, a log or a division by zero in the loss "
+                "(give cross_entropy logits, not probabilities), a layer dividing by a zero statistic.",
             ),
-            _NORMALISE,
+            NORMALISE,
             (
                 "algorithm",
                 "Then lower the learning rate (e.g. x0.1), add warm-up, or clip the gradient norm.",
@@ -142,6 +187,7 @@ RULES: tuple[Rule, ...] = (
         reference="last < first",
         source=f"a network that does not lower its training loss has a bug until shown otherwise: {KARPATHY}",
         stage="bug",
+        symptom=True,
         advice=(
             _OVERFIT_ONE_BATCH,
             ("algorithm", "If one batch can be fitted, raise the learning rate or train longer."),
@@ -155,6 +201,7 @@ RULES: tuple[Rule, ...] = (
         source=f"a uniform guess over C classes has cross-entropy ln C (check it at initialisation: {KARPATHY}); "
         "5% margin for batch noise (lt_theory)",
         stage="bug",
+        symptom=True,
         limits={"chance_fraction": CHANCE_FRACTION},
         advice=(
             (
@@ -166,7 +213,9 @@ RULES: tuple[Rule, ...] = (
             _OVERFIT_ONE_BATCH,
             (
                 "algorithm",
-                "If the pipeline is right, the network does not fit: raise the learning rate or the width.",
+                "If one small batch can be overfitted but the training set cannot, the network is too small "
+                "for the data (one run cannot tell this from a bug; a wider copy of the same pipeline that "
+                "fits can): make it wider, or raise the learning rate.",
             ),
         ),
     ),
@@ -186,7 +235,7 @@ RULES: tuple[Rule, ...] = (
                 "A high loss with a vanishing gradient is a plateau: check the initialisation (He/Kaiming for "
                 "ReLU, no layer at zero blocking the gradient) and look for dead ReLUs.",
             ),
-            _NORMALISE,
+            NORMALISE,
             (
                 "algorithm",
                 "Add normalisation layers or residual connections, or widen the network (wide networks "
@@ -204,6 +253,7 @@ RULES: tuple[Rule, ...] = (
         "the edge of stability (Cohen, Kaur, Li, Kolter & Talwalkar 2021; 2 + 2m with momentum m); "
         "+-10% band around the limit: lt_theory",
         stage="algorithm",
+        cause=True,
         limits={"limit": EDGE_OF_STABILITY, "band": STABILITY_BAND},
         advice=(
             ("algorithm", "Lower the learning rate{lr_to}: the step is too large for the curvature."),
@@ -216,6 +266,34 @@ RULES: tuple[Rule, ...] = (
                 "algorithm",
                 "Normalisation layers (BatchNorm, LayerNorm) lower the sharpness reached at a given "
                 "learning rate (Santurkar et al. 2018).",
+            ),
+        ),
+    ),
+    Rule(
+        key="input_scale",
+        condition="Input scale",
+        quantity="landscape/input_rms/<first layer>",
+        reference="{low:g} <= RMS <= {high:g} (within a decade of 1, the RMS of standardised inputs)",
+        source="LeCun, Bottou, Orr & Mueller 1998, 'Efficient BackProp' (inputs of zero mean and unit variance) "
+        "and the initialisations that assume them (Glorot & Bengio 2010; He et al. 2015): an input scale s "
+        "multiplies the first layer's curvature by about s^2 (condition numbers cannot see it); limits: "
+        "lt_theory's, measured (see the table above)",
+        stage="data",
+        cause=True,
+        limits={"low": INPUT_SCALE[0], "high": INPUT_SCALE[1], "band": float(np.sqrt(10.0))},
+        advice=(
+            (
+                "data",
+                "Normalise the inputs: {first_layer}, the first layer, sees values of RMS {rms:.3g}, {how} "
+                "the 1 of standardised data. Subtract the training set's per-channel mean and divide by its "
+                "standard deviation (a forgotten / 255, or a transform that is not applied, is the usual "
+                "cause).",
+            ),
+            (
+                "algorithm",
+                "If the inputs cannot be normalised, put a normalisation layer right after {first_layer} "
+                "(BatchNorm absorbs the scale of its input), or retune the learning rate: the scale multiplies "
+                "the first layer's curvature by about {curvature_factor:.2g}.",
             ),
         ),
     ),
@@ -281,7 +359,7 @@ RULES: tuple[Rule, ...] = (
                 "An exploding gradient at {exploding_layer}: look for unnormalised targets or inputs and a loss "
                 "that can reach huge values.",
             ),
-            _NORMALISE,
+            NORMALISE,
             (
                 "algorithm",
                 "Vanishing at {vanishing_layer}: add normalisation layers or residual connections, or "
