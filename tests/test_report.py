@@ -538,6 +538,18 @@ def test_gradient_health(tmp_path, ratios, verdict, first):
     assert (finding.advice[0][: len(first)] if finding.advice else None) == first
 
 
+def test_an_exploding_update_is_judged_at_its_largest_not_where_a_cosine_schedule_ends(tmp_path):
+    """lr 0.5 x grad/weight 40 = 20 at step 100 explodes, though the lr (from sharpness_x_lr / sharpness) is 0 at
+    the last measurement."""
+    scalars = {
+        "landscape/sharpness": [(0, 10.0), (100, 10.0), (200, 10.0)],
+        "landscape/sharpness_x_lr": [(0, 1.0), (100, 5.0), (200, 0.0)],
+        "landscape/grad_to_weight/net.fc": [(0, 1e-2), (100, 40.0), (200, 1e-2)],
+    }
+    finding = judge(tmp_path, "Gradient health", scalars=scalars)
+    assert finding.verdict == "violated" and finding.advice[0].startswith("Debug: An exploding gradient at net.fc")
+
+
 def test_ntk_lazy_against_the_runs_own_threshold(tmp_path):
     assert (
         judge(

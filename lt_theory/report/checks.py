@@ -86,6 +86,25 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
+def _largest_update(run: RunLog, layers) -> tuple[float, str] | None:
+    """The largest ``lr_t x grad/weight_t`` over the landscape monitor's measurements and layers, with the
+    layer; ``lr_t = sharpness_x_lr / sharpness`` at the same step. None without those series."""
+    rates = {
+        step: product / sharpness
+        for (step, product), (_, sharpness) in zip(
+            run.scalars.get("landscape/sharpness_x_lr", []), run.scalars.get("landscape/sharpness", [])
+        )
+        if math.isfinite(product) and math.isfinite(sharpness) and sharpness != 0
+    }
+    updates = [
+        (rates[step] * ratio, name)
+        for name in layers
+        for step, ratio in run.scalars.get(f"landscape/grad_to_weight/{name}", [])
+        if step in rates and math.isfinite(ratio)
+    ]
+    return max(updates, default=None)
+
+
 def _learning_rate(run: RunLog) -> float | None:
     """The learning rate: the landscape monitor's (sharpness_x_lr / sharpness), else the ``lr`` tag, else the
     ``lr`` of hparams.yaml."""
@@ -407,6 +426,9 @@ def gradient_health(run: RunLog, limits: Mapping, context: Context) -> Judgement
     low = min(finite, key=finite.get) if finite else None
     high = max(finite, key=finite.get) if finite else None
     update = None if (lr is None or high is None) else lr * finite[high]
+    largest = _largest_update(run, layers)  # a schedule's end (lr -> 0) would hide an exploding update
+    if largest is not None and (update is None or largest[0] > update):
+        update, high = largest
     vanishing, exploding, band = limits["vanishing"], limits["exploding"], limits["band"]
     evidence = (
         f"grad/weight from {fmt(finite.get(low))} ({low}) to {fmt(finite.get(high))} ({high}); lr "
