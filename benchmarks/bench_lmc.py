@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     model_a, model_b = resnet20().to(device), resnet20().to(device)
     if args.trained_epochs:
         model_b = _trained(model_a, datamodule, args.trained_epochs, device)
-    batches = callback._evaluation_sets(trainer)["loaders"]
+    batches = callback._measurement.paths.sets(trainer)["loaders"]
 
     _measured(callback, trainer, model_a, model_b, device)  # warm-up of both
     _floor(model_a, batches, datamodule, 1, args.bn == "reset", device)

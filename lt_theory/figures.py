@@ -86,14 +86,19 @@ def _finite_or_nan(value) -> float:
 
 
 def accuracy_vs_remaining_figure(
-    curves: Mapping[str, list[tuple[float, float]]], dense_accuracy: float | None = None
+    curves: Mapping[str, list[tuple[float, float]]],
+    dense_accuracy: float | None = None,
+    barriers: Mapping[str, list[tuple[float, float]]] | None = None,
 ) -> Figure:
-    """Accuracy against the percentage of weights remaining (log x axis, decreasing to the right).
+    """Accuracy against the percentage of weights remaining (log x axis, decreasing to the right), and beside it
+    the error barrier of each level's sparse network (its instability, Frankle et al. 2020) when given.
 
     Args:
         curves: label -> ``[(remaining_fraction, accuracy), ...]``, one curve per run (IMP and its controls;
             e.g. ``{"IMP": pruner.curve(), "random reinit": control.curve()}``).
         dense_accuracy: the dense network's accuracy, drawn as a horizontal line; None draws none.
+        barriers: label -> ``[(remaining_fraction, error_barrier), ...]`` (e.g. ``pruner.barrier_curves()``),
+            drawn in a second panel in percentage points; None (or empty) draws one panel.
 
     Returns:
         A matplotlib ``Figure``.
@@ -105,20 +110,35 @@ def accuracy_vs_remaining_figure(
         ([100.0, 80.0, 64.0], [90.0, 91.0, 90.0])
         >>> dense.get_label(), [float(y) for y in dense.get_ydata()]
         ('dense', [90.0, 90.0])
+        >>> figure = accuracy_vs_remaining_figure({"IMP": [(1.0, 0.9)]}, barriers={"test": [(1.0, 0.25)]})
+        >>> [float(y) for y in figure.axes[1].get_lines()[0].get_ydata()]
+        [25.0]
     """
-    figure, axis = new_figure(5.5, 3.8)
-    for label, points in curves.items():
-        points = [(r, a) for r, a in points if r > 0]
-        axis.plot([100 * r for r, _ in points], [100 * a for _, a in points], "o-", label=label)
+    panels = 2 if barriers else 1
+    figure, axes = new_figure(5.5 * panels, 3.8, ncols=panels)
+    axes = np.atleast_1d(axes)
+    _percent_against_remaining(axes[0], curves, "accuracy (%)")
     if dense_accuracy is not None and math.isfinite(dense_accuracy):
-        axis.axhline(100 * dense_accuracy, color="gray", linestyle="--", label="dense")
+        axes[0].axhline(100 * dense_accuracy, color="gray", linestyle="--", label="dense")
+    axes[0].legend(fontsize=FONT_SIZE)
+    if barriers:
+        _percent_against_remaining(axes[1], barriers, "error barrier (percentage points)")
+        axes[1].axhline(0.0, color="gray", linewidth=0.8)
+        axes[1].set_title("instability of each level's network", fontsize=FONT_SIZE + 1)
+        axes[1].legend(fontsize=FONT_SIZE)
+    return figure
+
+
+def _percent_against_remaining(axis, curves: Mapping[str, list[tuple[float, float]]], ylabel: str) -> None:
+    """Each curve's values in percent against the weights remaining in percent (log x axis, decreasing)."""
+    for label, points in curves.items():
+        points = [(r, _finite_or_nan(v)) for r, v in points if r > 0]
+        axis.plot([100 * r for r, _ in points], [100 * v for _, v in points], "o-", label=label)
     axis.set_xscale("log")
     axis.invert_xaxis()
     axis.set_xlabel("weights remaining (%)")
-    axis.set_ylabel("accuracy (%)")
+    axis.set_ylabel(ylabel)
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=FONT_SIZE)
-    return figure
 
 
 def epochwise_figure(history: list[dict], interpolation_epoch: int | None, peaks: Sequence) -> Figure:

@@ -53,7 +53,7 @@ def main(out: Path) -> None:
             "global_step": trainer.global_step,
             "masks_by_level": recorder.masks_by_level,
             "state": {name: value.detach().cpu() for name, value in module.state_dict().items()},
-            "rewind_file": pruner._rewind_file,
+            "rewind_file": pruner._rewind.file,
         },
         out / f"rank{rank}.pt",
     )

@@ -52,7 +52,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from contract_setup import make_module_and_data, make_trainer
-from lightning.pytorch import Callback, LightningModule, seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -946,3 +946,33 @@ def test_diverging_level_stops_the_imp_and_keeps_tickets(tmp_path):
     diverged = next(level for level in range(4) if 5 <= 4 + level * 3)
     values = _csv_values(tmp_path / "csv" / "version_0" / "metrics.csv")
     assert _by_step(values, "imp/diverged_level") == {6: diverged}  # found at the epoch's end, step 6
+
+
+def test_a_data_module_without_a_validation_loader_gives_nan_accuracy_and_one_warning(tmp_path):
+    """eval_split='val' on a data module that defines no val_dataloader: the level ends, accuracy NaN, said once."""
+    from lightning.pytorch import LightningDataModule
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class TrainOnly(LightningDataModule):
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            data = TensorDataset(
+                torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+            )
+            return DataLoader(data, batch_size=8)
+
+    module = _module()[0]
+    pruner = IMPPruner(
+        levels=1, fraction=0.5, steps_per_level=4, eval_split="val", ticket_dir=tmp_path / "imp"
+    )
+    with pytest.warns(UserWarning, match="no `val_dataloader`"):
+        Trainer(
+            default_root_dir=tmp_path,
+            max_epochs=-1,
+            callbacks=[pruner],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        ).fit(module, datamodule=TrainOnly())
+    assert len(pruner.history) == 2 and all(math.isnan(h["accuracy"]) for h in pruner.history)

@@ -27,7 +27,7 @@ from contract_setup import STEPS_PER_EPOCH, make_module_and_data, make_trainer
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, seed_everything
 
-import lt_theory.callbacks.lmc as lmc_module
+import lt_theory.callbacks.siblings as siblings_module
 import lt_theory.training.child as child_module
 import lt_theory.training.preemption as preemption
 from lt_theory.callbacks import LinearModeConnectivity
@@ -327,7 +327,7 @@ def test_preempted_while_the_path_is_evaluated_evaluates_the_stored_sibling(
     tmp_path, slurm, reference, monkeypatch
 ):
     """The sibling's weights are on disk before its path is evaluated: the requeued job trains nothing."""
-    original, sent = lmc_module.linear_paths, []
+    original, sent = siblings_module.linear_paths, []
 
     def signal_at_the_first_alpha(*args, **kwargs):
         if not sent:
@@ -335,7 +335,7 @@ def test_preempted_while_the_path_is_evaluated_evaluates_the_stored_sibling(
             slurm.preempt()  # our handler requeues at once; the kill follows
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(lmc_module, "linear_paths", signal_at_the_first_alpha)
+    monkeypatch.setattr(siblings_module, "linear_paths", signal_at_the_first_alpha)
     sibling_steps = []
     _Children(monkeypatch, lambda: [_Steps(sibling_steps, "sibling")])
     root = tmp_path / "run"

@@ -131,13 +131,20 @@ def test_cli_links_the_data_class_count_into_the_model(tmp_path):
     assert cli.trainer.global_step == 1
 
 
-LAYERED = {"resnet20_cifar10_spectral.yaml", "resnet20_cifar10_ntk.yaml", "resnet20_cifar10_lmc.yaml"}
-"""Configs that hold only what differs from resnet20_cifar10.yaml, given after it: --config base --config it."""
+LAYERED = {
+    **dict.fromkeys(
+        ("resnet20_cifar10_spectral.yaml", "resnet20_cifar10_ntk.yaml", "resnet20_cifar10_lmc.yaml"),
+        "resnet20_cifar10.yaml",
+    ),
+    "resnet20_cifar10_imp_stability.yaml": "resnet20_cifar10_imp.yaml",
+}
+"""Configs that hold only what differs from a base config (config -> base), given after it: --config base
+--config it."""
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_config_parses(config, capsys):
-    layered = ["--config", str(CONFIGS / "resnet20_cifar10.yaml")] if config.name in LAYERED else []
+    layered = ["--config", str(CONFIGS / LAYERED[config.name])] if config.name in LAYERED else []
     assert ("model" not in yaml.safe_load(config.read_text())) == bool(layered), "a layered config is listed"
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *layered, "--config", str(config), "--print_config"])

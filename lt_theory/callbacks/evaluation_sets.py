@@ -222,9 +222,8 @@ def split_loader(trainer: Trainer, split: str):
     """The data module's ``<split>_dataloader()`` (``"val"`` falls back to the Trainer's validation loaders),
     or None when there is none."""
     datamodule = trainer.datamodule
-    hook = getattr(datamodule, f"{split}_dataloader", None)
-    if datamodule is not None and callable(hook):
-        return hook()
+    if datamodule is not None and is_overridden(f"{split}_dataloader", datamodule):  # the base class raises
+        return getattr(datamodule, f"{split}_dataloader")()
     if split == "val":
         return trainer.val_dataloaders
     return None

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from lt_theory.callbacks.base import TheoryCallback
 from lt_theory.callbacks.evaluation_sets import split_loader
+from lt_theory.callbacks.siblings import LevelSiblings, PathSettings
 from lt_theory.checks import check_choice, check_fraction, check_int
 from lt_theory.figures import accuracy_vs_remaining_figure
 from lt_theory.loggers import log_tensorboard_scalars
@@ -44,29 +45,22 @@ from lt_theory.measures.pruning import (
     MaskEnforcer,
     apply_masks,
     magnitude_masks,
-    mask_optimizer_state,
     masks_from_state,
     masks_to_state,
-    prunable_parameters,
     random_masks_like,
     sparsity_report,
 )
-from lt_theory.training.levels import LevelSchedule
-from lt_theory.training.state import (
-    OPTIMIZER_STATES,
-    capture_training_state,
-    cpu_copy,
-    load_beside_checkpoints,
-    reinitialize,
-    restore_training_state,
-    save_beside_checkpoints,
-)
+from lt_theory.training.levels import LevelSchedule, LossWatch, level_scalars, levels_table
+from lt_theory.training.sparse import RewindPoint
+from lt_theory.training.state import OPTIMIZER_STATES
 from lt_theory.training.stored import check_resume_settings
 from lt_theory.training.tickets import (
     IMP_CONTROLS,
     check_control,
     check_reference_directory,
+    level_ticket,
     load_ticket,
+    pruned_names,
     reference_masks,
     save_ticket,
     ticket_path,
@@ -76,6 +70,8 @@ __all__ = ["IMP_CONTROLS", "IMPPruner", "accuracy_vs_remaining_figure", "load_ti
 
 
 _EVAL_SPLITS = ("val", "test")
+# the arguments a resumed fit must share with the checkpointed one (``levels`` may grow)
+_RESUME_SETTINGS = "levels fraction rewind_step scope control include exclude prune_output_layer optimizer_state"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -102,6 +98,11 @@ class IMPPruner(TheoryCallback):
     The fit stops when the last level ends: give the Trainer ``max_epochs=-1``. The controls, the files, resuming,
     divergence, DDP and the cost are in ``docs/callbacks.md`` (IMPPruner).
 
+    ``stability=True`` (Frankle et al. 2020's instability analysis of the sparse networks): after the fit, each
+    completed level gets a *sibling*, trained from the step-``k`` snapshot as the level was (its start weights,
+    its masks enforced, the optimizer as at the rewind) but with another data order, and the error barrier of the
+    linear path between the level's final weights and the sibling's is logged (:mod:`lt_theory.callbacks.siblings`).
+
     Logged tags: ``imp/level``, ``imp/remaining_fraction`` and ``imp/sparsity/<layer>`` (the fraction of
     the layer's weights pruned; ``<layer>`` the module name) at each level's start; ``imp/accuracy`` and
     ``imp/loss`` on ``eval_split`` at each level's end (at the global step of the boundary);
@@ -110,7 +111,11 @@ class IMPPruner(TheoryCallback):
     remaining weights in TensorBoard (a step that decreases over the levels and is not the global step, so
     other loggers do not get it); ``imp/diverged_level`` when a level diverges; the image
     ``imp/accuracy_vs_remaining`` (log x axis, dense accuracy as a line) and the text ``imp/summary`` at each
-    level's end; a custom-scalars panel ``imp``.
+    level's end; a custom-scalars panel ``imp``. With ``stability=True``, after the fit:
+    ``imp/test_error_barrier``, ``imp/train_error_barrier``, ``imp/test_loss_barrier``, ``imp/train_loss_barrier``
+    and the image ``imp/error_along_path`` at each level's end step; ``imp/test_error_barrier_by_remaining_bp``
+    (TensorBoard only, as ``imp/accuracy_by_remaining_bp``); the figure (a second panel: the barriers) and the
+    summary (barrier columns) again.
 
     Args:
         levels: the number of pruning levels L (>= 1); the fit trains L + 1 times (dense, then L sparse levels).
@@ -136,6 +141,10 @@ class IMPPruner(TheoryCallback):
         init_fn: ``random_reinit`` only: a function ``init_fn(pl_module)`` that re-initialises the model in
             place from the global random generator (seeded by the callback), for a model whose init is not in
             its modules' ``reset_parameters``; None uses ``reset_parameters``.
+        stability: also measure each level's stability to SGD noise (a sibling per level, after the fit).
+        num_alphas, coarse_every, bn, train_subset_size, test_subset_size, eval_batch_size: the evaluation of the
+            path, as in :class:`~lt_theory.callbacks.lmc.LinearModeConnectivity` (the subset drawn from ``seed``).
+        sibling_seed: the siblings' data-order seed; None derives one per level from the data module's.
 
     Attributes:
         level: the level being trained (0 = dense).
@@ -145,12 +154,14 @@ class IMPPruner(TheoryCallback):
         ticket_paths: the ticket files written by this fit (a resumed fit lists those it wrote; the files of
             earlier levels stay where the interrupted fit wrote them).
         stopped: the reason the IMP stopped early (divergence), else None.
+        stability_results: ``stability=True``: level -> its sibling's result (barriers, path, files).
 
     Raises:
         ValueError: for a bad argument, naming it (``fraction`` outside (0, 1), ``levels`` < 1,
             ``rewind_step`` not smaller than the level's length, a control without ``reference_tickets``,
             ...); at setup, for a sharded strategy, ``epochs_per_level`` with a train loader of unknown length,
-            or a ``reference_tickets`` that is not a directory; at fit start, for a model without a prunable
+            a ``reference_tickets`` that is not a directory, or with ``stability=True`` a strategy other than one
+            device or DDP, or no data module; at fit start, for a model without a prunable
             parameter (naming the layer types it looked for); at a resume, for a checkpoint without IMPPruner
             state or with other settings, or when the step-k snapshot written next to the checkpoints is
             missing or was overwritten by another run; in a control, when the IMP's ticket of the next level
@@ -197,6 +208,14 @@ class IMPPruner(TheoryCallback):
         seed: int = 0,
         reference_tickets: str | os.PathLike | None = None,
         init_fn: Callable[[nn.Module], None] | None = None,
+        stability: bool = False,
+        num_alphas: int = 30,
+        coarse_every: int | None = 5,
+        bn: str = "reset",
+        train_subset_size: int | None = 1000,
+        test_subset_size: int | None = None,
+        eval_batch_size: int = 256,
+        sibling_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.schedule = LevelSchedule(levels, rewind_step, steps_per_level, epochs_per_level)
@@ -204,8 +223,13 @@ class IMPPruner(TheoryCallback):
         check_control(control, reference_tickets, init_fn)
         check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATES)
         check_choice("eval_split", eval_split, _EVAL_SPLITS)
-        if not isinstance(prune_output_layer, bool):
-            raise ValueError(f"`prune_output_layer` must be True or False, got {prune_output_layer!r}")
+        for name, flag in (("prune_output_layer", prune_output_layer), ("stability", stability)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"`{name}` must be True or False, got {flag!r}")
+        paths = (num_alphas, coarse_every, bn, None, train_subset_size, test_subset_size, eval_batch_size, seed)
+        check_int("sibling_seed", sibling_seed, minimum=0, allow_none=True)
+        self.stability, self.sibling_seed = stability, sibling_seed
+        self._siblings = LevelSiblings(PathSettings(*paths), sibling_seed, self.warn_once) if stability else None
         for name, names in (("include", include), ("exclude", exclude)):
             if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
                 raise ValueError(
@@ -227,12 +251,10 @@ class IMPPruner(TheoryCallback):
         self.ticket_paths: list[str] = []
         self.stopped: str | None = None
         self.pruned_names: list[str] = []
-        self._rewind: dict | None = None  # the step-k snapshot (CPU)
-        self._rewind_file: dict | None = None  # {"path", "sha256"} once written next to the checkpoints
-        self._reinit_state: dict | None = None  # random_reinit: the state the current level started from
+        self._rewind = RewindPoint(self.rewind_step, optimizer_state)  # the state of step k, and restarts
         self._generator = torch.Generator().manual_seed(self.seed)
         self._enforce: MaskEnforcer | None = None
-        self._loss_total: Tensor | None = None
+        self._loss = LossWatch()
         self._user_max_steps: int | None = None
         self._eval_loader = None
         self._state_loaded = False  # whether this fit restored the callback's state from a checkpoint
@@ -261,23 +283,16 @@ class IMPPruner(TheoryCallback):
         self.schedule.level_steps = self.schedule.resolve(trainer)
         # max_steps = T while the optimizers are configured (setup runs before): a schedule spans one level
         trainer.fit_loop.epoch_loop.max_steps = self.schedule.end_of_first_level(self._user_max_steps)
-
-    def _prunable_names(self, pl_module: LightningModule) -> list[str]:
-        try:
-            every = list(prunable_parameters(pl_module))
-            exclude = list(self.exclude or [])
-            if not self.prune_output_layer:
-                exclude.append(every[-1])
-            return list(prunable_parameters(pl_module, self.include, exclude or None))
-        except ValueError as error:
-            raise ValueError(f"IMPPruner cannot prune {type(pl_module).__name__}: {error}") from error
+        if self._siblings is not None:
+            self._siblings.setup(trainer, self, self._ticket_directory(trainer) / "stability")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # the optimizers are configured: give the Trainer its own max_steps back. The IMP ends the fit itself
         # (`should_stop` at the last level's end); with a max_steps of its own, Lightning would resume the fit
         # as iteration-based training, which draws the data order of the epoch after a resume differently.
         trainer.fit_loop.epoch_loop.max_steps = self._user_max_steps
-        self.pruned_names = self._prunable_names(pl_module)  # after configure_model: its layers count
+        # after configure_model, so that its layers count
+        self.pruned_names = pruned_names(pl_module, self.include, self.exclude, self.prune_output_layer)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_step > 0 and not self._state_loaded:
@@ -288,6 +303,8 @@ class IMPPruner(TheoryCallback):
                 "`ckpt_path`; load pre-trained weights into the model yourself if that is what you mean), or "
                 "resume from a checkpoint written by a fit with IMPPruner."
             )
+        if self._siblings is not None and trainer.global_step == self.rewind_step > 0:  # resumed at k, before
+            self._siblings.snapshot(trainer, self.rewind_step)  # its snapshot was written (LMC's case)
         cut = self.schedule.cut_warning(trainer, self._user_max_steps)
         if cut is not None:
             self.warn_once("cut", cut)
@@ -301,28 +318,26 @@ class IMPPruner(TheoryCallback):
             trainer.should_stop = True
             return
         if trainer.global_step == 0 and self.level == 0:
-            self.add_charts(
-                trainer,
-                {
-                    "Accuracy at level end": ["accuracy"],
-                    "Accuracy against remaining weights (step = basis points)": ["accuracy_by_remaining_bp"],
-                    "Remaining fraction": ["remaining_fraction"],
-                    "Sparsity per layer": ["sparsity/.*"],
-                },
-            )
+            charts = {
+                "Accuracy at level end": ["accuracy"],
+                "Accuracy against remaining weights (step = basis points)": ["accuracy_by_remaining_bp"],
+                "Remaining fraction": ["remaining_fraction"],
+                "Sparsity per layer": ["sparsity/.*"],
+            }
+            if self._siblings is not None:
+                charts["Error barrier at level end"] = ["test_error_barrier", "train_error_barrier"]
+                charts["Test error barrier against remaining weights (bp)"] = ["test_error_barrier_by_remaining_bp"]
+            self.add_charts(trainer, charts)
             self.log_scalars(trainer, self._level_scalars())
-        if self.level == 0 and self._rewind is None and self.rewind_step == 0:
-            self._snapshot(trainer, pl_module)
-
-    # -- snapshot ---------------------------------------------------------------------------------
-
-    def _snapshot(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Keep the full training state of step k (CPU copies); write it next to the checkpoints."""
-        self._rewind = capture_training_state(trainer, pl_module)
-        name = f"imp_rewind_step{self.rewind_step}.pt"
-        self._rewind_file = save_beside_checkpoints(trainer, self._rewind, name)
+        if self.level == 0 and self._rewind.state is None and self.rewind_step == 0:
+            self._rewind.capture(trainer, pl_module)
 
     # -- per step ---------------------------------------------------------------------------------
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        # the siblings' snapshot of k = 0 once the first batch is fetched (the data module then holds its order)
+        if self._siblings is not None and trainer.global_step == 0 == self.rewind_step:
+            self._siblings.snapshot(trainer, 0)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # after the backward pass and AMP's unscaling, before gradient clipping: pruned entries get zero
@@ -337,33 +352,23 @@ class IMPPruner(TheoryCallback):
             return
         if self._enforce is not None:
             self._enforce()
-        self._track_loss(outputs)
+        self._loss.add(outputs)
         step = trainer.global_step
-        if self.level == 0 and self._rewind is None and step == self.rewind_step:
-            self._snapshot(trainer, pl_module)
+        if self.level == 0 and self._rewind.state is None and step == self.rewind_step:
+            self._rewind.capture(trainer, pl_module)
+        if self._siblings is not None and step == self.rewind_step > 0:
+            self._siblings.snapshot(trainer, step)  # once
         if step == self.level_end(self.level) and len(self.history) == self.level:  # once per level, also
             self._end_level(trainer, pl_module)  # when gradient accumulation keeps the step for a few batches
 
-    def _track_loss(self, outputs) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if isinstance(loss, Tensor):
-            loss = loss.detach().float()  # summed on the device: no synchronisation per step
-            self._loss_total = loss if self._loss_total is None else self._loss_total + loss
-
-    def _loss_diverged(self, trainer: Trainer) -> bool:
-        """Whether any rank saw a non-finite training loss since the last check (a collective)."""
-        local = self._loss_total is not None and not bool(torch.isfinite(self._loss_total))
-        self._loss_total = None
-        return bool(trainer.strategy.reduce_boolean_decision(local, all=False))
-
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.stopped is None and self._loss_diverged(trainer):
+        if self.stopped is None and self._loss.diverged(trainer):
             self._stop_diverged(trainer, "a non-finite training loss")
 
     # -- level boundary ---------------------------------------------------------------------------
 
     def _end_level(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        diverged = self._loss_diverged(trainer)
+        diverged = self._loss.diverged(trainer)
         accuracy, loss = self._evaluate(trainer, pl_module)
         evaluated = not math.isnan(accuracy)  # NaN only without an evaluation set
         if diverged or (evaluated and not math.isfinite(loss)):
@@ -382,10 +387,14 @@ class IMPPruner(TheoryCallback):
         }
         self.history.append(record)
         self._save_ticket(trainer, pl_module)
+        if self._siblings is not None:
+            self._siblings.keep_level(trainer, pl_module, self.level, self.ticket_paths[-1])
         scalars = {"accuracy": accuracy, "loss": loss}
         if self.level < self.levels:
             self._prune(trainer, pl_module)
-            self._rewind_training_state(trainer, pl_module)
+            # weights and buffers to step k (or a fresh init), optimizer emptied, schedulers back at step k
+            reinit = (self._generator, self.init_fn) if self.control == "random_reinit" else None
+            self._enforce = self._rewind.restart(trainer, pl_module, self.masks, reinit)
             self.level += 1
             scalars.update(self._level_scalars())
         else:
@@ -399,17 +408,32 @@ class IMPPruner(TheoryCallback):
             step=round(10_000 * record["remaining_fraction"]),
         )
         self._log_level_report(trainer)
+        rank_zero_info(
+            f"IMPPruner: level {record['level']} ended at step {record['step']}: "
+            f"{100 * record['remaining_fraction']:.2f}% of the weights, accuracy {100 * accuracy:.2f}%"
+        )
+
+    # -- stability ---------------------------------------------------------------------------------
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after the fit (also when a finished fit is resumed, so a preempted sibling phase goes on), as LMC's
+        if self._siblings is not None and self._siblings.levels and self._rewind.state is not None:
+            k, final_step = self.rewind_step, self.level_steps
+            self._siblings.run(trainer, pl_module, self._rewind.state, self.optimizer_state, k, final_step)
+            self._siblings.log(self, trainer, self.history)
+            self._log_level_report(trainer)
+
+    @property
+    def stability_results(self) -> dict[int, dict]:
+        """Level -> its sibling's result (``stability=True``; empty until the siblings are measured)."""
+        return {} if self._siblings is None else self._siblings.results
+
+    def barrier_curves(self) -> dict[str, list[tuple[float, float]]]:
+        """``{"test": [(remaining_fraction, error_barrier), ...], "train": ...}`` of the levels measured."""
+        return {} if self._siblings is None else self._siblings.curves(self.history)
 
     def _level_scalars(self) -> dict[str, float]:
-        scalars = {"level": self.level, "remaining_fraction": self.remaining_fraction()}
-        fractions = (
-            sparsity_report(self.masks).layer_remaining_fraction
-            if self.masks is not None
-            else dict.fromkeys(self.pruned_names, 1.0)
-        )
-        for name, kept in fractions.items():
-            scalars[f"sparsity/{name.removesuffix('.weight')}"] = 1.0 - kept
-        return scalars
+        return level_scalars(self.level, self.masks, self.pruned_names)
 
     def remaining_fraction(self) -> float:
         """The fraction of the prunable weights kept by the masks of the level being trained."""
@@ -432,22 +456,6 @@ class IMPPruner(TheoryCallback):
         settings = {name: getattr(self, name) for name in ("fraction", "rewind_step", "scope")}
         return reference_masks(self.reference_tickets, level, self.pruned_names, self.control, settings)
 
-    def _rewind_training_state(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Weights and buffers to step k (or a fresh init), optimizer emptied, schedulers back at step k."""
-        if self._rewind is None:  # cannot happen: rewind_step < T, so step k comes before level 0 ends
-            raise RuntimeError("IMPPruner: no step-k snapshot at a level's end")
-        fresh_init = self.control == "random_reinit"
-        if fresh_init:
-            reinitialize(pl_module, self._generator, self.init_fn)
-        restore_training_state(trainer, pl_module, self._rewind, self.optimizer_state, load_model=not fresh_init)
-        apply_masks(pl_module, self.masks)
-        if fresh_init:
-            self._reinit_state = cpu_copy(pl_module.state_dict())
-        if self.optimizer_state == "rewind":
-            for optimizer in trainer.optimizers:
-                mask_optimizer_state(optimizer, pl_module, self.masks)
-        self._enforce = MaskEnforcer(pl_module, self.masks)
-
     # -- evaluation, tickets, reports -------------------------------------------------------------
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> tuple[float, float]:
@@ -465,36 +473,21 @@ class IMPPruner(TheoryCallback):
         result = evaluate(pl_module, self._eval_loader, transform=transform if callable(transform) else None)
         return 1.0 - result.error, result.loss
 
+    def _ticket_directory(self, trainer: Trainer) -> Path:
+        return Path(self.ticket_dir) if self.ticket_dir is not None else Path(trainer.log_dir) / "imp"
+
     def _save_ticket(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        directory = Path(self.ticket_dir) if self.ticket_dir is not None else Path(trainer.log_dir) / "imp"
-        path = ticket_path(directory, self.level)
+        path = ticket_path(self._ticket_directory(trainer), self.level)
         if trainer.is_global_zero:
             masks = self.masks or {n: torch.ones_like(p, dtype=torch.bool) for n, p in self._named(pl_module)}
-            save_ticket(
-                path,
-                {
-                    "level": self.level,
-                    "remaining_fraction": self.remaining_fraction(),
-                    "accuracy": self.history[-1]["accuracy"],
-                    "masks": masks_to_state(masks),
-                    "start_state": self._level_start_state(pl_module),
-                    "rewind_step": self.rewind_step,
-                    "fraction": self.fraction,
-                    "scope": self.scope,
-                    "control": self.control,
-                    "history": list(self.history),
-                },
-            )
+            start = self._rewind.start_state(pl_module, self.level)
+            settings = {name: getattr(self, name) for name in ("rewind_step", "fraction", "scope", "control")}
+            save_ticket(path, level_ticket(masks, start, self.history, settings))
         self.ticket_paths.append(str(path))
 
     def _named(self, pl_module: LightningModule):
         params = dict(pl_module.named_parameters())
         return [(name, params[name]) for name in self.pruned_names]
-
-    def _level_start_state(self, pl_module: LightningModule) -> dict[str, Tensor]:
-        if self.control == "random_reinit" and self.level > 0:
-            return self._reinit_state
-        return self._rewind["model"] if self._rewind is not None else cpu_copy(pl_module.state_dict())
 
     def _stop_diverged(self, trainer: Trainer, what: str) -> None:
         completed = len(self.history)
@@ -512,33 +505,21 @@ class IMPPruner(TheoryCallback):
         return [(h["remaining_fraction"], h["accuracy"]) for h in self.history]
 
     def summary(self) -> str:
-        """A markdown table of the completed levels: remaining weights and accuracy."""
-        rows = ["| level | weights remaining | accuracy |", "|---|---|---|"]
-        rows += [
-            f"| {h['level']} | {100 * h['remaining_fraction']:.2f}% | {100 * h['accuracy']:.2f}% |"
-            for h in self.history
-        ]
-        return "\n".join(rows)
+        """A markdown table of the completed levels: remaining weights, accuracy (and barriers, stability=True)."""
+        return levels_table(self.history, self.stability_results if self.stability else None)
 
     def _log_level_report(self, trainer: Trainer) -> None:
         if not trainer.is_global_zero:
             return
         label = "IMP" if self.control is None else f"IMP, control: {self.control}"
         dense = self.history[0]["accuracy"] if self.history else None
-        self.log_figure(
-            trainer, "accuracy_vs_remaining", accuracy_vs_remaining_figure({label: self.curve()}, dense)
-        )
+        figure = accuracy_vs_remaining_figure({label: self.curve()}, dense, self.barrier_curves())
+        self.log_figure(trainer, "accuracy_vs_remaining", figure)
         self.log_text(trainer, "summary", self.summary())
-        last = self.history[-1]
-        rank_zero_info(
-            f"IMPPruner: level {last['level']} ended at step {last['step']}: "
-            f"{100 * last['remaining_fraction']:.2f}% of the weights, accuracy {100 * last['accuracy']:.2f}%"
-        )
 
     # -- state ------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        in_file = self._rewind_file is not None
         return {
             "level": self.level,
             "masks": None if self.masks is None else masks_to_state(self.masks),
@@ -546,25 +527,14 @@ class IMPPruner(TheoryCallback):
             "stopped": self.stopped,
             "level_steps": self.level_steps,
             "generator": self._generator.get_state(),
-            "rewind": None if in_file else self._rewind,
-            "rewind_file": self._rewind_file,
-            "reinit_state": self._reinit_state,
+            **self._rewind.state_dict(),  # rewind (unless in a file next to the checkpoints), rewind_file, ...
             "settings": self._settings(),
+            "stability": None if self._siblings is None else self._siblings.state_dict(),
         }
 
     def _settings(self) -> dict:
         """The arguments a resumed fit must share with the checkpointed one (``levels`` may grow)."""
-        return {
-            "levels": self.levels,
-            "fraction": self.fraction,
-            "rewind_step": self.rewind_step,
-            "scope": self.scope,
-            "control": self.control,
-            "include": self.include,
-            "exclude": self.exclude,
-            "prune_output_layer": self.prune_output_layer,
-            "optimizer_state": self.optimizer_state,
-        }
+        return {name: getattr(self, name) for name in _RESUME_SETTINGS.split()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         check_resume_settings("IMPPruner", state_dict.get("settings"), self._settings(), may_grow=("levels",))
@@ -579,8 +549,14 @@ class IMPPruner(TheoryCallback):
                 f"{self.level_steps}; resume with the same `steps_per_level` / `epochs_per_level` and data."
             )
         self._generator.set_state(state_dict["generator"])
-        self._rewind_file = state_dict["rewind_file"]
-        self._reinit_state = state_dict["reinit_state"]
-        what = f"IMPPruner's step-{self.rewind_step} snapshot"
-        in_file = self._rewind_file is not None
-        self._rewind = load_beside_checkpoints(self._rewind_file, what) if in_file else state_dict["rewind"]
+        self._rewind.load_state_dict(state_dict)
+        if self._siblings is not None and state_dict.get("stability") is not None:
+            self._siblings.load_state_dict(state_dict["stability"])
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        if self._siblings is not None:  # the RNG states of step k, also in a checkpoint before k's snapshot
+            self._siblings.snapshots.on_save_checkpoint(trainer, checkpoint, (self.rewind_step,))
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        if self._siblings is not None:
+            self._siblings.snapshots.on_load_checkpoint(checkpoint)

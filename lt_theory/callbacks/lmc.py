@@ -30,33 +30,30 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
 from lt_theory.callbacks.base import TheoryCallback
-from lt_theory.callbacks.evaluation_sets import computed_once, evaluation_sets
+from lt_theory.callbacks.evaluation_sets import computed_once
+from lt_theory.callbacks.siblings import (
+    BARRIERS,
+    PathSettings,
+    Sibling,
+    SiblingMeasurement,
+    SpawnSnapshots,
+    as_float,
+    log_path_result,
+    sibling_phase,
+)
 from lt_theory.checks import check_fraction, check_int, check_positive_int
 from lt_theory.figures import error_along_path_figure, stability_figure
-from lt_theory.measures.interpolation import (
-    BN_MODES,
-    DEFAULT_NUM_ALPHAS,
-    linear_paths,
-    paths_record,
-    stable_point,
-)
-from lt_theory.training.child import (
-    SNAPSHOT_RNG_KEY,
-    check_child_strategy,
-    train_from_snapshot,
-    warn_about_training_callbacks,
-)
-from lt_theory.training.preemption import requeue_guard, save_checkpoint_atomically
-from lt_theory.training.rng import rng_states
+from lt_theory.measures.interpolation import DEFAULT_NUM_ALPHAS, stable_point
+from lt_theory.training.child import check_child_strategy, train_from_snapshot, warn_about_training_callbacks
 from lt_theory.training.siblings import SiblingStore, check_spawn_steps, resolve_spawn_steps, sibling_seed
 from lt_theory.training.state import cpu_copy, save_atomically, state_fingerprint
 
@@ -65,7 +62,6 @@ __all__ = ["LinearModeConnectivity"]
 MODES = ("spawn", "init")
 _WHO = "LinearModeConnectivity(mode='spawn') trains siblings"
 _HINT = "Use mode='init', or strategy='ddp' / one device."
-_SPLITS = ("train", "test")
 
 
 class LinearModeConnectivity(TheoryCallback):
@@ -168,34 +164,31 @@ class LinearModeConnectivity(TheoryCallback):
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         self.spawn_steps = check_spawn_steps(spawn_steps)
         check_positive_int("every_n_epochs", every_n_epochs)
-        check_positive_int("num_alphas", num_alphas)
-        if num_alphas < 2:
-            raise ValueError(f"`num_alphas` must be at least 2 (both endpoints), got {num_alphas}")
-        self.coarse_every = check_positive_int("coarse_every", coarse_every, allow_none=True)
-        if bn not in BN_MODES:
-            raise ValueError(f"`bn` must be one of {BN_MODES}, got {bn!r}")
-        check_positive_int("bn_batches", bn_batches, allow_none=True)
-        check_positive_int("train_subset_size", train_subset_size, allow_none=True)
-        check_positive_int("test_subset_size", test_subset_size, allow_none=True)
-        check_positive_int("eval_batch_size", eval_batch_size)
+        self.path_settings = PathSettings(
+            num_alphas, coarse_every, bn, bn_batches, train_subset_size, test_subset_size, eval_batch_size, seed
+        )
         check_fraction("threshold", threshold, low_open=True)
         check_int("sibling_seed", sibling_seed, minimum=0, allow_none=True)
-        check_int("seed", seed, minimum=0)
         self.mode, self.every_n_epochs, self.num_alphas, self.bn = mode, every_n_epochs, num_alphas, bn
-        self.bn_batches, self.train_subset_size, self.test_subset_size = bn_batches, train_subset_size, test_subset_size
+        self.coarse_every, self.bn_batches = coarse_every, bn_batches
+        self.train_subset_size, self.test_subset_size = train_subset_size, test_subset_size
         self.eval_batch_size, self.threshold = eval_batch_size, threshold
         self.sibling_seed, self.seed = sibling_seed, seed
         self.directory = None if directory is None else str(directory)
         self.resolved_steps: list[int] | None = None
-        self.snapshots: dict[int, str] = {}
         self.results: dict[int, dict] = {}
         self.history: list[dict] = []
         self.init_weights: str | None = None
+        self._snapshots = SpawnSnapshots()
+        self._measurement = SiblingMeasurement(self.path_settings, "LinearModeConnectivity", self.warn_once)
         self._store: SiblingStore | None = None
         self._init_state: dict[str, Tensor] | None = None
-        self._sets: dict | None = None
-        self._resume_rng: tuple = (None, None)  # (step, RNG states) of a checkpoint taken before a due snapshot
         self._guard = None  # the requeue guard of the sibling phase (SLURM)
+
+    @property
+    def snapshots(self) -> dict[int, str]:
+        """Spawn step -> its snapshot's file (spawn mode)."""
+        return self._snapshots.paths
 
     @property
     def state_key(self) -> str:
@@ -215,17 +208,18 @@ class LinearModeConnectivity(TheoryCallback):
         # rank zero's choice of folder (a filesystem every rank sees, as for checkpoints)
         root = self.directory or os.path.join(trainer.log_dir or trainer.default_root_dir, "lmc")
         self._store = SiblingStore(trainer.strategy.broadcast(str(root), src=0))
+        self._measurement.paths.reset()
         if trainer.datamodule is None:
             raise ValueError(
                 "LinearModeConnectivity needs a data module (`trainer.fit(module, datamodule=...)`): it "
                 "evaluates the path on its training and test sets (and trains siblings on it); found none."
             )
-        self._sets = None
 
     def _reset_run_state(self) -> None:
         self.resolved_steps = None
-        self.snapshots, self.results, self.history = {}, {}, []
-        self.init_weights, self._init_state, self._resume_rng = None, None, (None, None)
+        self.results, self.history = {}, []
+        self.init_weights, self._init_state = None, None
+        self._snapshots.reset()
 
     # -- hooks --------------------------------------------------------------------------------------
 
@@ -265,74 +259,26 @@ class LinearModeConnectivity(TheoryCallback):
         # on_fit_end, not on_train_end: it also runs when a finished run is resumed (the fit loop is skipped),
         # so siblings interrupted by a preemption are trained then; on SLURM the phase is requeue-safe
         if self.mode == "spawn":
-            with isolate_rng(include_cuda=torch.cuda.is_available()), requeue_guard(trainer) as self._guard:
+            with sibling_phase(trainer) as self._guard:
                 self._run_siblings(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        if self._snapshot_due(trainer):  # a snapshot, or a checkpoint before it: a resume writes the snapshot
-            step, states = self._resume_rng  # then with the RNG states of step k, which a resume does not restore
-            fresh = step != trainer.global_step or states is None
-            checkpoint[SNAPSHOT_RNG_KEY] = rng_states(include_cuda=torch.cuda.is_available()) if fresh else states
+        if self.mode == "spawn":  # a snapshot, or a checkpoint before it: a resume writes the snapshot then
+            self._snapshots.on_save_checkpoint(trainer, checkpoint, self.resolved_steps or ())
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        self._resume_rng = (checkpoint.get("global_step"), checkpoint.get(SNAPSHOT_RNG_KEY))
+        self._snapshots.on_load_checkpoint(checkpoint)
 
     # -- snapshots ----------------------------------------------------------------------------------
 
-    def _snapshot_due(self, trainer: Trainer) -> bool:
-        k = trainer.global_step
-        return self.mode == "spawn" and k in (self.resolved_steps or []) and k not in self.snapshots
-
     def _maybe_snapshot(self, trainer: Trainer) -> None:
-        if not self._snapshot_due(trainer):
-            return
-        path = self._store.snapshot(trainer.global_step)
-        save_checkpoint_atomically(trainer, path)  # every rank enters; rank zero writes
-        self.snapshots[trainer.global_step] = str(path)
-
-    # -- evaluation sets ----------------------------------------------------------------------------
-
-    def _evaluation_sets(self, trainer: Trainer) -> dict:
-        """``{"loaders": {"train": ..., "test": ...}, "transform": ...}`` for the paths, built once."""
-        if self._sets is not None:
-            return self._sets
-        sets = evaluation_sets(
-            trainer,
-            self.train_subset_size,
-            self.test_subset_size,
-            self.seed,
-            self.eval_batch_size,
-            self.warn_once,
-        )
-        if sets.train is None:
-            raise ValueError(
-                f"LinearModeConnectivity needs the training set of {type(trainer.datamodule).__name__} as a "
-                "map-style dataset with a length (a DataLoader over it) to evaluate the path; found none."
-            )
-        loaders = {"train": sets.train}
-        if sets.test is None:
-            self.warn_once("no-test-set", "the data module has no test or validation set: only train barriers.")
-        else:
-            loaders["test"] = sets.test
-        self._sets = {"loaders": loaders, "transform": sets.transform}
-        return self._sets
+        k = trainer.global_step
+        if self.mode == "spawn" and self._snapshots.due(k, self.resolved_steps or ()):
+            self._snapshots.write(trainer, self._store.snapshot(k))  # every rank enters; rank zero writes
 
     def _paths(self, trainer: Trainer, model_a, model_b, device) -> dict:
         """Train and test paths between two networks, with their barriers, as plain Python numbers."""
-        sets = self._evaluation_sets(trainer)
-        paths = linear_paths(
-            model_a,
-            model_b,
-            sets["loaders"],
-            alphas=self.num_alphas,
-            coarse_every=self.coarse_every,
-            bn=self.bn,
-            bn_loader=sets["loaders"]["train"],
-            bn_batches=self.bn_batches,
-            transform=sets["transform"],
-            device=device,
-        )
-        return paths_record(paths)
+        return self._measurement.paths.record(trainer, model_a, model_b, device)
 
     # -- spawn: siblings ------------------------------------------------------------------------------
 
@@ -346,62 +292,22 @@ class LinearModeConnectivity(TheoryCallback):
                 self.results.pop(k, None)  # a result against another end of training
                 continue
             seed = sibling_seed(trainer.datamodule, k, self.sibling_seed)
-            result = self._known_result(trainer, k, final_step, fingerprint, seed)
-            if result is None:
-                result = self._new_result(trainer, pl_module, k, final_step, fingerprint, seed)
-            self.results[k] = result
-            self._log_spawn_step(trainer, k, result)
+            sibling = Sibling(self._store, k, final_step, fingerprint, seed, f"spawned at step {k}")
+            self.results[k] = self._measurement.result(
+                trainer,
+                pl_module,
+                sibling,
+                self.results.get(k),
+                partial(self._train_sibling, trainer, pl_module, k, final_step, seed, fingerprint),
+                lambda: pl_module,
+            )
+            log_path_result(self, trainer, self.results[k], k, f"parent vs sibling spawned at {k}")
         self._log_stability(trainer)
-
-    def _new_result(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        k: int,
-        final_step: int,
-        fingerprint: str,
-        seed: int,
-    ) -> dict:
-        """Train the sibling of ``k`` and evaluate the path; a sibling that fails gives NaN and a warning."""
-        error = None
-        try:
-            sibling_state = self._train_sibling(trainer, pl_module, k, final_step, seed, fingerprint)
-        except Exception as exception:  # noqa: BLE001 - one failed sibling must not lose the others
-            error = f"{type(exception).__name__}: {exception}"
-        # every rank takes the same branch: the evaluation below is collective
-        if not trainer.strategy.reduce_boolean_decision(error is not None, all=False):
-            return self._sibling_result(trainer, pl_module, k, final_step, fingerprint, seed, sibling_state)
-        error = error or "on another rank"
-        self.warn_once(
-            f"failed:{k}",
-            f"the sibling spawned at step {k} failed ({error}): its barriers are NaN, the other spawn steps "
-            "go on, and a resumed run trains it again.",
-        )
-        nan = dict.fromkeys(self._barrier_names(""), math.nan)
-        return {**nan, "final_step": final_step, "parent": fingerprint, "sibling_seed": seed, "failed": error}
-
-    def _evaluation_settings(self) -> dict:
-        """What a stored result was evaluated with: it is reused only under the same settings."""
-        names = ("num_alphas", "coarse_every", "bn", "bn_batches", "train_subset_size", "test_subset_size", "seed")
-        return {name: getattr(self, name) for name in names}
-
-    def _known_result(self, trainer: Trainer, k: int, final_step: int, fingerprint: str, seed: int):
-        """A finished sibling's result for this parent (from the state, else the disk) or None; all ranks."""
-        settings = self._evaluation_settings()
-        result = self.results.get(k)
-        if not SiblingStore.reusable(result, final_step, fingerprint, seed, settings):
-            result = None
-            if trainer.is_global_zero:
-                result = self._store.stored_result(k, final_step, fingerprint, seed, settings)
-        return trainer.strategy.broadcast(result, src=0)
 
     def _train_sibling(
         self, trainer: Trainer, pl_module: LightningModule, k: int, final_step: int, seed: int, fingerprint: str
     ) -> dict[str, Tensor]:
-        """The sibling's final weights: trained, or read back if a preemption came while its path was evaluated."""
-        weights = self._store.file(k, final_step, seed, fingerprint, ".pt")
-        if trainer.strategy.broadcast(weights.exists() if trainer.is_global_zero else None, src=0):
-            return self._store.trained_weights(k, final_step, seed, fingerprint, tidy=trainer.is_global_zero)
+        """Train the sibling of ``k``; its final weights are written before its path is evaluated."""
         return train_from_snapshot(
             trainer,
             pl_module,
@@ -412,67 +318,17 @@ class LinearModeConnectivity(TheoryCallback):
             progress_dir=self._store.progress(k, final_step, seed),
             root_dir=self._store.root(k),
             warn=self.warn_once,
-            final_weights=weights,
+            final_weights=self._store.file(k, final_step, seed, fingerprint, ".pt"),
             guard=self._guard,
         )
 
-    def _sibling_result(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        k: int,
-        final_step: int,
-        fingerprint: str,
-        seed: int,
-        sibling_state: dict[str, Tensor],
-    ) -> dict:
-        """Evaluate parent vs sibling (once), store the result on rank zero (the weights are stored), share it."""
-        weights = self._store.file(k, final_step, seed, fingerprint, ".pt")
-        diverged = not all(bool(v.isfinite().all()) for v in sibling_state.values() if v.is_floating_point())
-        if diverged:
-            self.warn_once(
-                f"diverged:{k}",
-                f"the sibling spawned at step {k} diverged (NaN/Inf in its weights): its barriers are NaN; "
-                "the other spawn steps go on.",
-            )
-        result = computed_once(
-            trainer,
-            pl_module,
-            lambda: self._paths(trainer, pl_module, sibling_state, trainer.strategy.root_device),
-        )
-        if diverged:  # the path's errors are numbers (NaN rows count as wrong), but no barrier exists
-            result.update(dict.fromkeys(self._barrier_names(""), math.nan))
-        result.update(
-            final_step=final_step,
-            parent=fingerprint,
-            sibling_seed=seed,
-            settings=self._evaluation_settings(),
-            weights=str(weights),
-            diverged=diverged,
-        )
-        if trainer.is_global_zero:
-            self._store.save(k, result)
-        return result
-
     # -- spawn: logging -------------------------------------------------------------------------------
-
-    @staticmethod
-    def _barrier_names(prefix: str) -> list[str]:
-        return [f"{prefix}{split}_{kind}_barrier" for split in _SPLITS for kind in ("error", "loss")]
-
-    def _log_spawn_step(self, trainer: Trainer, k: int, result: dict) -> None:
-        scalars = {name: _as_float(result[name]) for name in self._barrier_names("") if name in result}
-        explained = result.get("diverged") or result.get("failed")  # one warning of their own said why
-        self.log_scalars(trainer, scalars, step=k, warn_nonfinite=not explained)
-        if trainer.is_global_zero and not result.get("failed"):
-            figure = error_along_path_figure(result, f"parent vs sibling spawned at {k}")
-            self.log_figure(trainer, "error_along_path", figure, step=k)
 
     def stable_point(self) -> int | None:
         """The first spawn step whose test error barrier (train if no test set) is under ``threshold``."""
         steps = sorted(self.results)
         split = "test" if all("test_error_barrier" in self.results[k] for k in steps) else "train"
-        barriers = [_as_float(self.results[k][f"{split}_error_barrier"]) for k in steps]
+        barriers = [as_float(self.results[k][f"{split}_error_barrier"]) for k in steps]
         return stable_point(steps, barriers, threshold=self.threshold)
 
     def _log_stability(self, trainer: Trainer) -> None:
@@ -496,7 +352,7 @@ class LinearModeConnectivity(TheoryCallback):
         for k in sorted(self.results):
             r = self.results[k]
             names = ("test_error_barrier", "train_error_barrier", "test_loss_barrier")
-            cells = [_as_float(r.get(name, math.nan)) for name in names]
+            cells = [as_float(r.get(name, math.nan)) for name in names]
             lines.append(f"| {k} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
         point = self.stable_point()
         verdict = (
@@ -533,7 +389,7 @@ class LinearModeConnectivity(TheoryCallback):
         )
         record.update(epoch=trainer.current_epoch + 1, step=trainer.global_step)
         self.history.append(record)
-        scalars = {f"init_{name}": record[name] for name in self._barrier_names("") if name in record}
+        scalars = {f"init_{name}": record[name] for name in BARRIERS if name in record}
         self.log_scalars(trainer, scalars)
         if trainer.is_global_zero:
             self.log_figure(trainer, "init_path", error_along_path_figure(record, "initial weights -> current weights"))
@@ -554,12 +410,8 @@ class LinearModeConnectivity(TheoryCallback):
     def load_state_dict(self, state_dict: dict) -> None:
         self._store = None if state_dict["directory"] is None else SiblingStore(state_dict["directory"])
         self.resolved_steps = state_dict["resolved_steps"]
-        self.snapshots = {int(k): v for k, v in state_dict["snapshots"].items()}
+        self._snapshots.paths = {int(k): v for k, v in state_dict["snapshots"].items()}
         self.results = {int(k): dict(v) for k, v in state_dict["results"].items()}
         self.history = [dict(h) for h in state_dict["history"]]
         self.init_weights = state_dict["init_weights"]
         self._init_state = None
-
-
-def _as_float(value) -> float:
-    return math.nan if value is None else float(value)

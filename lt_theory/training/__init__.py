@@ -4,11 +4,13 @@
   captured at a step and put back, atomic files, fingerprints (IMPPruner's rewind).
 - :mod:`~lt_theory.training.rng`: the global RNG states through their public APIs.
 - :mod:`~lt_theory.training.child`: a child run trained from a snapshot of its parent in a Trainer of its own
-  (LinearModeConnectivity's siblings).
+  (LinearModeConnectivity's siblings, IMPPruner's with ``stability=True``).
 - :mod:`~lt_theory.training.siblings`: spawn steps, a sibling's seed, the folder of finished siblings.
 - :mod:`~lt_theory.training.preemption`: SLURM's requeue signal while children train after ``fit``; atomic
   checkpoint files.
-- :mod:`~lt_theory.training.levels`: IMP's levels as global optimizer steps.
+- :mod:`~lt_theory.training.levels`: IMP's levels as global optimizer steps, a level's divergence, its table.
+- :mod:`~lt_theory.training.sparse`: IMP's rewind point, a sparse level restarted from it (in the run, and in a
+  child run: the siblings of ``IMPPruner(stability=True)``).
 - :mod:`~lt_theory.training.tickets`, :mod:`~lt_theory.training.stored`: ticket files; results and checkpoints
   reused only under the same settings.
 

@@ -10,7 +10,8 @@ re-seeded and the global RNG continues from the snapshot's, so a child with the 
 the parent exactly; any other data module gets the global RNG seeded instead. A preempted child resumes from
 its own progress checkpoint; under a :class:`~lt_theory.training.preemption.RequeueGuard`, from one written at
 the step the requeue signal came.
-Used by :class:`~lt_theory.callbacks.lmc.LinearModeConnectivity` for its siblings.
+Used by :class:`~lt_theory.callbacks.lmc.LinearModeConnectivity` for its siblings, and by
+:class:`~lt_theory.callbacks.imp.IMPPruner` (``stability=True``) for the siblings of its sparse levels.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "SNAPSHOT_RNG_KEY",
     "TRAINING_CALLBACKS",
     "check_child_strategy",
+    "detached_copy",
     "train_from_snapshot",
     "warn_about_training_callbacks",
 ]
@@ -110,16 +112,28 @@ def warn_about_training_callbacks(
         type(c).__name__ for c in trainer.callbacks if c is not forking and type(c).__name__ in TRAINING_CALLBACKS
     ]
     if changing:
+        sparse = (
+            " For the stability of IMP's sparse networks (siblings trained with the masks), use "
+            "IMPPruner(stability=True) instead."
+            if "IMPPruner" in changing
+            else ""
+        )
         warn(
             "training-callbacks",
             f"the {children} train without the parent's other callbacks, and {changing} change training: "
             f"the parent's and the {children}' final weights then come from different procedures, so the "
-            "barriers do not measure SGD noise alone. Run the instability analysis without them.",
+            "barriers do not measure SGD noise alone. Run the instability analysis without them." + sparse,
         )
 
 
-def _detached_copy(obj, trainer: Trainer | None, shared: Sequence[object] = ()):
-    """A deep copy of a module or data module without its trainer, sharing (not copying) ``shared``."""
+def detached_copy(obj, trainer: Trainer | None, shared: Sequence[object] = ()):
+    """A deep copy of a module or data module without its trainer, sharing (not copying) ``shared``.
+
+    Args:
+        obj: the module or data module.
+        trainer: the trainer it is attached to (not copied; the copy refers to None), or None.
+        shared: objects the copy refers to without copying them (e.g. the datasets).
+    """
     memo: dict[int, object] = {id(item): item for item in shared if item is not None}
     if trainer is not None:
         memo[id(trainer)] = None
@@ -253,6 +267,7 @@ def train_from_snapshot(
     warn: Callable[[str, str], None],
     final_weights: str | os.PathLike | None = None,
     guard: RequeueGuard | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Tensor]:
     """Train a copy of ``pl_module`` from ``snapshot`` (written at ``start_step``) to ``max_steps``.
 
@@ -274,6 +289,8 @@ def train_from_snapshot(
             nowhere.
         guard: the requeue guard of the phase (:func:`~lt_theory.training.preemption.requeue_guard`): on its
             signal the child writes its progress checkpoint at its next step boundary.
+        callbacks: more callbacks of the child Trainer, after the one that sets its RNG and before its progress
+            checkpoints (e.g. :class:`~lt_theory.training.sparse.MaskedStart`, which restarts a sparse level).
 
     Returns:
         The child's final state dict, on the CPU.
@@ -285,21 +302,21 @@ def train_from_snapshot(
     )
     parent_data = trainer.datamodule
     shared = [getattr(parent_data, name, None) for name in ("train_dataset", "val_dataset", "test_dataset")]
-    datamodule = _detached_copy(parent_data, trainer, shared)
+    datamodule = detached_copy(parent_data, trainer, shared)
     reseed = getattr(datamodule, "reseed_order", None)
     if callable(reseed):
         reseed(order_seed)
     else:
         _warn_if_loader_has_generator(trainer, warn)
-    module = _detached_copy(pl_module, trainer)
+    module = detached_copy(pl_module, trainer)
     if hasattr(module, "_metric_attributes"):
         module._metric_attributes = None  # Lightning's cache of metric names, keyed by the parent's ids
     progress = _progress(trainer, snapshot, progress_dir, start_step, max_steps)
     start = ChildStart(None if callable(reseed) else order_seed, from_progress=progress["resume"])
     watch = nullcontext() if guard is None else guard.watch_child(progress["path"])
     with watch as on_signal:
-        callbacks = [start, progress["checkpoint"]] + ([] if on_signal is None else [on_signal])
-        child = _child_trainer(trainer, max_steps, callbacks, Path(root_dir))
+        own = [start, *callbacks, progress["checkpoint"]] + ([] if on_signal is None else [on_signal])
+        child = _child_trainer(trainer, max_steps, own, Path(root_dir))
         ckpt_path = progress["path"] if progress["resume"] else str(snapshot)
         _fit_child(trainer, child, module, datamodule, ckpt_path, order_seed)
         state = {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}

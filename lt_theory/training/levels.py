@@ -7,18 +7,23 @@ Level 0 trains the dense network for :math:`T` optimizer steps; every later leve
     \text{end}(\ell) = T + \ell\,(T - k).
 
 :math:`T` is given in steps, or in epochs and turned into steps with the Trainer's own count of one epoch's
-optimizer steps (``trainer.estimated_stepping_batches``).
+optimizer steps (``trainer.estimated_stepping_batches``). :class:`LossWatch` tells whether a level diverged;
+:func:`levels_table` is the table of what the levels reached (IMPPruner's ``imp/summary``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
+import torch
 from lightning.pytorch import Trainer
+from torch import Tensor
 
 from lt_theory.checks import check_int, check_positive_int
+from lt_theory.measures.pruning import sparsity_report
 
-__all__ = ["LevelSchedule"]
+__all__ = ["LevelSchedule", "LossWatch", "level_scalars", "levels_table"]
 
 
 class LevelSchedule:
@@ -125,3 +130,94 @@ class LevelSchedule:
                     f"its checkpoint. Pass {advice} to run the IMP to its end."
                 )
         return None
+
+
+class LossWatch:
+    """The training loss summed on the device between two checks (no synchronisation per step), and whether
+    any rank saw a non-finite one.
+
+    Example:
+        >>> import torch
+        >>> watch = LossWatch()
+        >>> watch.add({"loss": torch.tensor(float("nan"))})
+        >>> bool(torch.isfinite(watch.total))
+        False
+    """
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+
+    def add(self, outputs) -> None:
+        """Add the loss of a training step's outputs (a tensor, or a mapping with ``"loss"``)."""
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, Tensor):
+            loss = loss.detach().float()
+            self.total = loss if self.total is None else self.total + loss
+
+    def diverged(self, trainer: Trainer) -> bool:
+        """Whether any rank saw a non-finite loss since the last check (a collective: every rank enters)."""
+        local = self.total is not None and not bool(torch.isfinite(self.total))
+        self.total = None
+        return bool(trainer.strategy.reduce_boolean_decision(local, all=False))
+
+
+def level_scalars(level: int, masks: Mapping[str, Tensor] | None, names: Sequence[str]) -> dict[str, float]:
+    """What IMPPruner logs at a level's start: ``level``, ``remaining_fraction`` and ``sparsity/<layer>`` (the
+    fraction of the layer's weights pruned; ``<layer>`` the parameter's name without ``.weight``).
+
+    Args:
+        level: the level starting.
+        masks: its masks, or None for the dense level.
+        names: the pruned parameters (all kept when ``masks`` is None).
+
+    Example:
+        >>> import torch
+        >>> level_scalars(1, {"fc.weight": torch.tensor([True, False, False, False])}, ["fc.weight"])
+        {'level': 1, 'remaining_fraction': 0.25, 'sparsity/fc': 0.75}
+    """
+    report = None if masks is None else sparsity_report(masks)
+    scalars = {"level": level, "remaining_fraction": 1.0 if report is None else report.remaining_fraction}
+    fractions = dict.fromkeys(names, 1.0) if report is None else report.layer_remaining_fraction
+    for name, kept in fractions.items():
+        scalars[f"sparsity/{name.removesuffix('.weight')}"] = 1.0 - kept
+    return scalars
+
+
+def levels_table(history: list[dict], barriers: Mapping[int, Mapping] | None = None) -> str:
+    """A markdown table of IMP's completed levels: weights remaining and accuracy, and the error barriers.
+
+    Args:
+        history: one dict per completed level: ``level``, ``remaining_fraction``, ``accuracy``.
+        barriers: level -> a dict with ``test_error_barrier`` and ``train_error_barrier`` (IMPPruner's
+            ``stability_results``), in percentage points in the table, ``-`` for a level not measured (yet);
+            None for no barrier columns.
+
+    Returns:
+        The table.
+
+    Example:
+        >>> history = [{"level": 0, "remaining_fraction": 1.0, "accuracy": 0.9}, {"level": 1,
+        ...            "remaining_fraction": 0.8, "accuracy": 0.91}]
+        >>> print(levels_table(history, {0: {"test_error_barrier": 0.125, "train_error_barrier": 0.0}}))
+        | level | weights remaining | accuracy | test error barrier | train error barrier |
+        |---|---|---|---|---|
+        | 0 | 100.00% | 90.00% | 12.50% | 0.00% |
+        | 1 | 80.00% | 91.00% | - | - |
+    """
+    names = [] if barriers is None else ["test_error_barrier", "train_error_barrier"]
+    rows = [
+        "| "
+        + " | ".join(["level", "weights remaining", "accuracy", *(n.replace("_", " ") for n in names)])
+        + " |"
+    ]
+    rows.append("|---" * (3 + len(names)) + "|")
+    for h in history:
+        cells = [str(h["level"]), f"{100 * h['remaining_fraction']:.2f}%", f"{100 * h['accuracy']:.2f}%"]
+        result = {} if barriers is None else barriers.get(h["level"], {})
+        cells += [_percent(result[name]) if name in result else "-" for name in names]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _percent(value) -> str:
+    return f"{100 * (math.nan if value is None else float(value)):.2f}%"

@@ -99,17 +99,23 @@ def resolve_spawn_steps(spawn_steps: Sequence[int | float], total: float) -> lis
     return sorted(steps)
 
 
-def sibling_seed(datamodule, k: int, given: int | None = None) -> int:
-    """The data-order seed of the sibling spawned at ``k``: ``given``, else one derived from the parent's.
+def sibling_seed(datamodule, k: int, given: int | None = None, stream: str = "lmc-sibling") -> int:
+    """The data-order seed of the sibling ``k``: ``given``, else one derived from the parent's.
 
     The parent's seed is the data module's ``order_seed`` (an lt_theory data module), else its ``seed``, else
-    0; the derived seed differs from it and between spawn steps.
+    0; the derived seed differs from it and between values of ``k`` and of ``stream``.
+
+    Args:
+        datamodule: the parent's data module.
+        k: what tells siblings apart: the spawn step (LinearModeConnectivity), the level (IMPPruner).
+        given: a seed chosen by the user, used as it is.
+        stream: the name of the family of siblings.
     """
     if given is not None:
         return int(given)
     parent = getattr(datamodule, "order_seed", None)
     parent = getattr(datamodule, "seed", 0) if parent is None else parent
-    return derived_seed("lmc-sibling", int(parent or 0), k) % 2**31
+    return derived_seed(stream, int(parent or 0), k) % 2**31
 
 
 class SiblingStore:

@@ -22,14 +22,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lt_theory.measures.pruning import apply_masks, masks_from_state
+from lt_theory.measures.pruning import apply_masks, masks_from_state, masks_to_state, prunable_parameters
 from lt_theory.training.state import save_atomically
 
 __all__ = [
     "IMP_CONTROLS",
     "check_control",
     "check_reference_directory",
+    "level_ticket",
     "load_ticket",
+    "pruned_names",
     "read_ticket",
     "reference_masks",
     "save_ticket",
@@ -58,6 +60,30 @@ def save_ticket(path: str | os.PathLike, ticket: Mapping) -> None:
     if missing:
         raise ValueError(f"a ticket needs {list(_REQUIRED)}, this one lacks {missing}")
     save_atomically(dict(ticket), path)
+
+
+def level_ticket(
+    masks: Mapping[str, Tensor], start_state: Mapping[str, Tensor], history: Sequence[Mapping], settings: Mapping
+) -> dict:
+    """The fields of the ticket of the level that just ended (the last of ``history``).
+
+    Args:
+        masks: the level's masks (all ones for the dense level).
+        start_state: the state the level was trained from.
+        history: the completed levels, the last one this ticket's (``level``, ``remaining_fraction``,
+            ``accuracy``).
+        settings: the run's ``rewind_step``, ``fraction``, ``scope`` and ``control``.
+    """
+    last = history[-1]
+    return {
+        "level": last["level"],
+        "remaining_fraction": last["remaining_fraction"],
+        "accuracy": last["accuracy"],
+        "masks": masks_to_state(masks),
+        "start_state": start_state,
+        **settings,
+        "history": [dict(h) for h in history],
+    }
 
 
 def read_ticket(path: str | os.PathLike) -> dict:
@@ -130,6 +156,24 @@ def load_ticket(path: str | os.PathLike, model: nn.Module) -> dict[str, Tensor]:
     masks = masks_from_state(ticket["masks"], model)
     apply_masks(model, masks)
     return masks
+
+
+def pruned_names(
+    module: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None, prune_output_layer: bool
+) -> list[str]:
+    """The parameters IMPPruner prunes (:func:`~lt_theory.measures.pruning.prunable_parameters`), the last
+    prunable one in the model's order (the classifier) left out unless ``prune_output_layer``.
+
+    Raises:
+        ValueError: naming the module, for a model without a prunable parameter or bad ``include`` / ``exclude``.
+    """
+    try:
+        exclude = list(exclude or [])
+        if not prune_output_layer:
+            exclude.append(list(prunable_parameters(module))[-1])
+        return list(prunable_parameters(module, include, exclude or None))
+    except ValueError as error:
+        raise ValueError(f"IMPPruner cannot prune {type(module).__name__}: {error}") from error
 
 
 def check_control(control: str | None, reference_tickets, init_fn) -> None:
