@@ -41,6 +41,7 @@ from test_lmc_callback import _plain_path
 from torch.utils.data import DataLoader, TensorDataset
 
 import lt_theory.callbacks.siblings as siblings_module
+import lt_theory.callbacks.ticket_stability as stability_module
 from lt_theory import loggers as lt_loggers
 from lt_theory.callbacks.imp import IMPPruner
 from lt_theory.cli import main
@@ -376,7 +377,7 @@ def test_resume_after_kills_in_the_stability_phase_redoes_only_what_is_unfinishe
     """Killed while level 1's sibling trains, then (resumed) while level 2's path is evaluated, then resumed
     again: each sibling is trained once and each path evaluated once to its end, with the results of the
     uninterrupted run."""
-    trained, evaluated, original_train, original_paths = [], [], siblings_module.train_from_snapshot, None
+    trained, evaluated, original_train, original_paths = [], [], stability_module.train_from_snapshot, None
 
     def counting_training(*args, progress_dir, **kwargs):
         level = int(Path(progress_dir).parent.name.removeprefix("level"))
@@ -392,7 +393,7 @@ def test_resume_after_kills_in_the_stability_phase_redoes_only_what_is_unfinishe
         return original_paths(*args, **kwargs)
 
     original_paths = siblings_module.linear_paths
-    monkeypatch.setattr(siblings_module, "train_from_snapshot", counting_training)
+    monkeypatch.setattr(stability_module, "train_from_snapshot", counting_training)
     monkeypatch.setattr(siblings_module, "linear_paths", counting_paths)
     checkpoint = tmp_path / "end.ckpt"
     with pytest.raises(_Killed, match="level 1 trains"):

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from lt_theory.callbacks.base import TheoryCallback
 from lt_theory.callbacks.evaluation_sets import split_loader
-from lt_theory.callbacks.siblings import LevelSiblings, PathSettings
+from lt_theory.callbacks.siblings import PathSettings
+from lt_theory.callbacks.ticket_stability import LevelSiblings
 from lt_theory.checks import check_choice, check_fraction, check_int
 from lt_theory.figures import accuracy_vs_remaining_figure
 from lt_theory.loggers import log_tensorboard_scalars
@@ -101,7 +102,8 @@ class IMPPruner(TheoryCallback):
     ``stability=True`` (Frankle et al. 2020's instability analysis of the sparse networks): after the fit, each
     completed level gets a *sibling*, trained from the step-``k`` snapshot as the level was (its start weights,
     its masks enforced, the optimizer as at the rewind) but with another data order, and the error barrier of the
-    linear path between the level's final weights and the sibling's is logged (:mod:`lt_theory.callbacks.siblings`).
+    linear path between the level's final weights and the sibling's is logged
+    (:mod:`lt_theory.callbacks.ticket_stability`).
 
     Logged tags: ``imp/level``, ``imp/remaining_fraction`` and ``imp/sparsity/<layer>`` (the fraction of
     the layer's weights pruned; ``<layer>`` the module name) at each level's start; ``imp/accuracy`` and
