@@ -6,6 +6,7 @@ Reproduce (the first line the script prints):
     python benchmarks/bench_lmc.py --alphas 5 --train 256 --test 256 --repeats 3   # a quick run
     python benchmarks/bench_lmc.py --bn interpolate                 # no BatchNorm reset
     python benchmarks/bench_lmc.py --trained-epochs 3               # coarse-to-fine vs the whole grid
+    python benchmarks/bench_lmc.py --versus-training                # mode="init" with its defaults vs training
 
 What is timed is what the callback does for one spawn step once the sibling is trained (and for one
 init-mode measurement): ``LinearModeConnectivity._paths``, the train and test paths between two networks by
@@ -21,6 +22,15 @@ With ``--trained-epochs N`` the second network is the first one trained for N ep
 (plain SGD, lr 0.05, batch 128), so the path is the init path of a real run, and the script also prints the
 coarse-to-fine path (``coarse_every=5``, the callback's default) against the whole grid: its time as a
 ratio of the whole grid's, measured in the same run, and the train and test error and loss barriers of both.
+
+With ``--versus-training`` the script times what ``LinearModeConnectivity(mode="init")`` costs against the
+training it watches, with the callback's default arguments (``--every-n-epochs``, default 10, the README's
+cadence) on a CIFAR-10-sized setting: ResNet-20, 50,000 training images (``--epoch-steps 391`` steps of 128), a
+10,000-image test set. Interleaved repetitions time one init-path measurement (the path from a fresh network to
+one trained ``--trained-epochs`` epochs, default 2, and its figure) and ``--train-steps`` training steps (SGD with
+momentum, batch 128, forward, backward and update); the printed cost is ``1 + measurement / (every_n_epochs x
+epoch_steps x median step)`` (goal <= 1.02x), with the default path's barriers against the whole 30-point grid
+on the same subsets and against the former default sets (1,000 training examples, the whole test set).
 
 Not timed, and stated in the callback's docstring: a spawn costs one sibling training per spawn step, from
 ``k`` to the end of training (for Frankle et al.'s five steps on ResNet-20, about five more trainings).
@@ -42,6 +52,7 @@ import torch
 
 from lt_theory.callbacks.lmc import LinearModeConnectivity
 from lt_theory.data import SyntheticCIFARDataModule
+from lt_theory.figures import error_along_path_figure
 from lt_theory.models import resnet20
 
 
@@ -106,6 +117,72 @@ def _coarse_against_full(args, trainer, model_a, model_b, device) -> None:
         print(f"  {name}: whole grid {a:.6f}, coarse-to-fine {b:.6f}, difference {b - a:+.2e}")
 
 
+def _training_step_time(model, datamodule, steps: int, device) -> float:
+    """Median seconds of a ResNet-20 training step at batch 128 (SGD with momentum, on a copy of ``model``)."""
+    trained = copy.deepcopy(model).train()
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.01, momentum=0.9)
+    images, labels = datamodule.train_dataset.images, datamodule.train_dataset.labels
+    times = []
+    for step in range(steps + 1):  # the first step warms up
+        start = time.perf_counter()
+        batch = slice(128 * step % (len(labels) - 128), 128 * step % (len(labels) - 128) + 128)
+        inputs = datamodule.preprocess(images[batch].to(device))
+        loss = torch.nn.functional.cross_entropy(trained(inputs), labels[batch].to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def _init_measurement_time(callback, trainer, model_a, model_b, device) -> tuple[float, dict]:
+    """Seconds of one init-path measurement: the path with the callback's settings and its figure."""
+    start = time.perf_counter()
+    record = _measured(callback, trainer, model_a, model_b, device)
+    error_along_path_figure(record, "initial weights -> current weights")
+    return time.perf_counter() - start, record
+
+
+def _versus_training(args, device) -> None:
+    """mode="init" with its defaults against the training time of ``every_n_epochs`` CIFAR-10 epochs."""
+    datamodule = SyntheticCIFARDataModule(num_train=4096, num_test=10_000, seed=0)
+    datamodule.setup()
+    trainer = SimpleNamespace(datamodule=datamodule)
+    torch.manual_seed(0)
+    initial = resnet20().to(device)
+    current = _trained(initial, datamodule, args.trained_epochs or 2, device)
+    default = LinearModeConnectivity(mode="init")
+    measurement, step = [], []
+    record = _init_measurement_time(default, trainer, initial, current, device)[1]  # warm-up
+    for _ in range(args.repeats):
+        measurement.append(_init_measurement_time(default, trainer, initial, current, device)[0])
+        step.append(_training_step_time(current, datamodule, args.train_steps, device))
+    training = args.every_n_epochs * args.epoch_steps * statistics.median(step)
+    print(
+        f"device={device} threads={args.threads} ResNet-20, mode='init' defaults "
+        f"({len(record['alphas'])} of {default.num_alphas} points, train subset {default.train_subset_size}, "
+        f"test subset {default.test_subset_size}), every_n_epochs="
+        f"{args.every_n_epochs} x {args.epoch_steps} steps, repeats={args.repeats}"
+    )
+    print(
+        f"training step {statistics.median(step) * 1e3:.1f} ms (median), one measurement "
+        f"{statistics.median(measurement):.2f} s (median): cost "
+        f"{1 + statistics.median(measurement) / training:.4f}x of training (goal <= 1.02x)"
+    )
+    references = {
+        "the whole 30-point grid on the same subsets": dict(coarse_every=None),
+        "1,000 training and all 10,000 test examples": dict(train_subset_size=1000, test_subset_size=None),
+    }
+    for title, settings in references.items():
+        reference = _measured(LinearModeConnectivity(mode="init", **settings), trainer, initial, current, device)
+        print(f"default path against {title}:")
+        for name in ("test_error_barrier", "train_error_barrier", "test_loss_barrier", "train_loss_barrier"):
+            a, b = reference[name], record[name]
+            print(f"  {name}: {a:.4f} there, {b:.4f} by default, difference {b - a:+.4f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--alphas", type=int, default=30)
@@ -117,10 +194,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--trained-epochs", type=int, default=0, help="train the second network from the first")
+    parser.add_argument("--versus-training", action="store_true", help="mode='init' defaults vs training time")
+    parser.add_argument("--every-n-epochs", type=int, default=10)
+    parser.add_argument("--epoch-steps", type=int, default=391, help="steps per epoch (CIFAR-10 at batch 128)")
+    parser.add_argument("--train-steps", type=int, default=10, help="training steps timed per repetition")
     args = parser.parse_args(argv)
     print("reproduce: python benchmarks/bench_lmc.py " + " ".join(sys.argv[1:] if argv is None else argv))
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.versus_training:
+        _versus_training(args, device)
+        return
 
     num_train = max(args.train, 2048 if args.trained_epochs else 64)
     datamodule = SyntheticCIFARDataModule(num_train=num_train, num_test=args.test, seed=0)

@@ -40,7 +40,8 @@ FINAL_STEP = 2 * STEPS_PER_EPOCH
 
 
 def _lmc(root, **kwargs) -> LinearModeConnectivity:
-    settings = dict(num_alphas=5, train_subset_size=48, eval_batch_size=16, directory=root / "lmc")
+    settings = dict(num_alphas=5, every_n_epochs=1, train_subset_size=48, eval_batch_size=16)
+    settings["directory"] = root / "lmc"
     settings.update(kwargs)
     return LinearModeConnectivity(**settings)
 
@@ -370,6 +371,7 @@ def test_stable_point_and_summary_of_results_with_a_known_answer(threshold, barr
         ({"every_n_epochs": 0}, "every_n_epochs"),
         ({"threshold": 0}, "threshold"),
         ({"train_subset_size": 0}, "train_subset_size"),
+        ({"test_subset_size": "all"}, "test_subset_size"),
         ({"sibling_seed": -2}, "sibling_seed"),
         ({"eval_batch_size": 0}, "eval_batch_size"),
     ],
@@ -377,6 +379,15 @@ def test_stable_point_and_summary_of_results_with_a_known_answer(threshold, barr
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name):
         LinearModeConnectivity(**kwargs)
+
+
+def test_auto_subsets_are_frankle_et_al_sets_for_spawns_and_small_ones_for_the_init_path():
+    spawn, init = LinearModeConnectivity(), LinearModeConnectivity(mode="init")
+    assert (spawn.train_subset_size, spawn.test_subset_size) == (1000, None)  # all test examples
+    assert (init.train_subset_size, init.test_subset_size, init.every_n_epochs) == (512, 1024, 10)
+    explicit = LinearModeConnectivity(mode="init", train_subset_size=None, test_subset_size=64)
+    assert explicit.path_settings.stored()["train_subset_size"] is None
+    assert explicit.path_settings.stored()["test_subset_size"] == 64
 
 
 @pytest.mark.parametrize("spawn_steps", [[3, FINAL_STEP], [FINAL_STEP + 5], [0.5, 6]])

@@ -64,6 +64,20 @@ _WHO = "LinearModeConnectivity(mode='spawn') trains siblings"
 _HINT = "Use mode='init', or strategy='ddp' / one device."
 
 
+#: ``"auto"`` subset sizes (train, test) per mode: a spawn's path is evaluated once per ``k`` after a sibling's
+#: training, an init path every few epochs of the run it watches (``benchmarks/bench_lmc.py --versus-training``)
+AUTO_SUBSETS = {"spawn": (1000, None), "init": (512, 1024)}
+
+
+def _subset_sizes(mode: str, train: int | str | None, test: int | str | None) -> tuple[int | None, int | None]:
+    """The subset sizes with ``"auto"`` resolved for ``mode`` (other values are checked by PathSettings)."""
+    for name, value in (("train_subset_size", train), ("test_subset_size", test)):
+        if isinstance(value, str) and value != "auto":
+            raise ValueError(f"`{name}` must be a positive int, None (all) or 'auto', got {value!r}")
+    auto_train, auto_test = AUTO_SUBSETS[mode]
+    return (auto_train if train == "auto" else train, auto_test if test == "auto" else test)
+
+
 class LinearModeConnectivity(TheoryCallback):
     """Instability analysis (spawn siblings at step k, error barrier of parent vs sibling) or the init path.
 
@@ -89,7 +103,8 @@ class LinearModeConnectivity(TheoryCallback):
         spawn_steps: optimizer steps ``k`` (ints >= 0) or fractions of training (floats in [0, 1), resolved
             against ``trainer.estimated_stepping_batches`` at the start of training); every ``k`` must be
             before the end of training.
-        every_n_epochs: the cadence of ``mode="init"``.
+        every_n_epochs: the cadence of ``mode="init"`` (every 10 epochs: about 1.5% of the training time of
+            ResNet-20 on CIFAR-10 with the default subsets; ``docs/callbacks.md``).
         num_alphas: points of the path's grid, endpoints included (30 as in Frankle et al.).
         coarse_every: evaluate every ``coarse_every``-th point of the grid first, then the grid points around
             the maxima of the error and the loss (:func:`~lt_theory.measures.interpolation.linear_paths`): the
@@ -98,8 +113,10 @@ class LinearModeConnectivity(TheoryCallback):
         bn: ``"reset"`` or ``"interpolate"`` (see :func:`~lt_theory.measures.interpolation.linear_path`);
             a model without BatchNorm gives the same path in both.
         bn_batches: batches of the training subset used per reset; None for all of them.
-        train_subset_size: training examples evaluated (fixed, drawn from ``seed``); None for all.
-        test_subset_size: first test (or validation) examples evaluated; None for all.
+        train_subset_size: training examples evaluated (fixed, drawn from ``seed``; also the BatchNorm reset's);
+            None for all; ``"auto"``: 1,000 in spawn mode, 512 in init mode.
+        test_subset_size: first test (or validation) examples evaluated; None for all; ``"auto"``: all of them
+            in spawn mode (as Frankle et al.), the first 1,024 in init mode (measured every few epochs).
         eval_batch_size: batch size of the evaluation and reset passes.
         threshold: the error barrier under which a network counts as stable (0.02).
         sibling_seed: seed of the siblings' data order and augmentation; None draws one per ``k`` from the
@@ -146,13 +163,13 @@ class LinearModeConnectivity(TheoryCallback):
         self,
         mode: str = "spawn",
         spawn_steps: Sequence[int | float] = (0,),
-        every_n_epochs: int = 1,
+        every_n_epochs: int = 10,
         num_alphas: int = DEFAULT_NUM_ALPHAS,
         coarse_every: int | None = 5,
         bn: str = "reset",
         bn_batches: int | None = None,
-        train_subset_size: int | None = 1000,
-        test_subset_size: int | None = None,
+        train_subset_size: int | str | None = "auto",
+        test_subset_size: int | str | None = "auto",
         eval_batch_size: int = 256,
         threshold: float = 0.02,
         sibling_seed: int | None = None,
@@ -164,6 +181,7 @@ class LinearModeConnectivity(TheoryCallback):
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         self.spawn_steps = check_spawn_steps(spawn_steps)
         check_positive_int("every_n_epochs", every_n_epochs)
+        train_subset_size, test_subset_size = _subset_sizes(mode, train_subset_size, test_subset_size)
         self.path_settings = PathSettings(
             num_alphas, coarse_every, bn, bn_batches, train_subset_size, test_subset_size, eval_batch_size, seed
         )
