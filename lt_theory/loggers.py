@@ -72,7 +72,11 @@ class LoggerTarget(NamedTuple):
     global_step: int = 0
 
 
-def _step(trainer: Trainer, step: int | None) -> int:
+#: where the functions here write: a running Trainer, or loggers without one
+LogTarget = Trainer | LoggerTarget
+
+
+def _step(trainer: LogTarget, step: int | None) -> int:
     return trainer.global_step if step is None else int(step)
 
 
@@ -81,11 +85,11 @@ def _emit() -> None:
     emitted_writes += 1
 
 
-def has_tensorboard(trainer: Trainer) -> bool:
+def has_tensorboard(trainer: LogTarget) -> bool:
     """Whether the trainer has at least one :class:`TensorBoardLogger`.
 
     Args:
-        trainer: the running trainer.
+        trainer: the running trainer, or a :class:`LoggerTarget`.
 
     Returns:
         True when figures, histograms, text and layouts have somewhere to go.
@@ -93,11 +97,11 @@ def has_tensorboard(trainer: Trainer) -> bool:
     return any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers)
 
 
-def tensorboard_writers(trainer: Trainer) -> list:
+def tensorboard_writers(trainer: LogTarget) -> list:
     """The ``SummaryWriter`` of every TensorBoardLogger, on global rank zero only (else an empty list).
 
     Args:
-        trainer: the running trainer.
+        trainer: the running trainer, or a :class:`LoggerTarget`.
 
     Returns:
         A list of :class:`torch.utils.tensorboard.SummaryWriter`.
@@ -116,14 +120,14 @@ def _as_float(value) -> float:
 
 
 def log_scalars(
-    trainer: Trainer, scalars: Mapping[str, float | torch.Tensor], step: int | None = None
+    trainer: LogTarget, scalars: Mapping[str, float | torch.Tensor], step: int | None = None
 ) -> None:
     """Log scalars to every logger of the trainer at ``trainer.global_step`` (or ``step``).
 
     NaN and Inf are logged as they are (TensorBoard shows them); warning about them is the caller's job.
 
     Args:
-        trainer: the running trainer.
+        trainer: the running trainer, or a :class:`LoggerTarget`.
         scalars: tag -> value; tensors must have one element.
         step: the step to log at; defaults to ``trainer.global_step``.
 
@@ -139,7 +143,7 @@ def log_scalars(
 
 
 def log_tensorboard_scalars(
-    trainer: Trainer, scalars: Mapping[str, float | torch.Tensor], step: int | None = None
+    trainer: LogTarget, scalars: Mapping[str, float | torch.Tensor], step: int | None = None
 ) -> None:
     """Log scalars to the TensorBoardLoggers of the trainer only, at ``trainer.global_step`` (or ``step``).
 
@@ -148,7 +152,7 @@ def log_tensorboard_scalars(
     into their step-ordered tables.
 
     Args:
-        trainer: the running trainer.
+        trainer: the running trainer, or a :class:`LoggerTarget`.
         scalars: tag -> value; tensors must have one element.
         step: the step to log at; defaults to ``trainer.global_step``.
 
@@ -161,14 +165,14 @@ def log_tensorboard_scalars(
         _emit()
 
 
-def log_figure(trainer: Trainer, tag: str, figure, step: int | None = None, close: bool = True) -> None:
+def log_figure(trainer: LogTarget, tag: str, figure, step: int | None = None, close: bool = True) -> None:
     """Log a matplotlib figure as an image to every TensorBoardLogger.
 
     The figure is drawn once on its own Agg canvas (:func:`lt_theory.figures.render_rgb`), so no pyplot backend
     is needed or switched.
 
     Args:
-        trainer: the running trainer.
+        trainer: the running trainer, or a :class:`LoggerTarget`.
         tag: the image tag, e.g. ``"spectral/sigma_max_by_depth"``.
         figure: a :class:`matplotlib.figure.Figure` (from :func:`lt_theory.figures.new_figure`, or a pyplot one).
         step: the step to log at; defaults to ``trainer.global_step``.
@@ -187,11 +191,11 @@ def log_figure(trainer: Trainer, tag: str, figure, step: int | None = None, clos
             pyplot.close(figure)
 
 
-def log_histogram(trainer: Trainer, tag: str, values: torch.Tensor, step: int | None = None) -> None:
+def log_histogram(trainer: LogTarget, tag: str, values: torch.Tensor, step: int | None = None) -> None:
     """Log a histogram of ``values`` to every TensorBoardLogger; non-finite values are dropped from it.
 
     Args:
-        trainer: the running trainer.
+        trainer: the running trainer, or a :class:`LoggerTarget`.
         tag: the histogram tag.
         values: any tensor; it is flattened.
         step: the step to log at; defaults to ``trainer.global_step``.
@@ -208,11 +212,11 @@ def log_histogram(trainer: Trainer, tag: str, values: torch.Tensor, step: int | 
         _emit()
 
 
-def log_text(trainer: Trainer, tag: str, text: str, step: int | None = None) -> None:
+def log_text(trainer: LogTarget, tag: str, text: str, step: int | None = None) -> None:
     """Log markdown text to every TensorBoardLogger.
 
     Args:
-        trainer: the running trainer.
+        trainer: the running trainer, or a :class:`LoggerTarget`.
         tag: the text tag, e.g. ``"ntk/verdict"``.
         text: markdown shown in TensorBoard's TEXT panel.
         step: the step to log at; defaults to ``trainer.global_step``.
@@ -223,7 +227,7 @@ def log_text(trainer: Trainer, tag: str, text: str, step: int | None = None) -> 
 
 
 def add_custom_scalar_charts(
-    trainer: Trainer,
+    trainer: LogTarget,
     category: str,
     charts: Mapping[str, Sequence[str]],
     kind: str = "Multiline",
@@ -231,7 +235,7 @@ def add_custom_scalar_charts(
     """Add charts to the run's custom-scalars layout, merged with what other callbacks added.
 
     Args:
-        trainer: the running trainer.
+        trainer: the running trainer, or a :class:`LoggerTarget`.
         category: the panel's title in the CUSTOM SCALARS tab, e.g. ``"spectral"``.
         charts: chart title -> tags or regular expressions of tags drawn in it.
         kind: ``"Multiline"`` (one line per tag) or ``"Margin"`` (exactly three tags: value, lower, upper).
