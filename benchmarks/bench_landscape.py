@@ -28,15 +28,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
-import logging
 import statistics
-import tempfile
 import time
-import warnings
 
 import torch
-from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
+from step_timing import StepTimer, quiet_lightning, synchronize, timed_fit
 
 from lt_theory.callbacks import landscape
 from lt_theory.callbacks.landscape import LossLandscapeMonitor
@@ -45,34 +41,13 @@ from lt_theory.models import resnet20
 from lt_theory.module import ClassificationModule
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def overhead(args: argparse.Namespace) -> dict[str, float]:
     """Time the monitor's measurements and the training steps of one short ResNet-20 run at batch 128."""
     torch.set_num_threads(args.threads)
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_lightning()
     default_cadence = inspect.signature(LossLandscapeMonitor).parameters["every_n_steps"].default
     measure_every = 3
     steps = measure_every * args.measurements
-
-    class StepTimer(Callback):
-        """Placed before the monitor: on_train_batch_end runs right after the optimizer step."""
-
-        def __init__(self) -> None:
-            self.start, self.durations = 0.0, []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            synchronize(args.device)
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            synchronize(args.device)
-            if trainer.global_step % measure_every:  # steps not followed by a measurement
-                self.durations.append(time.perf_counter() - self.start)
 
     class TimedMonitor(LossLandscapeMonitor):
         def __init__(self, **kwargs) -> None:
@@ -91,27 +66,14 @@ def overhead(args: argparse.Namespace) -> dict[str, float]:
         monitor_kwargs["probe_size"] = args.probe_size
     if args.sharpness_tol is not None:
         monitor_kwargs["sharpness_tol"] = args.sharpness_tol
-    timer, monitor = StepTimer(), TimedMonitor(**monitor_kwargs)
+    timer, monitor = StepTimer(args.device, measure_every), TimedMonitor(**monitor_kwargs)
     iterations: list[int] = []
     torch.manual_seed(0)
     module = ClassificationModule(resnet20(), lr=0.1, schedule="constant")
     warm_up_torch_func(module, args.device)
     data = SyntheticCIFARDataModule(num_train=128 * (steps + 1), num_test=128, batch_size=128)
-    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings(), counting_lanczos_steps(iterations):
-        warnings.simplefilter("ignore")
-        trainer = Trainer(
-            accelerator="gpu" if args.device.startswith("cuda") else "cpu",
-            devices=1,
-            max_steps=steps,
-            logger=TensorBoardLogger(root, name="bench"),
-            callbacks=[timer, monitor],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-        )
-        trainer.fit(module, datamodule=data)
+    with counting_lanczos_steps(iterations):
+        timed_fit(module, data, [timer, monitor], args.device, steps)  # the timer first
     step = statistics.median(timer.durations[1:])  # the first step pays for lazy initialisation
     measurement = statistics.median(monitor.durations[1:])
     return {

@@ -33,15 +33,12 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import logging
 import os
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import warnings
 
 import torch
 from torch.func import functional_call, jacrev, vmap
@@ -155,34 +152,17 @@ def time_kernels(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, 
 
 def ntk_drift_overhead(args: argparse.Namespace) -> dict[str, float]:
     """Time NTKDrift's measurements and the training steps of one short ResNet-20 run at batch 128."""
-    from lightning.pytorch import Callback, Trainer
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from step_timing import StepTimer, quiet_lightning, timed_fit
 
     from lt_theory.callbacks.ntk import NTKDrift
     from lt_theory.data import SyntheticCIFARDataModule
     from lt_theory.module import ClassificationModule
 
     torch.set_num_threads(args.threads)
-    for name in ("lightning.pytorch", "lightning.fabric"):  # INFO lines and the NTKDrift verdict
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_lightning()  # INFO lines and the NTKDrift verdict
     default_cadence = inspect.signature(NTKDrift).parameters["every_n_steps"].default
     measure_every = 3
     steps = measure_every * args.measurements
-
-    class StepTimer(Callback):
-        """Placed before NTKDrift: on_train_batch_end runs right after the optimizer step."""
-
-        def __init__(self) -> None:
-            self.start, self.durations = 0.0, []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            synchronize(args.device)
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            synchronize(args.device)
-            if trainer.global_step % measure_every:  # steps not followed by a measurement
-                self.durations.append(time.perf_counter() - self.start)
 
     class TimedNTKDrift(NTKDrift):
         def __init__(self, **kwargs) -> None:
@@ -198,25 +178,11 @@ def ntk_drift_overhead(args: argparse.Namespace) -> dict[str, float]:
                 self.durations.append(time.perf_counter() - start)
 
     kwargs = {} if args.probe_size is None else {"probe_size": args.probe_size}
-    timer, drift = StepTimer(), TimedNTKDrift(every_n_steps=measure_every, **kwargs)
+    timer, drift = StepTimer(args.device, measure_every), TimedNTKDrift(every_n_steps=measure_every, **kwargs)
     torch.manual_seed(0)
     module = ClassificationModule(resnet20(), lr=0.1, schedule="constant")
     data = SyntheticCIFARDataModule(num_train=128 * (steps + 1), num_test=128, batch_size=128)
-    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = Trainer(
-            accelerator="gpu" if args.device.startswith("cuda") else "cpu",
-            devices=1,
-            max_steps=steps,
-            logger=TensorBoardLogger(root, name="bench"),
-            callbacks=[timer, drift],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-        )
-        trainer.fit(module, datamodule=data)
+    timed_fit(module, data, [timer, drift], args.device, steps)  # the timer first
     step = statistics.median(timer.durations[1:])  # the first step pays for lazy initialisation
     measurement = statistics.median(drift.durations)
     return {

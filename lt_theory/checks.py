@@ -19,10 +19,12 @@ from numbers import Integral, Real
 from torch import Tensor
 
 __all__ = [
+    "check_bool",
     "check_choice",
     "check_finite_real",
     "check_fraction",
     "check_int",
+    "check_names",
     "check_nonnegative",
     "check_positive_int",
     "check_tensor",
@@ -83,6 +85,35 @@ def check_choice(name: str, value: object, choices: Collection) -> object:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}")
     return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value``, unless it is not ``True`` or ``False``.
+
+    Raises:
+        ValueError: naming ``name``.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}")
+    return value
+
+
+def check_names(name: str, value: object, what: str) -> list[str] | None:
+    """``value`` as a list of strings (or None), unless it is a lone string or holds anything but strings.
+
+    Args:
+        name: the argument's name.
+        value: a sequence of names, or None.
+        what: what the names name, for the message (``"parameter or module names"``).
+
+    Raises:
+        ValueError: naming ``name`` and ``what`` it accepts.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"`{name}` must be a list of {what} or None, got {value!r}")
+    return list(value)
 
 
 def check_tensor(name: str, value: object) -> Tensor:

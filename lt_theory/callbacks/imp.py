@@ -15,10 +15,9 @@ smallest magnitude:
 Rewinding to an early step :math:`k > 0` instead of to initialisation is what makes IMP work for deep
 networks (Frankle, Dziugaite, Roy & Carbin, ICML 2020, "Linear Mode Connectivity and the Lottery Ticket
 Hypothesis"): ResNet-20 on CIFAR-10 with :math:`k = 2000` keeps the dense accuracy down to about 13% of the
-weights. The masks, their counting rule and their enforcement are in :mod:`lt_theory.measures.pruning`.
-
-How the levels map to the trainer's steps, what Lightning's validation sees at a level's end, the controls,
-resuming, divergence, DDP and the cost: ``docs/callbacks.md`` (IMPPruner).
+weights. The masks, their counting rule and their enforcement are in :mod:`lt_theory.measures.pruning`; the
+levels as steps, the rewind point and the tickets in :mod:`lt_theory.training` (``levels``, ``sparse``,
+``tickets``); the long form of the callback's documentation in ``docs/callbacks.md`` (IMPPruner).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -37,7 +35,7 @@ from lt_theory.callbacks.base import TheoryCallback
 from lt_theory.callbacks.evaluation_sets import split_loader
 from lt_theory.callbacks.siblings import PathSettings
 from lt_theory.callbacks.ticket_stability import LevelSiblings
-from lt_theory.checks import check_choice, check_fraction, check_int
+from lt_theory.checks import check_bool, check_choice, check_fraction, check_int, check_names
 from lt_theory.figures import accuracy_vs_remaining_figure
 from lt_theory.loggers import log_tensorboard_scalars
 from lt_theory.measures.evaluation import evaluate
@@ -48,23 +46,31 @@ from lt_theory.measures.pruning import (
     magnitude_masks,
     masks_from_state,
     masks_to_state,
-    random_masks_like,
     sparsity_report,
 )
-from lt_theory.training.levels import LevelSchedule, LossWatch, level_scalars, levels_table
+from lt_theory.training.levels import (
+    LevelSchedule,
+    LossWatch,
+    check_state_restored,
+    diverged_note,
+    level_charts,
+    level_end_note,
+    level_record,
+    level_scalars,
+    levels_table,
+    remaining_bp,
+)
 from lt_theory.training.sparse import RewindPoint
 from lt_theory.training.state import OPTIMIZER_STATES
 from lt_theory.training.stored import check_resume_settings
 from lt_theory.training.tickets import (
     IMP_CONTROLS,
+    LevelTickets,
     check_control,
-    check_reference_directory,
-    level_ticket,
+    dense_masks,
     load_ticket,
     pruned_names,
-    reference_masks,
-    save_ticket,
-    ticket_path,
+    pruned_weights,
 )
 
 __all__ = ["IMP_CONTROLS", "IMPPruner", "accuracy_vs_remaining_figure", "load_ticket"]
@@ -73,10 +79,6 @@ __all__ = ["IMP_CONTROLS", "IMPPruner", "accuracy_vs_remaining_figure", "load_ti
 _EVAL_SPLITS = ("val", "test")
 # the arguments a resumed fit must share with the checkpointed one (``levels`` may grow)
 _RESUME_SETTINGS = "levels fraction rewind_step scope control include exclude prune_output_layer optimizer_state"
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The callback.
 
 
 class IMPPruner(TheoryCallback):
@@ -93,11 +95,9 @@ class IMPPruner(TheoryCallback):
     :func:`lt_theory.measures.pruning.remaining_counts`). The gradients of pruned weights are set to zero in
     ``on_before_optimizer_step`` (after AMP's unscaling, before gradient clipping, so they do not count in the
     clipping norm) and pruned weights to ``+0.0`` after every optimizer step, so they stay exactly zero under
-    momentum and weight decay. ``docs/callbacks.md`` explains how levels map to the trainer's steps, and why
-    Lightning's validation at a level's end measures the rewound network.
-
-    The fit stops when the last level ends: give the Trainer ``max_epochs=-1``. The controls, the files, resuming,
-    divergence, DDP and the cost are in ``docs/callbacks.md`` (IMPPruner).
+    momentum and weight decay. The fit stops when the last level ends: give the Trainer ``max_epochs=-1``.
+    How levels map to the trainer's steps, why Lightning's validation at a level's end measures the rewound
+    network, the controls, the files, resuming, divergence, DDP and the cost: ``docs/callbacks.md`` (IMPPruner).
 
     ``stability=True`` (Frankle et al. 2020's instability analysis of the sparse networks): after the fit, each
     completed level gets a *sibling*, trained from the step-``k`` snapshot as the level was (its start weights,
@@ -108,10 +108,9 @@ class IMPPruner(TheoryCallback):
     Logged tags: ``imp/level``, ``imp/remaining_fraction`` and ``imp/sparsity/<layer>`` (the fraction of
     the layer's weights pruned; ``<layer>`` the module name) at each level's start; ``imp/accuracy`` and
     ``imp/loss`` on ``eval_split`` at each level's end (at the global step of the boundary);
-    ``imp/accuracy_by_remaining_bp``, to TensorBoard only: the same accuracy logged with the remaining weights
-    in basis points (``round(10000 * remaining_fraction)``) as its step, which draws accuracy against
-    remaining weights in TensorBoard (a step that decreases over the levels and is not the global step, so
-    other loggers do not get it); ``imp/diverged_level`` when a level diverges; the image
+    ``imp/accuracy_by_remaining_bp``, to TensorBoard only: the same accuracy with the remaining weights in basis
+    points (``round(10000 * remaining_fraction)``, :func:`~lt_theory.training.levels.remaining_bp`) as its
+    step, which draws it against the remaining weights; ``imp/diverged_level`` when a level diverges; the image
     ``imp/accuracy_vs_remaining`` (log x axis, dense accuracy as a line) and the text ``imp/summary`` at each
     level's end; a custom-scalars panel ``imp``. With ``stability=True``, after the fit:
     ``imp/test_error_barrier``, ``imp/train_error_barrier``, ``imp/test_loss_barrier``, ``imp/train_loss_barrier``
@@ -225,28 +224,23 @@ class IMPPruner(TheoryCallback):
         check_control(control, reference_tickets, init_fn)
         check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATES)
         check_choice("eval_split", eval_split, _EVAL_SPLITS)
-        for name, flag in (("prune_output_layer", prune_output_layer), ("stability", stability)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"`{name}` must be True or False, got {flag!r}")
+        self.prune_output_layer = check_bool("prune_output_layer", prune_output_layer)
+        self.stability, self.sibling_seed = check_bool("stability", stability), sibling_seed
         paths = (num_alphas, coarse_every, bn, None, train_subset_size, test_subset_size, eval_batch_size, seed)
         check_int("sibling_seed", sibling_seed, minimum=0, allow_none=True)
-        self.stability, self.sibling_seed = stability, sibling_seed
         self._siblings = LevelSiblings(PathSettings(*paths), sibling_seed, self.warn_once) if stability else None
-        for name, names in (("include", include), ("exclude", exclude)):
-            if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
-                raise ValueError(
-                    f"`{name}` must be a list of parameter or module names or None, got {names!r}"
-                )
+        self.include = check_names("include", include, "parameter or module names")
+        self.exclude = check_names("exclude", exclude, "parameter or module names")
         self.seed = check_int("seed", seed, minimum=0)
         self.levels, self.rewind_step = self.schedule.levels, self.schedule.rewind_step
         self.fraction = check_fraction("fraction", fraction, low_open=True, high_open=True)
         self.steps_per_level, self.epochs_per_level = steps_per_level, epochs_per_level
-        self.scope, self.prune_output_layer, self.control = scope, prune_output_layer, control
-        self.include = None if include is None else list(include)
-        self.exclude = None if exclude is None else list(exclude)
+        self.scope, self.control = scope, control
         self.optimizer_state, self.eval_split, self.ticket_dir = optimizer_state, eval_split, ticket_dir
         self.reference_tickets = None if reference_tickets is None else str(reference_tickets)
         self.init_fn = init_fn
+        settings = {name: getattr(self, name) for name in ("rewind_step", "fraction", "scope", "control")}
+        self._tickets = LevelTickets(ticket_dir, settings, self.reference_tickets)  # files, a control's masks
         self.level = 0
         self.masks: dict[str, Tensor] | None = None
         self.history: list[dict[str, float]] = []
@@ -257,7 +251,6 @@ class IMPPruner(TheoryCallback):
         self._generator = torch.Generator().manual_seed(self.seed)
         self._enforce: MaskEnforcer | None = None
         self._loss = LossWatch()
-        self._user_max_steps: int | None = None
         self._eval_loader = None
         self._state_loaded = False  # whether this fit restored the callback's state from a checkpoint
 
@@ -279,35 +272,21 @@ class IMPPruner(TheoryCallback):
         if stage != "fit":
             return
         self._state_loaded = False
-        if self.reference_tickets is not None:
-            check_reference_directory(self.control, self.reference_tickets)
-        self._user_max_steps = trainer.fit_loop.max_steps  # given back at fit start
-        self.schedule.level_steps = self.schedule.resolve(trainer)
-        # max_steps = T while the optimizers are configured (setup runs before): a schedule spans one level
-        trainer.fit_loop.epoch_loop.max_steps = self.schedule.end_of_first_level(self._user_max_steps)
+        self._tickets.check_reference()
+        self.schedule.setup(trainer)  # T in steps, and the Trainer's max_steps = T until fit start
         if self._siblings is not None:
-            self._siblings.setup(trainer, self, self._ticket_directory(trainer) / "stability")
+            self._siblings.setup(trainer, self, self._tickets.directory(trainer) / "stability")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # the optimizers are configured: give the Trainer its own max_steps back. The IMP ends the fit itself
-        # (`should_stop` at the last level's end); with a max_steps of its own, Lightning would resume the fit
-        # as iteration-based training, which draws the data order of the epoch after a resume differently.
-        trainer.fit_loop.epoch_loop.max_steps = self._user_max_steps
+        self.schedule.give_back_max_steps(trainer)  # the optimizers are configured
         # after configure_model, so that its layers count
         self.pruned_names = pruned_names(pl_module, self.include, self.exclude, self.prune_output_layer)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step > 0 and not self._state_loaded:
-            raise ValueError(
-                f"IMPPruner: this fit starts at global step {trainer.global_step}, from a checkpoint without "
-                "IMPPruner state (a dense training checkpoint, or one written by a fit without this callback), "
-                "so the level, the masks and the step-k snapshot are unknown. Start the IMP from scratch (no "
-                "`ckpt_path`; load pre-trained weights into the model yourself if that is what you mean), or "
-                "resume from a checkpoint written by a fit with IMPPruner."
-            )
+        check_state_restored(trainer.global_step, self._state_loaded)
         if self._siblings is not None and trainer.global_step == self.rewind_step > 0:  # resumed at k, before
             self._siblings.snapshot(trainer, self.rewind_step)  # its snapshot was written (LMC's case)
-        cut = self.schedule.cut_warning(trainer, self._user_max_steps)
+        cut = self.schedule.cut_warning(trainer)
         if cut is not None:
             self.warn_once("cut", cut)
         if self.masks is not None:
@@ -320,17 +299,8 @@ class IMPPruner(TheoryCallback):
             trainer.should_stop = True
             return
         if trainer.global_step == 0 and self.level == 0:
-            charts = {
-                "Accuracy at level end": ["accuracy"],
-                "Accuracy against remaining weights (step = basis points)": ["accuracy_by_remaining_bp"],
-                "Remaining fraction": ["remaining_fraction"],
-                "Sparsity per layer": ["sparsity/.*"],
-            }
-            if self._siblings is not None:
-                charts["Error barrier at level end"] = ["test_error_barrier", "train_error_barrier"]
-                charts["Test error barrier against remaining weights (bp)"] = ["test_error_barrier_by_remaining_bp"]
-            self.add_charts(trainer, charts)
-            self.log_scalars(trainer, self._level_scalars())
+            self.add_charts(trainer, level_charts(self._siblings is not None))
+            self.log_scalars(trainer, level_scalars(self.level, self.masks, self.pruned_names))
         if self.level == 0 and self._rewind.state is None and self.rewind_step == 0:
             self._rewind.capture(trainer, pl_module)
 
@@ -376,17 +346,10 @@ class IMPPruner(TheoryCallback):
         if diverged or (evaluated and not math.isfinite(loss)):
             if evaluated:  # the diverged network's numbers, by the rule every callback shares
                 self.log_scalars(trainer, {"accuracy": accuracy, "loss": loss}, warn_nonfinite=False)
-            self._stop_diverged(
-                trainer, "a non-finite training loss" if diverged else "a non-finite eval loss"
-            )
+            what = "a non-finite training loss" if diverged else "a non-finite eval loss"
+            self._stop_diverged(trainer, what)
             return
-        record = {
-            "level": self.level,
-            "remaining_fraction": self.remaining_fraction(),
-            "accuracy": accuracy,
-            "loss": loss,
-            "step": trainer.global_step,
-        }
+        record = level_record(self.level, self.remaining_fraction(), accuracy, loss, trainer.global_step)
         self.history.append(record)
         self._save_ticket(trainer, pl_module)
         if self._siblings is not None:
@@ -398,22 +361,14 @@ class IMPPruner(TheoryCallback):
             reinit = (self._generator, self.init_fn) if self.control == "random_reinit" else None
             self._enforce = self._rewind.restart(trainer, pl_module, self.masks, reinit)
             self.level += 1
-            scalars.update(self._level_scalars())
+            scalars.update(level_scalars(self.level, self.masks, self.pruned_names))
         else:
             trainer.should_stop = True  # the IMP is complete
         self.log_scalars(trainer, scalars)
-        # TensorBoard only: its step (remaining weights in basis points) decreases over the levels and is not
-        # the global step, which loggers that order rows by step (CSV, W&B, MLflow) would garble
-        log_tensorboard_scalars(
-            trainer,
-            {self._tag("accuracy_by_remaining_bp"): accuracy},
-            step=round(10_000 * record["remaining_fraction"]),
-        )
+        bp = remaining_bp(record["remaining_fraction"])  # a step for TensorBoard only (see remaining_bp)
+        log_tensorboard_scalars(trainer, {self._tag("accuracy_by_remaining_bp"): accuracy}, step=bp)
         self._log_level_report(trainer)
-        rank_zero_info(
-            f"IMPPruner: level {record['level']} ended at step {record['step']}: "
-            f"{100 * record['remaining_fraction']:.2f}% of the weights, accuracy {100 * accuracy:.2f}%"
-        )
+        rank_zero_info(f"IMPPruner: {level_end_note(record)}")
 
     # -- stability ---------------------------------------------------------------------------------
 
@@ -434,29 +389,22 @@ class IMPPruner(TheoryCallback):
         """``{"test": [(remaining_fraction, error_barrier), ...], "train": ...}`` of the levels measured."""
         return {} if self._siblings is None else self._siblings.curves(self.history)
 
-    def _level_scalars(self) -> dict[str, float]:
-        return level_scalars(self.level, self.masks, self.pruned_names)
-
     def remaining_fraction(self) -> float:
         """The fraction of the prunable weights kept by the masks of the level being trained."""
         return 1.0 if self.masks is None else sparsity_report(self.masks).remaining_fraction
 
     def _prune(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.control is None:
-            params = dict(pl_module.named_parameters())
-            weights = {name: params[name] for name in self.pruned_names}
+            weights = pruned_weights(pl_module, self.pruned_names)
             masks = magnitude_masks(weights, self.fraction, self.masks, self.scope)
-        else:  # the controls follow the IMP run: its masks of the level about to start
-            masks = self._reference_masks(self.level + 1)
-            if self.control == "random_prune":  # fresh random masks with the IMP's count in every layer
-                masks = random_masks_like(masks, self._generator)
+        else:  # the controls follow the IMP run: its masks of the level about to start (or their counts)
+            masks = self._tickets.control_masks(self.level + 1, self.pruned_names, self._generator)
         masks = trainer.strategy.broadcast(masks_to_state(masks), src=0)  # identical on every rank
         self.masks = masks_from_state(masks, pl_module)
 
     def _reference_masks(self, level: int) -> dict[str, Tensor]:
         """The masks of ``ticket_level<level>.pt`` in ``reference_tickets``, checked against this run."""
-        settings = {name: getattr(self, name) for name in ("fraction", "rewind_step", "scope")}
-        return reference_masks(self.reference_tickets, level, self.pruned_names, self.control, settings)
+        return self._tickets.reference_masks(level, self.pruned_names)
 
     # -- evaluation, tickets, reports -------------------------------------------------------------
 
@@ -475,28 +423,13 @@ class IMPPruner(TheoryCallback):
         result = evaluate(pl_module, self._eval_loader, transform=transform if callable(transform) else None)
         return 1.0 - result.error, result.loss
 
-    def _ticket_directory(self, trainer: Trainer) -> Path:
-        return Path(self.ticket_dir) if self.ticket_dir is not None else Path(trainer.log_dir) / "imp"
-
     def _save_ticket(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        path = ticket_path(self._ticket_directory(trainer), self.level)
-        if trainer.is_global_zero:
-            masks = self.masks or {n: torch.ones_like(p, dtype=torch.bool) for n, p in self._named(pl_module)}
-            start = self._rewind.start_state(pl_module, self.level)
-            settings = {name: getattr(self, name) for name in ("rewind_step", "fraction", "scope", "control")}
-            save_ticket(path, level_ticket(masks, start, self.history, settings))
-        self.ticket_paths.append(str(path))
-
-    def _named(self, pl_module: LightningModule):
-        params = dict(pl_module.named_parameters())
-        return [(name, params[name]) for name in self.pruned_names]
+        masks = self.masks or dense_masks(pruned_weights(pl_module, self.pruned_names))
+        start = self._rewind.start_state(pl_module, self.level)
+        self.ticket_paths.append(self._tickets.save(trainer, self.level, masks, start, self.history))
 
     def _stop_diverged(self, trainer: Trainer, what: str) -> None:
-        completed = len(self.history)
-        self.stopped = (
-            f"level {self.level} diverged ({what}); the IMP stops after {completed} completed level(s), whose "
-            f"tickets are in {self.ticket_paths[-1] if self.ticket_paths else 'no file yet'}."
-        )
+        self.stopped = diverged_note(self.level, what, len(self.history), self.ticket_paths)
         self.log_scalars(trainer, {"diverged_level": self.level})
         self.log_text(trainer, "summary", self.stopped)
         rank_zero_warn(f"IMPPruner: {self.stopped} Lower the learning rate or the pruning fraction.")
@@ -545,11 +478,7 @@ class IMPPruner(TheoryCallback):
         self.masks = state_dict["masks"]
         self.history = [dict(h) for h in state_dict["history"]]
         self.stopped = state_dict["stopped"]
-        if state_dict["level_steps"] not in (None, self.level_steps) and self.level_steps is not None:
-            raise ValueError(
-                f"IMPPruner: the checkpoint's levels are {state_dict['level_steps']} steps long, this run's "
-                f"{self.level_steps}; resume with the same `steps_per_level` / `epochs_per_level` and data."
-            )
+        self.schedule.check_resumed_length(state_dict["level_steps"])
         self._generator.set_state(state_dict["generator"])
         self._rewind.load_state_dict(state_dict)
         if self._siblings is not None and state_dict.get("stability") is not None:

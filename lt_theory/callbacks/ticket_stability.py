@@ -36,6 +36,7 @@ from lt_theory.training.child import (
     train_from_snapshot,
     warn_about_training_callbacks,
 )
+from lt_theory.training.levels import remaining_bp
 from lt_theory.training.siblings import SiblingStore, sibling_seed
 from lt_theory.training.sparse import MaskedStart
 from lt_theory.training.state import cpu_copy, save_atomically, state_fingerprint
@@ -178,12 +179,9 @@ class LevelSiblings:
             title = f"level {level} ({100 * record['remaining_fraction']:.2f}% of the weights) vs its sibling"
             log_path_result(callback, trainer, result, record["step"], title)
             if "test_error_barrier" in result:  # TensorBoard only, as imp/accuracy_by_remaining_bp
-                barrier = {
-                    callback._tag("test_error_barrier_by_remaining_bp"): as_float(
-                        result["test_error_barrier"]
-                    )
-                }
-                log_tensorboard_scalars(trainer, barrier, step=round(10_000 * record["remaining_fraction"]))
+                tag = callback._tag("test_error_barrier_by_remaining_bp")
+                barrier = {tag: as_float(result["test_error_barrier"])}
+                log_tensorboard_scalars(trainer, barrier, step=remaining_bp(record["remaining_fraction"]))
 
     def curves(self, history: list[dict]) -> dict[str, list[tuple[float, float]]]:
         """``{"test": [(remaining_fraction, error_barrier), ...], "train": ...}`` of the levels measured."""

@@ -24,6 +24,7 @@ Lightning's ``DistributedSampler`` replaces the sampler and a resumed epoch star
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from typing import Any
 
@@ -32,7 +33,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from lt_theory.checks import check_fraction, check_int
+from lt_theory.checks import check_bool, check_fraction, check_int
 from lt_theory.data.augment import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -189,8 +190,7 @@ class CIFARDataModule(LightningDataModule):
         check_int("num_workers", num_workers, minimum=0)
         check_int("val_size", val_size, minimum=0)
         check_fraction("label_noise", label_noise)
-        if not isinstance(augment, bool):
-            raise ValueError(f"`augment` must be True or False, got {augment!r}")
+        check_bool("augment", augment)
         check_int("seed", seed, minimum=0)
         self.train_split = _check_train_split(train_split)
         self.num_classes = num_classes
@@ -566,6 +566,14 @@ class CIFARDataModule(LightningDataModule):
             self._replay = replay
 
 
+def _base_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``CIFARDataModule.__init__`` after ``num_classes`` (batch sizes, loaders, split, noise,
+    augmentation, seed), picked by name from a subclass's ``__init__`` ``locals()``: one list of them, the base
+    class's signature, which each subclass repeats so that LightningCLI and ``help()`` show them."""
+    names = list(inspect.signature(CIFARDataModule.__init__).parameters)[2:]  # after self, num_classes
+    return {name: arguments[name] for name in names}
+
+
 class _ResumableRandomSampler(RandomSampler):
     """``RandomSampler`` that records the generator state each permutation is drawn from, and can replay it.
 
@@ -644,24 +652,10 @@ class CIFAR10DataModule(CIFARDataModule):
         train_split: tuple[int, int] | None = None,
         global_batch_size: int | None = None,
     ) -> None:
-        super().__init__(
-            self.classes,
-            batch_size,
-            eval_batch_size,
-            num_workers,
-            val_size,
-            label_noise,
-            augment,
-            seed,
-            train_split,
-            global_batch_size,
-        )
-        for flag, value in (("download", download), ("verify_files", verify_files)):
-            if not isinstance(value, bool):
-                raise ValueError(f"`{flag}` must be True or False, got {value!r}")
-        self.verify_files = verify_files
+        super().__init__(self.classes, **_base_arguments(locals()))
+        self.download = check_bool("download", download)
+        self.verify_files = check_bool("verify_files", verify_files)
         self.root = root
-        self.download = download
         self.url = url
         self.md5 = md5
         self.save_hyperparameters()
@@ -744,18 +738,7 @@ class SyntheticCIFARDataModule(CIFARDataModule):
         train_split: tuple[int, int] | None = None,
         global_batch_size: int | None = None,
     ) -> None:
-        super().__init__(
-            num_classes,
-            batch_size,
-            eval_batch_size,
-            num_workers,
-            val_size,
-            label_noise,
-            augment,
-            seed,
-            train_split,
-            global_batch_size,
-        )
+        super().__init__(num_classes, **_base_arguments(locals()))
         check_int("num_train", num_train, minimum=1)
         check_int("num_test", num_test, minimum=1)
         check_int("data_seed", data_seed, minimum=0)

@@ -248,6 +248,19 @@ def _bind(args: tuple, kwargs: dict, names: Sequence[str], defaults: Mapping[str
     return bound
 
 
+def _pool_arguments(args: tuple, kwargs: dict, nd: int, defaults: Mapping[str, object]) -> dict:
+    """A functional pooling call's arguments after its input, by name: ``kernel_size``, ``stride`` (the kernel
+    size when None or empty, as in ``torch.nn.functional``) and ``padding`` as ``nd``-tuples, then the names of
+    ``defaults`` in their order, with those defaults."""
+    names = ["kernel_size", "stride", "padding", *defaults]
+    bound = _bind(args[1:], kwargs, names, {"stride": None, "padding": 0, **defaults})
+    if bound["stride"] in (None, [], ()):
+        bound["stride"] = bound["kernel_size"]
+    for name in ("kernel_size", "stride", "padding"):
+        bound[name] = ntuple(bound[name], nd, name)
+    return bound
+
+
 def _is_basic_index(index) -> bool:
     if isinstance(index, tuple):
         return all(_is_basic_index(i) for i in index)
@@ -641,50 +654,19 @@ class _GraphBound:
 
     def rule_max_pool(self, node, target, args, kwargs) -> float:
         nd = _MAX_POOL[target]
-        b = _bind(
-            args[1:],
-            kwargs,
-            ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
-            {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False},
-        )
+        b = _pool_arguments(args, kwargs, nd, {"dilation": 1, "ceil_mode": False, "return_indices": False})
         lin = self.single_input(node)
         if b["return_indices"]:
             raise self.fail(node, "return_indices=True")
-        stride = b["stride"] if b["stride"] not in (None, [], ()) else b["kernel_size"]
-        return lin * _max_pool_factor(
-            self.shape(args[0])[2:],
-            self.shape(node)[2:],
-            ntuple(b["kernel_size"], nd, "kernel_size"),
-            ntuple(stride, nd, "stride"),
-            ntuple(b["padding"], nd, "padding"),
-            ntuple(b["dilation"], nd, "dilation"),
-        )
+        window = (b["kernel_size"], b["stride"], b["padding"], ntuple(b["dilation"], nd, "dilation"))
+        return lin * _max_pool_factor(self.shape(args[0])[2:], self.shape(node)[2:], *window)
 
     def rule_avg_pool(self, node, target, args, kwargs) -> float:
-        nd = _AVG_POOL[target]
-        b = _bind(
-            args[1:],
-            kwargs,
-            ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"],
-            {
-                "stride": None,
-                "padding": 0,
-                "ceil_mode": False,
-                "count_include_pad": True,
-                "divisor_override": None,
-            },
-        )
+        counting = {"ceil_mode": False, "count_include_pad": True, "divisor_override": None}
+        b = _pool_arguments(args, kwargs, _AVG_POOL[target], counting)
         lin = self.single_input(node)
-        stride = b["stride"] if b["stride"] not in (None, [], ()) else b["kernel_size"]
-        return lin * _avg_pool_factor(
-            self.shape(args[0])[2:],
-            ntuple(b["kernel_size"], nd, "kernel_size"),
-            ntuple(stride, nd, "stride"),
-            ntuple(b["padding"], nd, "padding"),
-            b["ceil_mode"],
-            b["count_include_pad"],
-            b["divisor_override"],
-        )
+        window = [b[name] for name in ("kernel_size", "stride", "padding", *counting)]
+        return lin * _avg_pool_factor(self.shape(args[0])[2:], *window)
 
     def rule_adaptive_avg_pool(self, node, target, args, kwargs) -> float:
         lin = self.single_input(node)

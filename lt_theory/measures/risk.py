@@ -533,16 +533,23 @@ class Peak(NamedTuple):
     """Position of the valley after the peak."""
 
 
+def _centred_windows(n: int, window: int) -> list[range]:
+    """The indices of each of ``n`` points' centred window of ``window`` points, shrunk symmetrically at the
+    ends (so that the point stays at its centre)."""
+    windows = []
+    for i in range(n):
+        h = min(window // 2, i, n - 1 - i)
+        windows.append(range(i - h, i + h + 1))
+    return windows
+
+
 def _smooth(values: list[float], window: int, method: str | None) -> list[float]:
     """Centred moving median or mean over ``window`` points; the window shrinks symmetrically at the ends."""
     if method is None or window == 1:
         return list(values)
-    half = window // 2
-    n = len(values)
     smoothed = []
-    for i in range(n):
-        h = min(half, i, n - 1 - i)
-        segment = values[i - h : i + h + 1]
+    for span in _centred_windows(len(values), window):
+        segment = values[span.start : span.stop]
         smoothed.append(
             statistics.median(segment) if method == "median" else math.fsum(segment) / len(segment)
         )
@@ -587,19 +594,13 @@ def _smoothed_errors(
     window's for the mean, the raw ones unsmoothed."""
     if method is None or window == 1:
         return list(errors)
-    half = window // 2
-    n = len(values)
     smoothed = []
-    for i in range(n):
-        h = min(half, i, n - 1 - i)
-        window_indices = range(i - h, i + h + 1)
+    for span in _centred_windows(len(values), window):
         if method == "median":
-            median = statistics.median(values[i - h : i + h + 1])  # an odd window: one of its values
-            smoothed.append(max(errors[k] for k in window_indices if values[k] == median))
+            median = statistics.median(values[span.start : span.stop])  # an odd window: one of its values
+            smoothed.append(max(errors[k] for k in span if values[k] == median))
         else:
-            smoothed.append(
-                math.sqrt(math.fsum(errors[k] ** 2 for k in window_indices) / len(window_indices))
-            )
+            smoothed.append(math.sqrt(math.fsum(errors[k] ** 2 for k in span) / len(span)))
     return smoothed
 
 

@@ -130,6 +130,8 @@ __all__ = [
 ]
 
 _NORM_METHODS = ("power", "lanczos", "fft", "gram", "reshape", "auto")
+# what each method's value is: a lower bound, the exact norm, an upper bound, or neither
+_NORM_GUARANTEES = {"power": "lower", "lanczos": "lower", "fft": "exact", "gram": "upper", "reshape": "none"}
 _SPECTRUM_METHODS = ("auto", "fft", "dense", "lanczos", "power")
 # "auto" in operator_spectrum builds the dense matrix below this many entries (32 MiB in float64).
 _DENSE_LIMIT = 1 << 22
@@ -200,15 +202,10 @@ class SpectralComplexity(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 
 
-def _operator_norm(
-    op: LinearMap,
-    method: str = "power",
-    n_iter: int | None = None,
-    tol: float | None = None,
-    init: Tensor | None = None,
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype | None = None,
-) -> OperatorNormResult:
+def _checked_norm_method(
+    op: LinearMap, method: str, n_iter: int | None, tol: float | None
+) -> tuple[str, object]:
+    """:func:`operator_norm`'s ``method`` checked (``"auto"`` resolved), and the frequency plan of ``"fft"``."""
     if method not in _NORM_METHODS:
         raise ValueError(f"method={method!r}: expected one of {_NORM_METHODS}")
     if tol is not None and tol < 0:
@@ -220,46 +217,22 @@ def _operator_norm(
             method = "power"
     if n_iter is not None and n_iter < (0 if method == "gram" else 1):
         raise ValueError(f"n_iter={n_iter}: expected a positive integer (or 0 Gram steps for 'gram')")
-    guarantee = {"power": "lower", "lanczos": "lower", "fft": "exact", "gram": "upper", "reshape": "none"}[
-        method
-    ]
-    if method == "fft":
-        plan = frequency_plan(op)
-        if not plan.exact:
-            raise ValueError(
-                "method='fft' is exact only for circular padding that keeps the input size "
-                "(padding_mode='circular', total padding dilation*(kernel_size-1) per dimension) with a "
-                "stride dividing the input size, for 1x1 convolutions without padding, and for "
-                f"nn.Linear; here {plan.reason}. Use method='power' (estimate, a lower bound) or "
-                "'gram' (certified upper bound)."
-            )
-    if not is_finite(op):
-        return OperatorNormResult(math.nan, None, 0, guarantee)
-    if method == "reshape":
-        matrix = op.weight.reshape(op.weight.shape[0], -1)
-        if init is None:
-            value, vector = top_singular_pair(matrix.to(torch.float64))
-            return OperatorNormResult(value, vector, 0, guarantee)
-        n_iter = DEFAULT_ITERATIONS["power"] if n_iter is None else n_iter
-        tol = DEFAULT_TOLERANCE["power"] if tol is None else tol
-        kernel_map = LinearMap(matrix, (matrix.shape[1],))
-        sigma, vector, iterations = power_iteration(kernel_map, n_iter, tol, init, generator, dtype)
-        return OperatorNormResult(sigma, vector, iterations, guarantee)
-    if method == "fft":
-        value = float(torch.linalg.svdvals(plan.blocks).max())
-        return OperatorNormResult(value, None, 0, guarantee)
-    n_iter = DEFAULT_ITERATIONS[method] if n_iter is None else n_iter
-    tol = DEFAULT_TOLERANCE[method] if tol is None else tol
-    if method == "gram":
-        plan = frequency_plan(op)
-        bound, steps = gram_upper_bound(plan.blocks, n_iter, tol)
-        return OperatorNormResult(bound * plan.factor, None, steps, guarantee)
-    if method == "lanczos":
-        cdtype = compute_dtype(op.weight, dtype)
-        sigma, _, vector, steps = lanczos(op, n_iter, tol, generator, cdtype, init=init)
-        return OperatorNormResult(sigma, vector, steps, guarantee)
-    sigma, vector, iterations = power_iteration(op, n_iter, tol, init, generator, dtype)
-    return OperatorNormResult(sigma, vector, iterations, guarantee)
+    plan = frequency_plan(op) if method == "fft" else None
+    if plan is not None:
+        _check_fft_exact(plan)
+    return method, plan
+
+
+def _check_fft_exact(plan) -> None:
+    """Raise the ``ValueError`` that says where ``method="fft"`` is exact, unless ``plan`` is."""
+    if not plan.exact:
+        raise ValueError(
+            "method='fft' is exact only for circular padding that keeps the input size "
+            "(padding_mode='circular', total padding dilation*(kernel_size-1) per dimension) with a "
+            "stride dividing the input size, for 1x1 convolutions without padding, and for "
+            f"nn.Linear; here {plan.reason}. Use method='power' (estimate, a lower bound) or "
+            "'gram' (certified upper bound)."
+        )
 
 
 def operator_norm(
@@ -308,6 +281,7 @@ def operator_norm(
             is not exact.
 
     Example:
+        >>> _ = torch.manual_seed(0)  # the layer's initialisation
         >>> conv = nn.Conv2d(3, 8, 3, padding=1, padding_mode="circular")
         >>> exact = operator_norm(conv, (3, 16, 16), method="fft").sigma_max
         >>> first = operator_norm(conv, (3, 16, 16), n_iter=500, tol=1e-10)
@@ -316,7 +290,31 @@ def operator_norm(
         True
     """
     op = linear_map(layer, input_shape)
-    return _operator_norm(op, method, n_iter, tol, init, generator, dtype)
+    method, plan = _checked_norm_method(op, method, n_iter, tol)
+    guarantee = _NORM_GUARANTEES[method]
+    if not is_finite(op):
+        return OperatorNormResult(math.nan, None, 0, guarantee)
+    if method == "fft":
+        value = float(torch.linalg.svdvals(plan.blocks).max())
+        return OperatorNormResult(value, None, 0, guarantee)
+    if method == "reshape":
+        matrix = op.weight.reshape(op.weight.shape[0], -1)
+        if init is None:
+            value, vector = top_singular_pair(matrix.to(torch.float64))
+            return OperatorNormResult(value, vector, 0, guarantee)
+        method, op = "power", LinearMap(matrix, (matrix.shape[1],))  # power iteration from init on the matrix
+    n_iter = DEFAULT_ITERATIONS[method] if n_iter is None else n_iter
+    tol = DEFAULT_TOLERANCE[method] if tol is None else tol
+    if method == "gram":
+        plan = frequency_plan(op)
+        bound, steps = gram_upper_bound(plan.blocks, n_iter, tol)
+        return OperatorNormResult(bound * plan.factor, None, steps, guarantee)
+    if method == "lanczos":
+        cdtype = compute_dtype(op.weight, dtype)
+        sigma, _, vector, steps = lanczos(op, n_iter, tol, generator, cdtype, init=init)
+        return OperatorNormResult(sigma, vector, steps, guarantee)
+    sigma, vector, iterations = power_iteration(op, n_iter, tol, init, generator, dtype)
+    return OperatorNormResult(sigma, vector, iterations, guarantee)
 
 
 def dense_operator(module: nn.Module, input_shape: Sequence[int], chunk_size: int = 1024) -> Tensor:
@@ -410,8 +408,8 @@ def operator_spectrum(
     plan = None
     if method in ("auto", "fft"):
         plan = frequency_plan(op)
-        if method == "fft" and not plan.exact:
-            _operator_norm(op, "fft")  # raises the explanatory ValueError
+        if method == "fft":
+            _check_fft_exact(plan)
         if method == "auto":
             if plan.exact:
                 method = "fft"

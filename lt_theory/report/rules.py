@@ -111,16 +111,31 @@ FRANKLE_LMC = (
     "Frankle, Dziugaite, Roy & Carbin 2020, 'Linear Mode Connectivity and the Lottery Ticket Hypothesis'"
 )
 
-NORMALISE = (
-    "data",
+
+
+def _bug(template: str) -> tuple[str, str]:
+    """An advice item of the ``"bug"`` stage (pipeline, labels, initialisation)."""
+    return ("bug", template)
+
+
+def _data(template: str) -> tuple[str, str]:
+    """An advice item of the ``"data"`` stage (normalisation)."""
+    return ("data", template)
+
+
+def _algorithm(template: str) -> tuple[str, str]:
+    """An advice item of the ``"algorithm"`` stage (learning rate, warm-up, width, normalisation layers, ...)."""
+    return ("algorithm", template)
+
+
+NORMALISE = _data(
     "Normalise the inputs: subtract the training set's per-channel mean and divide by its "
-    "standard deviation, so the first layers see values of order one.",
+    "standard deviation, so the first layers see values of order one."
 )
-_OVERFIT_ONE_BATCH = (
-    "bug",
+_OVERFIT_ONE_BATCH = _bug(
     "Overfit one small batch (a handful of examples): a correct pipeline drives its loss to about 0 in a few "
     "hundred steps, even with a small network. If it cannot, look for a bug: the optimizer not stepping, "
-    "zero_grad missing, frozen parameters, a loss detached from the graph, a learning rate of 0.",
+    "zero_grad missing, frozen parameters, a loss detached from the graph, a learning rate of 0."
 )
 
 
@@ -168,16 +183,12 @@ RULES: tuple[Rule, ...] = (
         stage="bug",
         symptom=True,
         advice=(
-            (
-                "bug",
+            _bug(
                 "Look for a bug: NaN or Inf in the inputs or labels, a log or a division by zero in the loss "
-                "(give cross_entropy logits, not probabilities), a layer dividing by a zero statistic.",
+                "(give cross_entropy logits, not probabilities), a layer dividing by a zero statistic."
             ),
             NORMALISE,
-            (
-                "algorithm",
-                "Then lower the learning rate (e.g. x0.1), add warm-up, or clip the gradient norm.",
-            ),
+            _algorithm("Then lower the learning rate (e.g. x0.1), add warm-up, or clip the gradient norm."),
         ),
     ),
     Rule(
@@ -190,7 +201,7 @@ RULES: tuple[Rule, ...] = (
         symptom=True,
         advice=(
             _OVERFIT_ONE_BATCH,
-            ("algorithm", "If one batch can be fitted, raise the learning rate or train longer."),
+            _algorithm("If one batch can be fitted, raise the learning rate or train longer."),
         ),
     ),
     Rule(
@@ -204,18 +215,16 @@ RULES: tuple[Rule, ...] = (
         symptom=True,
         limits={"chance_fraction": CHANCE_FRACTION},
         advice=(
-            (
-                "bug",
+            _bug(
                 "Check the labels and the pipeline: labels aligned with their inputs (not shuffled separately), "
                 "inputs and labels from the same split, targets as class indices, the model fed the images "
-                "(not a constant); plot a batch with its labels.",
+                "(not a constant); plot a batch with its labels."
             ),
             _OVERFIT_ONE_BATCH,
-            (
-                "algorithm",
+            _algorithm(
                 "If one small batch can be overfitted but the training set cannot, the network is too small "
                 "for the data (one run cannot tell this from a bug; a wider copy of the same pipeline that "
-                "fits can): make it wider, or raise the learning rate.",
+                "fits can): make it wider, or raise the learning rate."
             ),
         ),
     ),
@@ -230,17 +239,15 @@ RULES: tuple[Rule, ...] = (
         stage="algorithm",
         limits={"efolds": PL_EFOLDS},
         advice=(
-            (
-                "bug",
+            _bug(
                 "A high loss with a vanishing gradient is a plateau: check the initialisation (He/Kaiming for "
-                "ReLU, no layer at zero blocking the gradient) and look for dead ReLUs.",
+                "ReLU, no layer at zero blocking the gradient) and look for dead ReLUs."
             ),
             NORMALISE,
-            (
-                "algorithm",
+            _algorithm(
                 "Add normalisation layers or residual connections, or widen the network (wide networks "
                 "satisfy PL along their path: Liu, Zhu & Belkin 2022); use warm-up rather than a smaller "
-                "learning rate.",
+                "learning rate."
             ),
         ),
     ),
@@ -256,16 +263,14 @@ RULES: tuple[Rule, ...] = (
         cause=True,
         limits={"limit": EDGE_OF_STABILITY, "band": STABILITY_BAND},
         advice=(
-            ("algorithm", "Lower the learning rate{lr_to}: the step is too large for the curvature."),
-            (
-                "algorithm",
+            _algorithm("Lower the learning rate{lr_to}: the step is too large for the curvature."),
+            _algorithm(
                 "Add learning-rate warm-up (Goyal et al. 2017; Gilmer et al. 2022): the sharpness falls "
-                "early in training, so a rate too large at the start can be fine later.",
+                "early in training, so a rate too large at the start can be fine later."
             ),
-            (
-                "algorithm",
+            _algorithm(
                 "Normalisation layers (BatchNorm, LayerNorm) lower the sharpness reached at a given "
-                "learning rate (Santurkar et al. 2018).",
+                "learning rate (Santurkar et al. 2018)."
             ),
         ),
     ),
@@ -282,18 +287,16 @@ RULES: tuple[Rule, ...] = (
         cause=True,
         limits={"low": INPUT_SCALE[0], "high": INPUT_SCALE[1], "band": float(np.sqrt(10.0))},
         advice=(
-            (
-                "data",
+            _data(
                 "Normalise the inputs: {first_layer}, the first layer, sees values of RMS {rms:.3g}, {how} "
                 "the 1 of standardised data. Subtract the training set's per-channel mean and divide by its "
                 "standard deviation (a forgotten / 255, or a transform that is not applied, is the usual "
-                "cause).",
+                "cause)."
             ),
-            (
-                "algorithm",
+            _algorithm(
                 "If the inputs cannot be normalised, put a normalisation layer right after {first_layer} "
                 "(BatchNorm absorbs the scale of its input), or retune the learning rate: the scale multiplies "
-                "the first layer's curvature by about {curvature_factor:.2g}.",
+                "the first layer's curvature by about {curvature_factor:.2g}."
             ),
         ),
     ),
@@ -308,17 +311,15 @@ RULES: tuple[Rule, ...] = (
         stage="data",
         limits={"limit": FLOAT32_CONDITION, "band": 0.1, "rank_deficient": RANK_DEFICIENT},
         advice=(
-            (
-                "data",
+            _data(
                 "Normalise the inputs ({first_layer} is the first layer measured): subtract the per-channel "
-                "mean and divide by the standard deviation of the training set; whitening goes further.",
+                "mean and divide by the standard deviation of the training set; whitening goes further."
             ),
-            (
-                "bug",
+            _bug(
                 "Near-zero-variance directions at {hidden_layer} usually mean dead units (ReLUs that never fire) "
-                "or constant channels: check the initialisation and the layer before it.",
+                "or constant channels: check the initialisation and the layer before it."
             ),
-            ("algorithm", "Add BatchNorm (or LayerNorm) before {worst_layer}{norm_note}."),
+            _algorithm("Add BatchNorm (or LayerNorm) before {worst_layer}{norm_note}."),
         ),
     ),
     Rule(
@@ -331,11 +332,10 @@ RULES: tuple[Rule, ...] = (
         stage="algorithm",
         limits={"limit": 1.0},
         advice=(
-            (
-                "algorithm",
+            _algorithm(
                 "BatchNorm at {worst_layer} raises the activation condition number: per-channel scaling "
                 "does not remove correlations between channels. Check its placement (before the "
-                "non-linearity) or try whitening or GroupNorm.",
+                "non-linearity) or try whitening or GroupNorm."
             ),
         ),
     ),
@@ -349,26 +349,22 @@ RULES: tuple[Rule, ...] = (
         stage="algorithm",
         limits={"vanishing": VANISHING_RATIO, "exploding": EXPLODING_UPDATE, "band": 10.0},
         advice=(
-            (
-                "bug",
+            _bug(
                 "Check that {vanishing_layer} is trained: requires_grad set, no .detach() or torch.no_grad() in "
-                "forward, a sensible initialisation (He/Kaiming for ReLU, not zeros).",
+                "forward, a sensible initialisation (He/Kaiming for ReLU, not zeros)."
             ),
-            (
-                "bug",
+            _bug(
                 "An exploding gradient at {exploding_layer}: look for unnormalised targets or inputs and a loss "
-                "that can reach huge values.",
+                "that can reach huge values."
             ),
             NORMALISE,
-            (
-                "algorithm",
+            _algorithm(
                 "Vanishing at {vanishing_layer}: add normalisation layers or residual connections, or "
-                "raise the learning rate with warm-up.",
+                "raise the learning rate with warm-up."
             ),
-            (
-                "algorithm",
+            _algorithm(
                 "Exploding at {exploding_layer}: lower the learning rate or clip the gradient norm "
-                "(Pascanu, Mikolov & Bengio 2013).",
+                "(Pascanu, Mikolov & Bengio 2013)."
             ),
         ),
     ),
@@ -381,10 +377,9 @@ RULES: tuple[Rule, ...] = (
         "random labels grows it far more than true labels; no threshold is given",
         stage="algorithm",
         advice=(
-            (
-                "algorithm",
+            _algorithm(
                 "The layer norms are not finite (the weights diverged): lower the learning rate, add "
-                "weight decay or clip the gradient norm.",
+                "weight decay or clip the gradient norm."
             ),
         ),
     ),
@@ -397,18 +392,16 @@ RULES: tuple[Rule, ...] = (
         "misclassified example",
         stage="algorithm",
         advice=(
-            ("bug", "Most of the probe is misclassified: check the labels and the pipeline first."),
-            (
-                "algorithm",
+            _bug("Most of the probe is misclassified: check the labels and the pipeline first."),
+            _algorithm(
                 "If the pipeline is right, the network does not fit its training probe: train longer or "
-                "wider.",
+                "wider."
             ),
         ),
         borderline_advice=(
-            (
-                "algorithm",
+            _algorithm(
                 "The lowest-margin tenth of the probe is misclassified: with label noise these are the "
-                "noisy labels (see dd/memorized_fraction); otherwise train longer or wider.",
+                "noisy labels (see dd/memorized_fraction); otherwise train longer or wider."
             ),
         ),
     ),
@@ -421,14 +414,13 @@ RULES: tuple[Rule, ...] = (
         "deep CNNs generalise worse; threshold: NTKDrift's lazy_threshold",
         stage="algorithm",
         limits={"threshold": LAZY_THRESHOLD},
-        advice=(("bug", "The tangent kernel is not finite: NaN or Inf in the weights (see 'Finite loss')."),),
+        advice=(_bug("The tangent kernel is not finite: NaN or Inf in the weights (see 'Finite loss')."),),
         borderline_advice=(
-            (
-                "algorithm",
+            _algorithm(
                 "The network trains lazily, near its linearisation. To learn features, raise the learning "
                 "rate, lower the output scale or the width multiplier (Chizat et al. 2019; maximal-update "
                 "parametrisation, Yang & Hu 2021) or train longer; for a very wide network lazy training "
-                "is the expected regime.",
+                "is the expected regime."
             ),
         ),
     ),
@@ -442,17 +434,15 @@ RULES: tuple[Rule, ...] = (
         stage="algorithm",
         limits={"barrier": BARRIER_LIMIT},
         advice=(
-            (
-                "algorithm",
+            _algorithm(
                 "Lower the learning rate or add warm-up: Frankle et al. found deep networks unstable at "
-                "initialisation at standard learning rates, and stable early with warm-up.",
+                "initialisation at standard learning rates, and stable early with warm-up."
             ),
-            (
-                "algorithm",
+            _algorithm(
                 "Spawn (or rewind IMP) later than step {last_k}: stability arrives early in training "
-                "(about 3% of it for ResNet-20).",
+                "(about 3% of it for ResNet-20)."
             ),
-            ("algorithm", "A larger batch lowers the SGD noise that separates the siblings."),
+            _algorithm("A larger batch lowers the SGD noise that separates the siblings."),
         ),
     ),
     Rule(
@@ -464,7 +454,7 @@ RULES: tuple[Rule, ...] = (
         "problems'",
         stage="algorithm",
         advice=(
-            ("bug", "The path's error is not finite: the current weights diverged (see 'Finite loss')."),
+            _bug("The path's error is not finite: the current weights diverged (see 'Finite loss')."),
         ),
     ),
     Rule(
@@ -477,20 +467,13 @@ RULES: tuple[Rule, ...] = (
         stage="algorithm",
         limits={"tolerance": MATCH_TOLERANCE},
         advice=(
-            (
-                "algorithm",
-                "Level {diverged_level} diverged: lower the learning rate or the pruning fraction.",
-            ),
-            (
-                "algorithm",
+            _algorithm("Level {diverged_level} diverged: lower the learning rate or the pruning fraction."),
+            _algorithm(
                 "Rewind to a later step k: IMP finds matching tickets in deep networks only when rewound "
                 "to a point where training is stable (Frankle et al. 2020: k = 2000 for ResNet-20; see "
-                "'Stability to SGD noise').",
+                "'Stability to SGD noise')."
             ),
-            (
-                "algorithm",
-                "Prune less per level (fraction 0.2, as in the papers), or stop at a denser level.",
-            ),
+            _algorithm("Prune less per level (fraction 0.2, as in the papers), or stop at a denser level."),
         ),
     ),
     Rule(
@@ -503,11 +486,10 @@ RULES: tuple[Rule, ...] = (
         stage="algorithm",
         limits={"tolerance": MATCH_TOLERANCE},
         advice=(
-            (
-                "algorithm",
+            _algorithm(
                 "The controls do as well as IMP: at this sparsity the mask and the rewound weights carry "
                 "nothing special. Rewind later (k > 0) or prune further before judging (Frankle et al. "
-                "2020).",
+                "2020)."
             ),
         ),
     ),
@@ -521,23 +503,20 @@ RULES: tuple[Rule, ...] = (
         stage="algorithm",
         limits={"tolerance": DD_TOLERANCE},
         advice=(
-            (
-                "algorithm",
+            _algorithm(
                 "The run sits at the double-descent peak (Nakkiran et al. 2019): go wider, past the "
                 "interpolation threshold, or regularise (weight decay, data augmentation) to lower the "
-                "peak.",
+                "peak."
             ),
-            ("algorithm", "Or train longer: the epoch-wise second descent comes after the peak."),
-            (
-                "algorithm",
-                "Or stop early: the best test error before interpolation was {best:.4g} at step {best_step}.",
+            _algorithm("Or train longer: the epoch-wise second descent comes after the peak."),
+            _algorithm(
+                "Or stop early: the best test error before interpolation was {best:.4g} at step {best_step}."
             ),
         ),
         borderline_advice=(
-            (
-                "algorithm",
+            _algorithm(
                 "The second descent is under way but the test error is still above its best before "
-                "interpolation ({best:.4g}): train longer, or go wider.",
+                "interpolation ({best:.4g}): train longer, or go wider."
             ),
         ),
     ),
@@ -551,19 +530,16 @@ RULES: tuple[Rule, ...] = (
         stage="algorithm",
         limits={"tolerance": 0.01},
         advice=(
-            (
-                "algorithm",
+            _algorithm(
                 "Wider does not help on this grid{why}: extend it to wider models, past the peak "
-                "(Nakkiran et al. 2019).",
+                "(Nakkiran et al. 2019)."
             ),
-            (
-                "algorithm",
+            _algorithm(
                 "Regularise (weight decay, data augmentation) or stop early: well-tuned regularisation "
-                "removes the peak (Nakkiran, Venkat, Kakade & Ma 2021).",
+                "removes the peak (Nakkiran, Venkat, Kakade & Ma 2021)."
             ),
-            (
-                "algorithm",
-                "Train longer: models trained too briefly are not yet past their own epoch-wise peak.",
+            _algorithm(
+                "Train longer: models trained too briefly are not yet past their own epoch-wise peak."
             ),
         ),
     ),

@@ -8,7 +8,8 @@ Level 0 trains the dense network for :math:`T` optimizer steps; every later leve
 
 :math:`T` is given in steps, or in epochs and turned into steps with the Trainer's own count of one epoch's
 optimizer steps (``trainer.estimated_stepping_batches``). :class:`LossWatch` tells whether a level diverged;
-:func:`levels_table` is the table of what the levels reached (IMPPruner's ``imp/summary``).
+:func:`level_record` is what a completed level reached, :func:`levels_table` the table of them (IMPPruner's
+``imp/summary``) and :func:`level_charts` its custom-scalars panel.
 """
 
 from __future__ import annotations
@@ -23,7 +24,18 @@ from torch import Tensor
 from lt_theory.checks import check_int, check_positive_int
 from lt_theory.measures.pruning import sparsity_report
 
-__all__ = ["LevelSchedule", "LossWatch", "level_scalars", "levels_table"]
+__all__ = [
+    "LevelSchedule",
+    "LossWatch",
+    "check_state_restored",
+    "diverged_note",
+    "level_charts",
+    "level_end_note",
+    "level_record",
+    "level_scalars",
+    "levels_table",
+    "remaining_bp",
+]
 
 
 class LevelSchedule:
@@ -69,6 +81,26 @@ class LevelSchedule:
             )
         self.level_steps: int | None = None
         """T in optimizer steps, once :meth:`resolve` has run."""
+        self.user_max_steps: int | None = None
+        """The Trainer's own ``max_steps``, kept by :meth:`setup` and given back by :meth:`give_back_max_steps`."""
+
+    def setup(self, trainer: Trainer) -> None:
+        """At the fit's setup (before the optimizers are configured): :meth:`resolve` T, keep the Trainer's own
+        ``max_steps`` and set it to T (:meth:`end_of_first_level`), so that a schedule sized by
+        ``trainer.estimated_stepping_batches`` (cosine) spans one level.
+        """
+        self.user_max_steps = trainer.fit_loop.max_steps
+        self.level_steps = self.resolve(trainer)
+        trainer.fit_loop.epoch_loop.max_steps = self.end_of_first_level(self.user_max_steps)
+
+    def give_back_max_steps(self, trainer: Trainer) -> None:
+        """Once the optimizers are configured: the Trainer's own ``max_steps`` back.
+
+        The IMP ends the fit itself (``should_stop`` at the last level's end); with a ``max_steps`` of its own,
+        Lightning would resume the fit as iteration-based training, which draws the data order of the epoch
+        after a resume differently.
+        """
+        trainer.fit_loop.epoch_loop.max_steps = self.user_max_steps
 
     def resolve(self, trainer: Trainer | None) -> int:
         """T in optimizer steps: ``steps_per_level``, or ``epochs_per_level`` epochs of ``trainer``'s loader.
@@ -98,6 +130,18 @@ class LevelSchedule:
             )
         return int(steps)
 
+    def check_resumed_length(self, saved_level_steps: int | None) -> None:
+        """Refuse a checkpoint whose levels were ``saved_level_steps`` long when this run's are not.
+
+        Raises:
+            ValueError: naming both lengths and the arguments that set them.
+        """
+        if saved_level_steps not in (None, self.level_steps) and self.level_steps is not None:
+            raise ValueError(
+                f"IMPPruner: the checkpoint's levels are {saved_level_steps} steps long, this run's "
+                f"{self.level_steps}; resume with the same `steps_per_level` / `epochs_per_level` and data."
+            )
+
     def end(self, level: int) -> int:
         """The global step at which ``level`` ends: ``T + level * (T - k)``."""
         return self.level_steps + level * (self.level_steps - self.rewind_step)
@@ -113,8 +157,10 @@ class LevelSchedule:
             return self.level_steps
         return min(self.level_steps, user_max_steps)
 
-    def cut_warning(self, trainer: Trainer, user_max_steps: int | None) -> str | None:
-        """What ends ``trainer``'s fit before the last level does (``max_epochs`` or ``max_steps``), or None."""
+    def cut_warning(self, trainer: Trainer) -> str | None:
+        """What ends ``trainer``'s fit before the last level does (``max_epochs`` or its own ``max_steps``), or
+        None."""
+        user_max_steps = self.user_max_steps
         max_epochs, batches = trainer.fit_loop.max_epochs, trainer.num_training_batches
         limits = []
         if max_epochs not in (None, -1) and math.isfinite(batches):
@@ -159,6 +205,89 @@ class LossWatch:
         local = self.total is not None and not bool(torch.isfinite(self.total))
         self.total = None
         return bool(trainer.strategy.reduce_boolean_decision(local, all=False))
+
+
+def check_state_restored(global_step: int, restored: bool) -> None:
+    """Refuse a fit that starts past step 0 without IMPPruner's state (the level, masks and step k unknown).
+
+    Args:
+        global_step: the step the fit starts at.
+        restored: whether the callback's state was loaded from the checkpoint.
+
+    Raises:
+        ValueError: for ``global_step > 0`` without ``restored``, saying how to start or resume instead.
+    """
+    if global_step > 0 and not restored:
+        raise ValueError(
+            f"IMPPruner: this fit starts at global step {global_step}, from a checkpoint without "
+            "IMPPruner state (a dense training checkpoint, or one written by a fit without this callback), "
+            "so the level, the masks and the step-k snapshot are unknown. Start the IMP from scratch (no "
+            "`ckpt_path`; load pre-trained weights into the model yourself if that is what you mean), or "
+            "resume from a checkpoint written by a fit with IMPPruner."
+        )
+
+
+def level_record(level: int, remaining_fraction: float, accuracy: float, loss: float, step: int) -> dict:
+    """One entry of IMPPruner's ``history``: what the level reached, and the global step it ended at."""
+    return {
+        "level": level,
+        "remaining_fraction": remaining_fraction,
+        "accuracy": accuracy,
+        "loss": loss,
+        "step": step,
+    }
+
+
+def level_end_note(record: Mapping) -> str:
+    """One line on a completed level (a :func:`level_record`): its end step, weights remaining and accuracy.
+
+    Example:
+        >>> level_end_note(level_record(1, 0.8, 0.9141, 0.3, 123120))
+        'level 1 ended at step 123120: 80.00% of the weights, accuracy 91.41%'
+    """
+    return (
+        f"level {record['level']} ended at step {record['step']}: "
+        f"{100 * record['remaining_fraction']:.2f}% of the weights, accuracy {100 * record['accuracy']:.2f}%"
+    )
+
+
+def diverged_note(level: int, what: str, completed: int, ticket_paths: Sequence[str]) -> str:
+    """Why the IMP stopped at a diverged ``level`` (IMPPruner's ``stopped``), and where its tickets are."""
+    return (
+        f"level {level} diverged ({what}); the IMP stops after {completed} completed level(s), whose "
+        f"tickets are in {ticket_paths[-1] if ticket_paths else 'no file yet'}."
+    )
+
+
+def remaining_bp(remaining_fraction: float) -> int:
+    """The weights remaining in basis points, ``round(10000 * remaining_fraction)``: the step of IMPPruner's
+    ``*_by_remaining_bp`` tags, so that TensorBoard draws them against the weights remaining. That step decreases
+    over the levels and is not the global step, which loggers that order rows by step (CSV, W&B, MLflow) would
+    garble: those tags go to TensorBoard only.
+
+    Example:
+        >>> remaining_bp(0.8 ** 3)
+        5120
+    """
+    return round(10_000 * remaining_fraction)
+
+
+def level_charts(stability: bool) -> dict[str, list[str]]:
+    """IMPPruner's custom-scalars panel: chart title -> tags (without the ``imp/`` prefix).
+
+    Args:
+        stability: add the charts of the error barriers (``IMPPruner(stability=True)``).
+    """
+    charts = {
+        "Accuracy at level end": ["accuracy"],
+        "Accuracy against remaining weights (step = basis points)": ["accuracy_by_remaining_bp"],
+        "Remaining fraction": ["remaining_fraction"],
+        "Sparsity per layer": ["sparsity/.*"],
+    }
+    if stability:
+        charts["Error barrier at level end"] = ["test_error_barrier", "train_error_barrier"]
+        charts["Test error barrier against remaining weights (bp)"] = ["test_error_barrier_by_remaining_bp"]
+    return charts
 
 
 def level_scalars(level: int, masks: Mapping[str, Tensor] | None, names: Sequence[str]) -> dict[str, float]:

@@ -8,7 +8,9 @@ level was trained from: the step-:math:`k` snapshot, or a control's fresh initia
 (the LightningModule's state dict), ``rewind_step``, ``fraction``, ``scope``, ``control`` and ``history``.
 
 Tickets are files people share, so they are read with ``torch.load(weights_only=True)``, which runs no code
-from the file; a file that is not a ticket is refused with a ``ValueError`` naming it.
+from the file; a file that is not a ticket is refused with a ``ValueError`` naming it. :class:`LevelTickets` is
+an IMP run's bookkeeping of them: where each level's ticket goes and, for a control run, the masks of the IMP
+run it follows.
 """
 
 from __future__ import annotations
@@ -19,22 +21,33 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lt_theory.measures.pruning import apply_masks, masks_from_state, masks_to_state, prunable_parameters
+from lt_theory.measures.pruning import (
+    apply_masks,
+    masks_from_state,
+    masks_to_state,
+    prunable_parameters,
+    random_masks_like,
+)
 from lt_theory.training.state import save_atomically
 
 __all__ = [
     "IMP_CONTROLS",
+    "LevelTickets",
     "check_control",
     "check_reference_directory",
+    "dense_masks",
     "level_ticket",
     "load_ticket",
     "pruned_names",
+    "pruned_weights",
     "read_ticket",
     "reference_masks",
     "save_ticket",
+    "ticket_directory",
     "ticket_path",
 ]
 
@@ -47,6 +60,11 @@ _REQUIRED = ("masks", "start_state")
 def ticket_path(directory: str | os.PathLike, level: int) -> Path:
     """``<directory>/ticket_level<ll>.pt``."""
     return Path(directory) / f"ticket_level{level:02d}.pt"
+
+
+def ticket_directory(ticket_dir: str | os.PathLike | None, trainer: Trainer) -> Path:
+    """``ticket_dir``, or IMPPruner's default ``<trainer.log_dir>/imp`` when it is None (read only then)."""
+    return Path(ticket_dir) if ticket_dir is not None else Path(trainer.log_dir) / "imp"
 
 
 def save_ticket(path: str | os.PathLike, ticket: Mapping) -> None:
@@ -84,6 +102,11 @@ def level_ticket(
         **settings,
         "history": [dict(h) for h in history],
     }
+
+
+def dense_masks(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """All-``True`` masks shaped as ``weights`` (name -> tensor): the dense level's ticket keeps every weight."""
+    return {name: torch.ones_like(weight, dtype=torch.bool) for name, weight in weights.items()}
 
 
 def read_ticket(path: str | os.PathLike) -> dict:
@@ -176,6 +199,12 @@ def pruned_names(
         raise ValueError(f"IMPPruner cannot prune {type(module).__name__}: {error}") from error
 
 
+def pruned_weights(module: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:
+    """Parameter name -> parameter of ``module`` for each of ``names`` (the pruned ones), in their order."""
+    params = dict(module.named_parameters())
+    return {name: params[name] for name in names}
+
+
 def check_control(control: str | None, reference_tickets, init_fn) -> None:
     """Check a control run's arguments: a control follows an IMP run's tickets, which only a control reads.
 
@@ -260,3 +289,71 @@ def reference_masks(
                 category=UserWarning,
             )
     return masks
+
+
+class LevelTickets:
+    """An IMP run's tickets: the file each completed level writes, and a control run's reference IMP run.
+
+    Args:
+        ticket_dir: where the tickets are written; None for ``<trainer.log_dir>/imp``.
+        settings: the run's ``rewind_step``, ``fraction``, ``scope`` and ``control``, written into every ticket;
+            a control warns where the reference IMP run's ``fraction``, ``rewind_step`` or ``scope`` differ.
+        reference_tickets: a control run's: the ticket directory of the IMP run it follows; None otherwise.
+
+    Example:
+        >>> tickets = LevelTickets("runs/imp", {"rewind_step": 0, "fraction": 0.2, "scope": "global",
+        ...                                     "control": None})
+        >>> tickets.directory(trainer=None).as_posix()
+        'runs/imp'
+    """
+
+    def __init__(
+        self, ticket_dir: str | os.PathLike | None, settings: Mapping, reference_tickets: str | None = None
+    ) -> None:
+        self.ticket_dir, self.settings, self.reference_tickets = ticket_dir, dict(settings), reference_tickets
+        self.control = self.settings.get("control")
+
+    def directory(self, trainer: Trainer) -> Path:
+        """:func:`ticket_directory` of this run."""
+        return ticket_directory(self.ticket_dir, trainer)
+
+    def check_reference(self) -> None:
+        """:func:`check_reference_directory` for a control run (nothing to check otherwise)."""
+        if self.reference_tickets is not None:
+            check_reference_directory(self.control, self.reference_tickets)
+
+    def save(
+        self,
+        trainer: Trainer,
+        level: int,
+        masks: Mapping[str, Tensor],
+        start_state: Mapping[str, Tensor],
+        history: Sequence[Mapping],
+    ) -> str:
+        """Write the ticket of ``level``, the last of ``history`` (rank zero only), and return its path.
+
+        Args:
+            trainer: the IMP run's trainer.
+            level: the level that just ended.
+            masks: its masks (:func:`dense_masks` for the dense level).
+            start_state: the state the level was trained from.
+            history: the completed levels (:func:`level_ticket`).
+        """
+        path = ticket_path(self.directory(trainer), level)
+        if trainer.is_global_zero:
+            save_ticket(path, level_ticket(masks, start_state, history, self.settings))
+        return str(path)
+
+    def reference_masks(self, level: int, pruned_names: Sequence[str]) -> dict[str, Tensor]:
+        """:func:`reference_masks` of ``level`` in ``reference_tickets``, checked against this run's settings."""
+        settings = {name: self.settings[name] for name in ("fraction", "rewind_step", "scope")}
+        return reference_masks(self.reference_tickets, level, pruned_names, self.control, settings)
+
+    def control_masks(
+        self, level: int, pruned_names: Sequence[str], generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """A control's masks of ``level``: the IMP run's (``random_reinit``), or fresh random masks with its count
+        in every layer (``random_prune``, drawn from ``generator``).
+        """
+        masks = self.reference_masks(level, pruned_names)
+        return random_masks_like(masks, generator) if self.control == "random_prune" else masks
