@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from numbers import Integral, Real
 
 from torch import Tensor
@@ -111,9 +111,10 @@ def check_names(name: str, value: object, what: str) -> list[str] | None:
     """
     if value is None:
         return None
-    if isinstance(value, str) or not all(isinstance(item, str) for item in value):
+    names = None if isinstance(value, str) or not isinstance(value, Iterable) else list(value)
+    if names is None or not all(isinstance(item, str) for item in names):
         raise ValueError(f"`{name}` must be a list of {what} or None, got {value!r}")
-    return list(value)
+    return names
 
 
 def check_tensor(name: str, value: object) -> Tensor:

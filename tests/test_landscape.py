@@ -508,9 +508,9 @@ def test_a_layer_called_twice_is_measured_at_its_first_call():
 
 def test_activation_conditioning_bad_arguments():
     model, x = conv_network(), conv_inputs()
-    with pytest.raises(ValueError, match="no Linear, Conv or BatchNorm"):
+    with pytest.raises(ValueError, match="found no Linear, Conv or BatchNorm layer in Sequential"):
         activation_conditioning(nn.Sequential(nn.Tanh()), x)
-    with pytest.raises(ValueError, match="not Linear/Conv/BatchNorm layers"):
+    with pytest.raises(ValueError, match="not Linear, Conv or BatchNorm layers"):
         activation_conditioning(model, x, layers=["2"])
     with pytest.raises(ValueError, match="layers"):
         activation_conditioning(model, x, layers="0")

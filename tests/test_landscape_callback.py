@@ -410,5 +410,5 @@ def test_models_it_cannot_measure_are_refused_at_setup(tmp_path):
     module = ClassificationModule(OnlyAScale(), num_classes=3)
     with pytest.raises(ValueError, match="no Linear, Conv or BatchNorm"):
         fit_small(tmp_path, small_monitor(), module=module)
-    with pytest.raises(ValueError, match=r"not Linear/Conv/BatchNorm layers; the model has: \['net.0'"):
+    with pytest.raises(ValueError, match=r"not Linear, Conv or BatchNorm layers; the model has: \['net.0'"):
         fit_small(tmp_path, small_monitor(layers=["net.2"]))

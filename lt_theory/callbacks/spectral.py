@@ -24,6 +24,7 @@ from lt_theory.callbacks.base import TheoryCallback
 from lt_theory.callbacks.probe import Probe
 from lt_theory.checks import check_positive_int
 from lt_theory.figures import FONT_SIZE, new_figure
+from lt_theory.measures.layers import named_layers
 from lt_theory.measures.lipschitz import (
     UnsupportedModelError,
     jacobian_lipschitz_lower_bound,
@@ -53,20 +54,8 @@ EXACT_LINEAR_ENTRIES = 1 << 16
 
 
 def _find_layers(model: nn.Module, names: list[str] | None) -> dict[str, nn.Module]:
-    available = {name: m for name, m in model.named_modules() if isinstance(m, MEASURED_LAYERS)}
-    if not available:
-        raise ValueError(
-            f"SpectralNormMonitor found no nn.Linear, nn.Conv1d or nn.Conv2d layer in {type(model).__name__}; "
-            "it measures the operator norms of those layers."
-        )
-    if names is None:
-        return available
-    unknown = [name for name in names if name not in available]
-    if unknown:
-        raise ValueError(
-            f"`layers` names {unknown} that are not Linear/Conv layers; the model has: {list(available)}"
-        )
-    return {name: available[name] for name in names}
+    purpose = "SpectralNormMonitor measures the operator norms of those layers"
+    return named_layers(model, MEASURED_LAYERS, names, "nn.Linear, nn.Conv1d or nn.Conv2d", purpose)
 
 
 def _input_shapes(

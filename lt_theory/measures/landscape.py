@@ -71,6 +71,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp
 
 from lt_theory.checks import check_finite_real, check_nonnegative, check_positive_int
 from lt_theory.measures.evaluation import _inputs_and_targets, model_device
+from lt_theory.measures.layers import named_layers
 from lt_theory.measures.modes import forked_rng, measurement_mode
 from lt_theory.measures.operators import start_vector, symmetric_lanczos
 
@@ -531,7 +532,7 @@ def conditioned_layers(model: nn.Module, layers: Sequence[str] | None = None) ->
         layers: ``named_modules`` names, or None for every layer of :data:`CONDITIONED_LAYERS`.
 
     Returns:
-        ``{name: layer}`` in ``named_modules`` order.
+        ``{name: layer}`` in ``named_modules`` order (in the order of ``layers`` when given).
 
     Raises:
         ValueError: for a model without such layers, or ``layers`` not a list of their names (the message
@@ -541,24 +542,8 @@ def conditioned_layers(model: nn.Module, layers: Sequence[str] | None = None) ->
         >>> list(conditioned_layers(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.BatchNorm1d(3))))
         ['0', '2']
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    available = {name: m for name, m in model.named_modules() if isinstance(m, CONDITIONED_LAYERS)}
-    if not available:
-        raise ValueError(
-            f"found no Linear, Conv or BatchNorm layer in {type(model).__name__}; activation conditioning "
-            "measures the features those layers take and give"
-        )
-    if layers is None:
-        return available
-    if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
-        raise ValueError(f"`layers` must be a list of layer names or None, got {layers!r}")
-    unknown = [name for name in layers if name not in available]
-    if unknown:
-        raise ValueError(
-            f"`layers` names {unknown} that are not Linear/Conv/BatchNorm layers; the model has: {list(available)}"
-        )
-    return {name: available[name] for name in available if name in layers}
+    purpose = "activation conditioning measures the features those layers take and give"
+    return named_layers(model, CONDITIONED_LAYERS, layers, "Linear, Conv or BatchNorm", purpose)
 
 
 def _covariance(activation: Tensor, layer: nn.Module) -> Tensor:

@@ -142,6 +142,18 @@ def _matrix(kernel: object, name: str) -> Tensor:
     return _float(kernel)
 
 
+def _matrix_pair(first: object, second: object, first_name: str, second_name: str) -> tuple[Tensor, Tensor]:
+    """Two kernels of the same shape as matrices (:func:`_matrix`) of their common dtype."""
+    first, second = check_tensor(first_name, first), check_tensor(second_name, second)
+    if first.shape != second.shape:
+        raise ValueError(
+            f"`{second_name}` must have the shape of `{first_name}`, {tuple(first.shape)}, got {tuple(second.shape)}"
+        )
+    a, b = _matrix(first, first_name), _matrix(second, second_name)
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
+
+
 def _nan(like: Tensor, *shape: int) -> Tensor:
     return torch.full(shape, math.nan, dtype=like.dtype, device=like.device)
 
@@ -463,12 +475,8 @@ def kernel_distance(K1: Tensor, K2: Tensor) -> Tensor:
         >>> kernel_distance(torch.eye(2), torch.ones(2, 2))  # 1 - 2 / (sqrt(2) * 2)
         tensor(0.2929)
     """
-    K1, K2 = check_tensor("K1", K1), check_tensor("K2", K2)
-    if K1.shape != K2.shape:
-        raise ValueError(f"`K2` must have the shape of `K1`, {tuple(K1.shape)}, got {tuple(K2.shape)}")
-    a, b = _matrix(K1, "K1"), _matrix(K2, "K2")
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    return 0.5 * torch.linalg.vector_norm(_unit(a.to(dtype)) - _unit(b.to(dtype))) ** 2
+    a, b = _matrix_pair(K1, K2, "K1", "K2")
+    return 0.5 * torch.linalg.vector_norm(_unit(a) - _unit(b)) ** 2
 
 
 def relative_change(K_t: Tensor, K_0: Tensor) -> Tensor:
@@ -489,12 +497,7 @@ def relative_change(K_t: Tensor, K_0: Tensor) -> Tensor:
         >>> relative_change(K_0 + torch.eye(2), K_0)  # sqrt(2) / sqrt(10)
         tensor(0.4472)
     """
-    K_t, K_0 = check_tensor("K_t", K_t), check_tensor("K_0", K_0)
-    if K_t.shape != K_0.shape:
-        raise ValueError(f"`K_t` must have the shape of `K_0`, {tuple(K_0.shape)}, got {tuple(K_t.shape)}")
-    now, ref = _matrix(K_t, "K_t"), _matrix(K_0, "K_0")
-    dtype = torch.promote_types(now.dtype, ref.dtype)
-    now, ref = now.to(dtype), ref.to(dtype)
+    ref, now = _matrix_pair(K_0, K_t, "K_0", "K_t")
     change = torch.linalg.vector_norm(now - ref)
     norm = torch.linalg.vector_norm(ref)
     ok = torch.isfinite(norm) & (norm > 0) & torch.isfinite(change)

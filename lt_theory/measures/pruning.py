@@ -82,7 +82,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lt_theory.checks import check_fraction, check_int
+from lt_theory.checks import check_fraction, check_int, check_names
 
 __all__ = [
     "PRUNABLE_MODULES",
@@ -124,15 +124,6 @@ def _check_masks(masks: object, name: str = "masks") -> Mapping[str, Tensor]:
             got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
             raise ValueError(f"`{name}[{key!r}]` must be a bool tensor, got {got}")
     return masks
-
-
-def _check_parameter_names(names: object, argument: str) -> list[str]:
-    if isinstance(names, str) or not isinstance(names, Iterable):
-        raise ValueError(f"`{argument}` must be a list of names, got {names!r}")
-    names = list(names)
-    if not all(isinstance(n, str) for n in names):
-        raise ValueError(f"`{argument}` must hold only str names, got {names!r}")
-    return names
 
 
 def _masked_parameters(
@@ -211,7 +202,7 @@ def prunable_parameters(
         )
 
     def select(names: Iterable[str], argument: str) -> set[str]:
-        names = _check_parameter_names(names, argument)
+        names = check_names(argument, names, "parameter or module names")
         chosen = set()
         for wanted in names:
             matches = {name for name in found if wanted in (name, module_of[name])}
