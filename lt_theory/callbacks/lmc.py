@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lt_theory.callbacks.base import TheoryCallback
@@ -54,14 +53,18 @@ from lt_theory.checks import check_fraction, check_int, check_positive_int
 from lt_theory.figures import error_along_path_figure, stability_figure
 from lt_theory.measures.interpolation import DEFAULT_NUM_ALPHAS, stable_point
 from lt_theory.training.child import check_child_strategy, train_from_snapshot, warn_about_training_callbacks
+from lt_theory.training.deferred import check_rebuildable, write_task_list
+from lt_theory.training.progress import SiblingsProgress, info
 from lt_theory.training.siblings import SiblingStore, check_spawn_steps, resolve_spawn_steps, sibling_seed
 from lt_theory.training.state import cpu_copy, save_atomically, state_fingerprint
 
 __all__ = ["LinearModeConnectivity"]
 
 MODES = ("spawn", "init")
+SIBLINGS = ("in_job", "deferred")
 _WHO = "LinearModeConnectivity(mode='spawn') trains siblings"
 _HINT = "Use mode='init', or strategy='ddp' / one device."
+_LOGGER = "lt_theory.lmc"
 
 
 #: ``"auto"`` subset sizes (train, test) per mode: a spawn's path is evaluated once per ``k`` after a sibling's
@@ -124,6 +127,13 @@ class LinearModeConnectivity(TheoryCallback):
         seed: seed of the training subset.
         directory: where snapshots, initial weights, sibling weights and results go; None for
             ``<trainer.log_dir>/lmc``.
+        siblings: ``"in_job"`` (spawn mode: train the siblings in the parent's job when its fit ends) or
+            ``"deferred"``: write the snapshots, the parent's final weights and a task list
+            (``<directory>/sibling_tasks.json``, :mod:`lt_theory.training.deferred`) and end the fit; then one
+            ``python -m lt_theory.lmc train-sibling --dir <directory> --task-index i`` per sibling (a SLURM array
+            task each: ``recipes/slurm/lmc_siblings_array.sbatch``) and ``python -m lt_theory.lmc aggregate --dir
+            <directory>``, which logs the same tags into the parent's TensorBoard run. The module and the data
+            module must be rebuildable in another process (checked at setup).
 
     Attributes:
         results: ``{k: {...}}`` for spawn mode: barriers, the path (``alphas``, ``train_error``,
@@ -175,10 +185,14 @@ class LinearModeConnectivity(TheoryCallback):
         sibling_seed: int | None = None,
         seed: int = 0,
         directory: str | os.PathLike | None = None,
+        siblings: str = "in_job",
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+        if siblings not in SIBLINGS:
+            raise ValueError(f"`siblings` must be one of {SIBLINGS}, got {siblings!r}")
+        self.siblings = siblings
         self.spawn_steps = check_spawn_steps(spawn_steps)
         check_positive_int("every_n_epochs", every_n_epochs)
         train_subset_size, test_subset_size = _subset_sizes(mode, train_subset_size, test_subset_size)
@@ -222,6 +236,8 @@ class LinearModeConnectivity(TheoryCallback):
         if self.mode == "spawn":
             check_child_strategy(trainer, _WHO, _HINT)  # refuse what a child Trainer cannot reproduce, now
             warn_about_training_callbacks(trainer, self, "siblings", self.warn_once)
+            if self.siblings == "deferred":
+                check_rebuildable(trainer, pl_module)  # refused now, not in each sibling's task
         self._reset_run_state()  # a reused instance starts afresh; a resumed fit's state is loaded after setup
         # rank zero's choice of folder (a filesystem every rank sees, as for checkpoints)
         root = self.directory or os.path.join(trainer.log_dir or trainer.default_root_dir, "lmc")
@@ -276,7 +292,13 @@ class LinearModeConnectivity(TheoryCallback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # on_fit_end, not on_train_end: it also runs when a finished run is resumed (the fit loop is skipped),
         # so siblings interrupted by a preemption are trained then; on SLURM the phase is requeue-safe
-        if self.mode == "spawn":
+        if self.mode == "spawn" and self.siblings == "deferred":
+            steps = self._sibling_steps(trainer.global_step)
+            seeds = {k: sibling_seed(trainer.datamodule, k, self.sibling_seed) for k in steps}
+            write_task_list(
+                trainer, pl_module, self._store, steps, seeds, self.path_settings, self.threshold, self.warn_once
+            )
+        elif self.mode == "spawn":
             with sibling_phase(trainer) as self._guard:
                 self._run_siblings(trainer, pl_module)
 
@@ -300,31 +322,40 @@ class LinearModeConnectivity(TheoryCallback):
 
     # -- spawn: siblings ------------------------------------------------------------------------------
 
-    def _run_siblings(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        final_step = trainer.global_step
-        fingerprint = state_fingerprint(pl_module.state_dict())
+    def _sibling_steps(self, final_step: int) -> dict[int, str]:
+        """Spawn step -> snapshot of every sibling to train; a warning for each ``k`` that has none."""
+        steps = {}
         for k in self.resolved_steps or []:
             if k >= final_step or k not in self.snapshots:
                 why = f"training ended at step {final_step}" if k >= final_step else "its snapshot is missing"
                 self.warn_once(f"skip:{k}", f"no sibling for spawn step {k}: {why}.")
                 self.results.pop(k, None)  # a result against another end of training
                 continue
+            steps[k] = self.snapshots[k]
+        return steps
+
+    def _run_siblings(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        final_step = trainer.global_step
+        fingerprint = state_fingerprint(pl_module.state_dict())
+        steps = self._sibling_steps(final_step)
+        bars = trainer.progress_bar_callback is not None
+        progress = SiblingsProgress({k: final_step - k for k in steps}, bars=bars, logger=_LOGGER)
+        for k in steps:
             seed = sibling_seed(trainer.datamodule, k, self.sibling_seed)
-            sibling = Sibling(self._store, k, final_step, fingerprint, seed, f"spawned at step {k}")
+            sibling = Sibling(self._store, k, final_step, fingerprint, seed, f"spawned at step {k}", f"path k={k}")
+            train = partial(self._train_sibling, trainer, pl_module, k, final_step, seed, fingerprint)
             self.results[k] = self._measurement.result(
-                trainer,
-                pl_module,
-                sibling,
-                self.results.get(k),
-                partial(self._train_sibling, trainer, pl_module, k, final_step, seed, fingerprint),
-                lambda: pl_module,
+                trainer, pl_module, sibling, self.results.get(k), partial(train, progress), lambda: pl_module
             )
+            failed = self.results[k].get("failed")
+            progress.skipped(k, f"failed ({failed})" if failed else "trained already (its stored result is reused)")
             log_path_result(self, trainer, self.results[k], k, f"parent vs sibling spawned at {k}")
-        self._log_stability(trainer)
+        self.log_stability(trainer)
 
     def _train_sibling(
-        self, trainer: Trainer, pl_module: LightningModule, k: int, final_step: int, seed: int, fingerprint: str
-    ) -> dict[str, Tensor]:
+        self, trainer: Trainer, pl_module: LightningModule, k: int, final_step: int, seed: int, fingerprint: str,
+        progress: SiblingsProgress,
+    ) -> dict[str, Tensor]:  # fmt: skip
         """Train the sibling of ``k``; its final weights are written before its path is evaluated."""
         return train_from_snapshot(
             trainer,
@@ -338,6 +369,7 @@ class LinearModeConnectivity(TheoryCallback):
             warn=self.warn_once,
             final_weights=self._store.file(k, final_step, seed, fingerprint, ".pt"),
             guard=self._guard,
+            callbacks=[progress.callback(k, k, final_step)],
         )
 
     # -- spawn: logging -------------------------------------------------------------------------------
@@ -349,7 +381,9 @@ class LinearModeConnectivity(TheoryCallback):
         barriers = [as_float(self.results[k][f"{split}_error_barrier"]) for k in steps]
         return stable_point(steps, barriers, threshold=self.threshold)
 
-    def _log_stability(self, trainer: Trainer) -> None:
+    def log_stability(self, trainer: Trainer) -> None:
+        """Log ``stable_point``, the ``summary`` and the ``stability`` figure of ``results`` at the trainer's step
+        (a Trainer, or a :class:`~lt_theory.loggers.LoggerTarget` at the parent's last step)."""
         if not self.results:
             return
         point = self.stable_point()
@@ -359,7 +393,7 @@ class LinearModeConnectivity(TheoryCallback):
         self.log_text(trainer, "summary", text)
         if trainer.is_global_zero:
             self.log_figure(trainer, "stability", stability_figure(self.results, self.threshold))
-        rank_zero_info(f"LinearModeConnectivity: {text}")
+        info(f"LinearModeConnectivity: {text}", _LOGGER)
 
     def summary(self) -> str:
         """A markdown table of the barriers per spawn step and the stable point."""

@@ -30,6 +30,9 @@ What both callbacks share, here:
   that raises or diverges gives NaN barriers and one warning;
 - :func:`log_path_result`: the barriers and the error along the path, logged at a step.
 
+A path's evaluation shows its alphas (``path k=K: alpha j of m``) on rank zero
+(:class:`~lt_theory.training.progress.PathProgress`), as a bar when the trainer shows one.
+
 The mathematics is in :mod:`lt_theory.measures.interpolation`; child runs, stored results and the requeue
 guard in :mod:`lt_theory.training`.
 """
@@ -56,6 +59,7 @@ from lt_theory.training.child import (
     SNAPSHOT_RNG_KEY,
 )
 from lt_theory.training.preemption import RequeueGuard, requeue_guard, save_checkpoint_atomically
+from lt_theory.training.progress import PathProgress
 from lt_theory.training.rng import rng_states
 from lt_theory.training.siblings import SiblingStore
 
@@ -195,22 +199,28 @@ class PathEvaluation:
         self._sets = {"loaders": loaders, "transform": sets.transform}
         return self._sets
 
-    def record(self, trainer: Trainer, model_a, model_b, device) -> dict:
+    def record(self, trainer: Trainer, model_a, model_b, device, progress: PathProgress | None = None) -> dict:
         """Train and test paths between two networks (modules or state dicts, one a module), with their
-        barriers, as plain Python numbers (:func:`~lt_theory.measures.interpolation.paths_record`)."""
+        barriers, as plain Python numbers (:func:`~lt_theory.measures.interpolation.paths_record`); ``progress``
+        is told of each alpha evaluated and closed at the end."""
         sets, s = self.sets(trainer), self.settings
-        paths = linear_paths(
-            model_a,
-            model_b,
-            sets["loaders"],
-            alphas=s.num_alphas,
-            coarse_every=s.coarse_every,
-            bn=s.bn,
-            bn_loader=sets["loaders"]["train"],
-            bn_batches=s.bn_batches,
-            transform=sets["transform"],
-            device=device,
-        )
+        try:
+            paths = linear_paths(
+                model_a,
+                model_b,
+                sets["loaders"],
+                alphas=s.num_alphas,
+                coarse_every=s.coarse_every,
+                bn=s.bn,
+                bn_loader=sets["loaders"]["train"],
+                bn_batches=s.bn_batches,
+                transform=sets["transform"],
+                device=device,
+                progress=progress,
+            )
+        finally:
+            if progress is not None:
+                progress.close()
         return paths_record(paths)
 
 
@@ -279,6 +289,8 @@ class Sibling(NamedTuple):
     seed: int
     label: str
     """How the messages call it: ``"spawned at step 3"``, ``"of level 2"``."""
+    path_label: str | None = None
+    """How its path's progress is shown (``"path k=3"``); None for ``"path <label>"``."""
 
     @property
     def weights(self) -> Path:
@@ -359,6 +371,40 @@ class SiblingMeasurement:
 
     def _evaluated(self, trainer, pl_module, sibling: Sibling, state: dict[str, Tensor], parent) -> dict:
         """Evaluate parent vs sibling (once), store the result on rank zero (the weights are stored), share it."""
+        diverged = self._diverged(sibling, state)
+        device = trainer.strategy.root_device
+        progress = self._progress(sibling, bars=trainer.progress_bar_callback is not None)
+        result = computed_once(
+            trainer, pl_module, lambda: self.paths.record(trainer, parent(), state, device, progress)
+        )
+        return self._stored(result, sibling, diverged, write=trainer.is_global_zero)
+
+    def evaluated_outside_fit(
+        self, data, parent: nn.Module, sibling: Sibling, state: dict[str, Tensor], device, bars: bool = True
+    ) -> dict:
+        """The result of a sibling trained elsewhere (a deferred sibling), evaluated in this one process and stored.
+
+        Args:
+            data: what the evaluation sets are read from in place of a trainer: an object with ``datamodule`` (set
+                up) and ``train_dataloader`` (None: the data module's).
+            parent: the parent network (a module holding the parent's final weights).
+            sibling: the sibling.
+            state: its final weights.
+            device: where to evaluate.
+            bars: show the path's progress as a bar (else one line per alpha).
+
+        Returns:
+            As :meth:`result`, the same numbers the parent's process computes from the same weights and data.
+        """
+        diverged = self._diverged(sibling, state)
+        result = self.paths.record(data, parent, state, device, self._progress(sibling, bars))
+        return self._stored(result, sibling, diverged, write=True)
+
+    @staticmethod
+    def _progress(sibling: Sibling, bars: bool) -> PathProgress:
+        return PathProgress(sibling.path_label or f"path {sibling.label}", bars=bars)
+
+    def _diverged(self, sibling: Sibling, state: dict[str, Tensor]) -> bool:
         diverged = not all(bool(v.isfinite().all()) for v in state.values() if v.is_floating_point())
         if diverged:
             self.warn(
@@ -366,10 +412,9 @@ class SiblingMeasurement:
                 f"the sibling {sibling.label} diverged (NaN/Inf in its weights): its barriers are NaN; the other "
                 "siblings go on.",
             )
-        device = trainer.strategy.root_device
-        result = computed_once(
-            trainer, pl_module, lambda: self.paths.record(trainer, parent(), state, device)
-        )
+        return diverged
+
+    def _stored(self, result: dict, sibling: Sibling, diverged: bool, write: bool) -> dict:
         if diverged:  # the path's errors are numbers (NaN rows count as wrong), but no barrier exists
             result.update(dict.fromkeys(BARRIERS, math.nan))
         result.update(
@@ -380,7 +425,7 @@ class SiblingMeasurement:
             weights=str(sibling.weights),
             diverged=diverged,
         )
-        if trainer.is_global_zero:
+        if write:
             sibling.store.save(sibling.k, result)
         return result
 

@@ -594,6 +594,7 @@ def linear_paths(
     transform: Callable[[Tensor], Tensor] | None = None,
     device: torch.device | str | None = None,
     coarse_every: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, LinearPath]:
     r""":func:`linear_path` on several evaluation sets at once, sharing one BatchNorm reset per ``alpha``.
 
@@ -617,6 +618,8 @@ def linear_paths(
         bn_loader: batches for the BatchNorm reset; None uses the first loader of ``loaders``.
         coarse_every: evaluate every ``coarse_every``-th grid point first, then refine around the maxima;
             None (or 1) evaluates the whole grid.
+        progress: called as ``progress(j, m)`` after each alpha is evaluated: ``j`` points done of the ``m``
+            known so far (the coarse points, then all once the refinement is chosen); None for no calls.
 
     Returns:
         name -> :class:`LinearPath`, in the order of ``loaders``.
@@ -664,6 +667,7 @@ def linear_paths(
         state_b = {key: value.to(device) for key, value in state_b.items()}
 
         def evaluate_at(indices) -> None:
+            planned = len(evaluated.keys() | set(indices))
             for index in indices:
                 if index in evaluated:
                     continue
@@ -674,6 +678,8 @@ def linear_paths(
                     name: loss_and_error(scratch, loader, loss_fn=loss_fn, transform=transform)
                     for name, loader in loaders.items()
                 }
+                if progress is not None:
+                    progress(len(evaluated), planned)
 
         last = len(grid) - 1
         step = coarse_every or 1

@@ -10,6 +10,12 @@ re-seeded and the global RNG continues from the snapshot's, so a child with the 
 the parent exactly; any other data module gets the global RNG seeded instead. A preempted child resumes from
 its own progress checkpoint; under a :class:`~lt_theory.training.preemption.RequeueGuard`, from one written at
 the step the requeue signal came.
+
+:func:`train_detached` is the same child run outside the parent's process (a deferred sibling, one SLURM array
+task each: :mod:`lt_theory.training.deferred`): the module and the data module rebuilt from the run's
+configuration, the child Trainer from the parent's settings recorded as JSON (:func:`child_trainer_arguments`).
+Both go through one implementation, so on one CPU device they train bit-identical children. A child Trainer
+shows no progress bar of its own: pass :meth:`~lt_theory.training.progress.SiblingsProgress.callback`'s.
 Used by :class:`~lt_theory.callbacks.lmc.LinearModeConnectivity` for its siblings, and by
 :class:`~lt_theory.callbacks.imp.IMPPruner` (``stability=True``) for the siblings of its sparse levels.
 """
@@ -25,19 +31,22 @@ import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lt_theory.compat import cluster_environment, ddp_options, uses_distributed_sampler
 from lt_theory.training.preemption import RequeueGuard
+from lt_theory.training.progress import info
 from lt_theory.training.rng import rng_states, set_rng_states
 from lt_theory.training.state import save_atomically
 
@@ -45,9 +54,12 @@ __all__ = [
     "SNAPSHOT_RNG_KEY",
     "TRAINING_CALLBACKS",
     "check_child_strategy",
+    "child_trainer_arguments",
     "detached_copy",
+    "train_detached",
     "train_from_snapshot",
     "warn_about_training_callbacks",
+    "warn_if_loader_has_generator",
 ]
 
 SNAPSHOT_RNG_KEY = "lt_theory_lmc_rng_states"
@@ -166,31 +178,112 @@ def _child_plugins(trainer: Trainer) -> list:
     return [cluster_environment(trainer), copy.deepcopy(trainer.precision_plugin)]
 
 
-def _child_trainer(trainer: Trainer, max_steps: int, callbacks: list[Callback], root_dir: Path) -> Trainer:
+def child_trainer_arguments(trainer: Trainer) -> dict:
+    """The arguments a child Trainer takes from its parent's, as JSON values (a deferred sibling's task list keeps
+    them): accelerator, devices, nodes, precision, the training and validation limits, gradient accumulation and
+    clipping, ``reload_dataloaders_every_n_epochs``, ``use_distributed_sampler``; and ``strategy`` (``"ddp"``,
+    with ``ddp``: the DDP options, or ``"auto"``), ``deterministic`` and ``benchmark`` (torch's flags as the
+    parent's Trainer set them) and ``bars`` (whether the parent shows a progress bar), which a child in the
+    parent's process takes from the process instead.
+
+    Args:
+        trainer: the parent's trainer.
+
+    Returns:
+        The dict (every value JSON-serialisable).
+
+    Raises:
+        ValueError: for a strategy a child cannot reproduce (:func:`check_child_strategy`).
+
+    Example:
+        >>> child_trainer_arguments(Trainer(accelerator="cpu", devices=1, logger=False))["strategy"]
+        'auto'
+    """
     accelerator = _accelerator_flag(trainer)
+    strategy = check_child_strategy(trainer)
+    ddp = None
+    if isinstance(strategy, DDPStrategy):
+        options = ddp_options(trainer.strategy)
+        ddp = {
+            "process_group_backend": strategy.process_group_backend,
+            "timeout_s": options.timeout.total_seconds(),
+            "ddp_kwargs": json.loads(json.dumps(options.ddp_kwargs, default=repr)),
+        }
+    if torch.are_deterministic_algorithms_enabled():
+        deterministic = "warn" if torch.is_deterministic_algorithms_warn_only_enabled() else True
+    else:
+        deterministic = False
+    return {
+        "accelerator": accelerator,
+        "devices": trainer.num_devices if accelerator == "cpu" else list(trainer.device_ids),
+        "num_nodes": trainer.num_nodes,
+        "precision": str(trainer.precision),
+        "limit_train_batches": trainer.limit_train_batches,
+        **_validation_flags(trainer),
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "gradient_clip_val": trainer.gradient_clip_val,
+        "gradient_clip_algorithm": None if trainer.gradient_clip_algorithm is None else str(
+            trainer.gradient_clip_algorithm.value
+        ),
+        "reload_dataloaders_every_n_epochs": trainer.reload_dataloaders_every_n_epochs,
+        "use_distributed_sampler": uses_distributed_sampler(trainer),
+        "strategy": "auto" if ddp is None else "ddp",
+        "ddp": ddp,
+        "deterministic": deterministic,
+        "benchmark": bool(torch.backends.cudnn.benchmark),
+        "bars": trainer.progress_bar_callback is not None,
+    }
+
+
+_FROM_PROCESS = ("precision", "strategy", "ddp", "deterministic", "benchmark", "bars")
+"""What :func:`child_trainer_arguments` records that a child in the parent's process takes from the process."""
+
+
+def _own_arguments(max_steps: int, callbacks: list[Callback], root_dir: Path) -> dict:
+    """What every child Trainer has of its own: no logger, no bar (the caller's), its progress checkpoints."""
+    return {
+        "max_steps": max_steps,
+        "max_epochs": -1,
+        "logger": False,
+        "enable_checkpointing": True,
+        "enable_model_summary": False,
+        "enable_progress_bar": False,
+        "callbacks": callbacks,
+        "default_root_dir": str(root_dir),
+    }
+
+
+def _child_trainer(trainer: Trainer, max_steps: int, callbacks: list[Callback], root_dir: Path) -> Trainer:
+    shared = {k: v for k, v in child_trainer_arguments(trainer).items() if k not in _FROM_PROCESS}
+    if shared["accelerator"] != "cpu":
+        shared["devices"] = trainer.device_ids
     return Trainer(
-        accelerator=accelerator,
+        **shared,
         strategy=check_child_strategy(trainer),
-        devices=trainer.num_devices if accelerator == "cpu" else trainer.device_ids,
-        num_nodes=trainer.num_nodes,
         plugins=_child_plugins(trainer),
         deterministic=None,  # keeps torch's flags as the parent's Trainer set them
-        max_steps=max_steps,
-        max_epochs=-1,
-        limit_train_batches=trainer.limit_train_batches,
-        **_validation_flags(trainer),
-        accumulate_grad_batches=trainer.accumulate_grad_batches,
-        gradient_clip_val=trainer.gradient_clip_val,
-        gradient_clip_algorithm=trainer.gradient_clip_algorithm,
-        reload_dataloaders_every_n_epochs=trainer.reload_dataloaders_every_n_epochs,
-        use_distributed_sampler=uses_distributed_sampler(trainer),
-        logger=False,
-        enable_checkpointing=True,
-        enable_model_summary=False,
-        enable_progress_bar=trainer.progress_bar_callback is not None,
-        callbacks=callbacks,
-        default_root_dir=str(root_dir),
+        **_own_arguments(max_steps, callbacks, root_dir),
     )
+
+
+def _detached_trainer(arguments: dict, max_steps: int, callbacks: list[Callback], root_dir: Path) -> Trainer:
+    """A child Trainer from :func:`child_trainer_arguments` recorded in another process."""
+    shared = {k: v for k, v in arguments.items() if k not in ("strategy", "ddp", "bars")}
+    ddp = arguments.get("ddp") or {}
+    strategy = "auto"
+    if _world_size(arguments) > 1:
+        strategy = DDPStrategy(
+            process_group_backend=ddp.get("process_group_backend"),
+            timeout=timedelta(seconds=ddp.get("timeout_s", 1800)),
+            **ddp.get("ddp_kwargs", {}),
+        )
+    return Trainer(**shared, strategy=strategy, **_own_arguments(max_steps, callbacks, root_dir))
+
+
+def _world_size(arguments: dict) -> int:
+    devices = arguments["devices"]
+    count = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
+    return count * int(arguments.get("num_nodes", 1))
 
 
 class ChildStart(Callback):
@@ -219,21 +312,34 @@ class ChildStart(Callback):
             set_rng_states(self.rng_states)
 
 
-def _progress(trainer: Trainer, snapshot: Path, directory: Path, start_step: int, max_steps: int) -> dict:
+class _Ranks(NamedTuple):
+    """Where a child runs: rank zero or not, how many ranks, and how rank zero's answer reaches the others."""
+
+    is_global_zero: bool
+    world_size: int
+    broadcast: Callable[[Any], Any] | None
+    """Rank zero's value to every rank; None when there is no process group yet: every rank reads the files."""
+
+
+def _parent_ranks(trainer: Trainer) -> _Ranks:
+    return _Ranks(trainer.is_global_zero, trainer.world_size, lambda value: trainer.strategy.broadcast(value, src=0))
+
+
+def _progress(ranks: _Ranks, snapshot: Path, directory: Path, start_step: int, max_steps: int) -> dict:
     """Where a child checkpoints its progress (about every tenth of its steps), and whether a preempted child
     of the same snapshot left a checkpoint to resume from."""
     path, source_file = directory / "last.ckpt", directory / "source.json"
     resume = False
-    if trainer.is_global_zero:
+    if ranks.is_global_zero or ranks.broadcast is None:  # rank zero decides; the others only read
         source = {"snapshot": str(snapshot), "size": snapshot.stat().st_size}
         source["mtime_ns"] = snapshot.stat().st_mtime_ns
         resume = path.exists() and source_file.exists() and json.loads(source_file.read_text()) == source
-        if not resume:
+        if ranks.is_global_zero and not resume:
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True, exist_ok=True)
             source_file.write_text(json.dumps(source))
-    if trainer.world_size > 1:
-        resume = trainer.strategy.broadcast(resume, src=0)
+    if ranks.world_size > 1 and ranks.broadcast is not None:
+        resume = ranks.broadcast(resume)
     checkpoint = ModelCheckpoint(
         dirpath=directory,
         filename="progress",
@@ -244,7 +350,9 @@ def _progress(trainer: Trainer, snapshot: Path, directory: Path, start_step: int
     return {"path": str(path), "resume": resume, "checkpoint": checkpoint}
 
 
-def _warn_if_loader_has_generator(trainer: Trainer, warn: Callable[[str, str], None]) -> None:
+def warn_if_loader_has_generator(trainer: Trainer, warn: Callable[[str, str], None]) -> None:
+    """Warn when the data module cannot re-seed its order and its training loader shuffles with its own
+    generator: the children then see the parent's order."""
     loader = trainer.train_dataloader
     if isinstance(loader, DataLoader) and loader.generator is not None:
         warn(
@@ -295,46 +403,136 @@ def train_from_snapshot(
     Returns:
         The child's final state dict, on the CPU.
     """
-    snapshot, progress_dir = Path(snapshot), Path(progress_dir)
-    rank_zero_info(
-        f"lt_theory: training a child from step {start_step} to step {max_steps} (data-order seed {order_seed}) "
-        f"from {snapshot}"
-    )
     parent_data = trainer.datamodule
     shared = [getattr(parent_data, name, None) for name in ("train_dataset", "val_dataset", "test_dataset")]
     datamodule = detached_copy(parent_data, trainer, shared)
-    reseed = getattr(datamodule, "reseed_order", None)
-    if callable(reseed):
-        reseed(order_seed)
-    else:
-        _warn_if_loader_has_generator(trainer, warn)
+    if not callable(getattr(datamodule, "reseed_order", None)):
+        warn_if_loader_has_generator(trainer, warn)
     module = detached_copy(pl_module, trainer)
     if hasattr(module, "_metric_attributes"):
         module._metric_attributes = None  # Lightning's cache of metric names, keyed by the parent's ids
-    progress = _progress(trainer, snapshot, progress_dir, start_step, max_steps)
+    return _train_child(
+        _parent_ranks(trainer),
+        lambda own: _child_trainer(trainer, max_steps, own, Path(root_dir)),
+        module,
+        datamodule,
+        snapshot,
+        start_step,
+        max_steps,
+        order_seed,
+        progress_dir,
+        warn,
+        final_weights,
+        guard,
+        callbacks,
+    )
+
+
+def train_detached(
+    module: LightningModule,
+    datamodule,
+    arguments: dict,
+    snapshot: str | os.PathLike,
+    start_step: int,
+    max_steps: int,
+    order_seed: int,
+    progress_dir: str | os.PathLike,
+    root_dir: str | os.PathLike,
+    warn: Callable[[str, str], None],
+    final_weights: str | os.PathLike | None = None,
+    guard: RequeueGuard | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, Tensor]:
+    """:func:`train_from_snapshot` outside the parent's process: ``module`` and ``datamodule`` rebuilt as the
+    parent's were (not yet trained or set up), the child Trainer from the parent's recorded settings.
+
+    Every rank of the child's launch enters. With the parent's module, data module and settings, the child is
+    the one :func:`train_from_snapshot` trains (bit-identical on one CPU device).
+
+    Args:
+        module: the parent's module, rebuilt (its weights are the snapshot's once the child starts).
+        datamodule: the parent's data module, rebuilt.
+        arguments: :func:`child_trainer_arguments` of the parent's trainer (``devices`` and ``num_nodes`` may be
+            changed to the resources of this process; a data module with ``global_batch_size`` then keeps the
+            parent's batch).
+        snapshot, start_step, max_steps, order_seed, progress_dir, root_dir, warn, final_weights, guard,
+        callbacks: as in :func:`train_from_snapshot`.
+
+    Returns:
+        The child's final state dict, on the CPU.
+
+    Example:
+        >>> # state = train_detached(module, datamodule, task_list["trainer"], "lmc/snapshot_step=100.ckpt",
+        >>> #                        100, 500, order_seed=7, progress_dir=..., root_dir=..., warn=print)
+    """
+    world = _world_size(arguments)
+    ranks = _Ranks(getattr(rank_zero_only, "rank", 0) == 0, world, None)
+    return _train_child(
+        ranks,
+        lambda own: _detached_trainer(arguments, max_steps, own, Path(root_dir)),
+        module,
+        datamodule,
+        snapshot,
+        start_step,
+        max_steps,
+        order_seed,
+        progress_dir,
+        warn,
+        final_weights,
+        guard,
+        callbacks,
+    )
+
+
+def _train_child(
+    ranks: _Ranks,
+    make_trainer: Callable[[list[Callback]], Trainer],
+    module: LightningModule,
+    datamodule,
+    snapshot: str | os.PathLike,
+    start_step: int,
+    max_steps: int,
+    order_seed: int,
+    progress_dir: str | os.PathLike,
+    warn: Callable[[str, str], None],
+    final_weights: str | os.PathLike | None,
+    guard: RequeueGuard | None,
+    callbacks: Sequence[Callback],
+) -> dict[str, Tensor]:
+    """The child run both entry points share: re-seed, resume or start, train, write the final weights."""
+    snapshot, progress_dir = Path(snapshot), Path(progress_dir)
+    info(
+        f"lt_theory: training a child from step {start_step} to step {max_steps} (data-order seed {order_seed}) "
+        f"from {snapshot}",
+        "lt_theory.training",
+    )
+    reseed = getattr(datamodule, "reseed_order", None)
+    if callable(reseed):
+        reseed(order_seed)
+    progress = _progress(ranks, snapshot, progress_dir, start_step, max_steps)
     start = ChildStart(None if callable(reseed) else order_seed, from_progress=progress["resume"])
     watch = nullcontext() if guard is None else guard.watch_child(progress["path"])
     with watch as on_signal:
         own = [start, *callbacks, progress["checkpoint"]] + ([] if on_signal is None else [on_signal])
-        child = _child_trainer(trainer, max_steps, own, Path(root_dir))
+        child = make_trainer(own)
         ckpt_path = progress["path"] if progress["resume"] else str(snapshot)
-        _fit_child(trainer, child, module, datamodule, ckpt_path, order_seed)
+        _fit_child(ranks.world_size, child, module, datamodule, ckpt_path, order_seed)
         state = {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
-        if final_weights is not None and trainer.is_global_zero:
+        if final_weights is not None and ranks.is_global_zero:
             save_atomically(state, final_weights)
     if child.global_step != max_steps:
         warn(
             f"short:{start_step}",
             f"the sibling of step {start_step} stopped at step {child.global_step}, not {max_steps}.",
         )
-    if trainer.is_global_zero:
+    if ranks.is_global_zero:
         shutil.rmtree(progress_dir, ignore_errors=True)
     return state
 
 
-def _fit_child(trainer: Trainer, child: Trainer, module, datamodule, ckpt_path: str, order_seed: int) -> None:
+def _fit_child(world_size: int, child: Trainer, module, datamodule, ckpt_path: str, order_seed: int) -> None:
     previous_seed = os.environ.get("PL_GLOBAL_SEED")
-    if trainer.world_size > 1:
+    if world_size > 1:
         os.environ["PL_GLOBAL_SEED"] = str(order_seed)  # DistributedSampler's seed
     try:
         with warnings.catch_warnings():

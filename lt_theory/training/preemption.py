@@ -23,6 +23,10 @@ process and nothing was requeued.
 4. at its end it puts the previous handler back and, if no signal came and nothing raised, removes the
    checkpoint of step 1.
 
+:func:`detached_requeue_guard` does steps 2 and 3 for a child trained outside its parent's process (a deferred
+sibling in a SLURM array task, :mod:`lt_theory.training.deferred`): there is no parent to checkpoint, and the
+requeued task finds the child's progress checkpoint.
+
 The files the phase relies on are written atomically (:func:`save_checkpoint_atomically`), so a kill while
 writing never leaves a truncated file under the name that is later read.
 """
@@ -42,10 +46,18 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lt_theory.compat import cluster_environment, hpc_checkpoint_path
 
-__all__ = ["RequeueGuard", "requeue_environment", "requeue_guard", "requeue_job", "save_checkpoint_atomically"]
+__all__ = [
+    "RequeueGuard",
+    "detached_requeue_guard",
+    "requeue_environment",
+    "requeue_guard",
+    "requeue_job",
+    "save_checkpoint_atomically",
+]
 
 
 def requeue_environment(trainer: Trainer) -> SLURMEnvironment | None:
@@ -114,7 +126,8 @@ def save_checkpoint_atomically(
 
 
 class RequeueGuard:
-    """What :func:`requeue_guard` does on the requeue signal; built by it, not directly.
+    """What :func:`requeue_guard` does on the requeue signal; built by it (or :func:`detached_requeue_guard`, with
+    no parent ``trainer``), not directly.
 
     Attributes:
         checkpoint: the parent's checkpoint written at the start of the phase (``hpc_ckpt_<n>.ckpt``).
@@ -122,12 +135,12 @@ class RequeueGuard:
         requeued: whether this process ran ``scontrol requeue`` (rank zero) or took part in it.
     """
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: Trainer | None) -> None:
         self.trainer = trainer
         self.checkpoint: str | None = None
         self.signalled = self.requeued = False
         self._pending = False
-        self._deferring = True  # until the parent's checkpoint is on disk
+        self._deferring = trainer is not None  # until the parent's checkpoint is on disk
 
     def handle(self, signum: int, frame) -> None:
         """The signal handler: requeue now, or at the next safe point (see the module's docstring)."""
@@ -150,6 +163,10 @@ class RequeueGuard:
         if self.requeued:
             return
         self.requeued = True
+        if self.trainer is None:
+            if getattr(rank_zero_only, "rank", 0) == 0:
+                requeue_job()
+            return
         for logger in self.trainer.loggers:  # as Lightning's handler: what was logged is on disk
             logger.finalize("finished")
         if self.trainer.is_global_zero:
@@ -236,3 +253,33 @@ def requeue_guard(trainer: Trainer) -> Iterator[RequeueGuard | None]:
         signal.signal(environment.requeue_signal, signal.SIG_DFL if previous is None else previous)
         if finished and not guard.signalled and trainer.is_global_zero and guard.checkpoint is not None:
             Path(guard.checkpoint).unlink(missing_ok=True)  # the phase is done: nothing to resume
+
+
+@contextmanager
+def detached_requeue_guard() -> Iterator[RequeueGuard | None]:
+    """Make a child trained outside its parent's process requeue-safe on SLURM (a deferred sibling's task).
+
+    Under SLURM (``SLURMEnvironment.detect()``, main thread) the requeue signal is answered as in
+    :func:`requeue_guard` while a child trains (:meth:`RequeueGuard.watch_child`: its progress checkpoint at the
+    next step boundary, then ``scontrol requeue <array job>_<task>``), and at once otherwise; there is no parent
+    checkpoint to write. A child Trainer then installs no handler of its own.
+
+    Yields:
+        The :class:`RequeueGuard` to pass to the child, or None when not under SLURM.
+
+    Example:
+        >>> with detached_requeue_guard() as guard:  # not on SLURM here
+        ...     print(guard)
+        None
+    """
+    environment = SLURMEnvironment() if SLURMEnvironment.detect() else None
+    usable = environment is not None and environment.auto_requeue and environment.requeue_signal
+    if not usable or threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    guard = RequeueGuard(None)
+    previous = signal.signal(environment.requeue_signal, guard.handle)
+    try:
+        yield guard
+    finally:
+        signal.signal(environment.requeue_signal, signal.SIG_DFL if previous is None else previous)
