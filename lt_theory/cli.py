@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lt_theory.data import CIFARDataModule
 from lt_theory.module import ClassificationModule
 
-__all__ = ["TheoryCLI", "main"]
+__all__ = ["TheoryCLI", "instantiate", "main"]
 
 
 class TheoryCLI(LightningCLI):
@@ -68,15 +68,28 @@ def _resume_last_run(config) -> None:
     rank_zero_info(f"--ckpt_path last: resuming {config.ckpt_path}, logging on into {run}")
 
 
+def _recipe_cli(**kwargs) -> TheoryCLI:
+    return TheoryCLI(ClassificationModule, CIFARDataModule, subclass_mode_data=True, **kwargs)
+
+
 def main(args=None) -> TheoryCLI:
     """Run the recipe CLI on ``args`` (default: ``sys.argv[1:]``)."""
-    return TheoryCLI(
-        ClassificationModule,
-        CIFARDataModule,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    return _recipe_cli(save_config_kwargs={"overwrite": True}, args=args)
+
+
+def instantiate(config: dict) -> tuple[ClassificationModule, CIFARDataModule]:
+    """The module and the data module of a recipe configuration (a run's saved ``config.yaml`` as a dict, with
+    no subcommand), built as the CLI builds them (the class count linked), without running anything.
+
+    Raises:
+        SystemExit: from LightningCLI's parser, for a configuration it refuses.
+    """
+    command_line, sys.argv = sys.argv, sys.argv[:1]  # the calling command's arguments are not the recipe's
+    try:
+        cli = _recipe_cli(save_config_callback=None, run=False, args=config)
+    finally:
+        sys.argv = command_line
+    return cli.model, cli.datamodule
 
 
 if __name__ == "__main__":

@@ -39,10 +39,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-import sys
 import time
 from pathlib import Path
-from unittest.mock import patch
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -382,30 +380,19 @@ def rebuild(tasks: dict) -> tuple[LightningModule, LightningDataModule]:
 def _from_recipe_config(config_file: str) -> tuple[LightningModule, LightningDataModule]:
     import yaml
 
-    from lt_theory.cli import TheoryCLI
-    from lt_theory.data import CIFARDataModule
-    from lt_theory.module import ClassificationModule
+    from lt_theory.cli import instantiate
 
     config = yaml.safe_load(Path(config_file).read_text())
     for name in set(inspect.signature(Trainer.fit).parameters) - {"model"}:  # fit's own (ckpt_path, ...)
         config.pop(name, None)
     config["trainer"] = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
     try:
-        with patch.object(sys, "argv", sys.argv[:1]):  # this command's own arguments are not the recipe's
-            cli = TheoryCLI(
-                ClassificationModule,
-                CIFARDataModule,
-                subclass_mode_data=True,
-                save_config_callback=None,
-                run=False,
-                args=config,
-            )
+        return instantiate(config)
     except (Exception, SystemExit) as error:  # noqa: BLE001 - jsonargparse exits on a bad config
         raise RebuildError(
             f"cannot instantiate the parent's recipe configuration {config_file} again ({error}); run the task "
             "with the lt_theory version and from the folder the parent ran with."
         ) from None
-    return cli.model, cli.datamodule
 
 
 # -- one task -----------------------------------------------------------------------------------------------
