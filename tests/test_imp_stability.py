@@ -379,12 +379,12 @@ def test_resume_after_kills_in_the_stability_phase_redoes_only_what_is_unfinishe
     uninterrupted run."""
     trained, evaluated, original_train, original_paths = [], [], stability_module.train_from_snapshot, None
 
-    def counting_training(*args, progress_dir, **kwargs):
-        level = int(Path(progress_dir).parent.name.removeprefix("level"))
+    def counting_training(trainer, pl_module, run):
+        level = int(Path(run.progress_dir).parent.name.removeprefix("level"))
         trained.append(level)
         if trained == [0, 1]:
             raise _Killed("preempted while the sibling of level 1 trains")
-        return original_train(*args, progress_dir=progress_dir, **kwargs)
+        return original_train(trainer, pl_module, run)
 
     def counting_paths(*args, **kwargs):
         evaluated.append(len(evaluated))

@@ -15,7 +15,7 @@ import torch
 from contract_setup import STEPS_PER_EPOCH, make_module_and_data, make_trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lt_theory.callbacks import LinearModeConnectivity
+from lt_theory.callbacks import IMPPruner, LinearModeConnectivity
 from lt_theory.measures.interpolation import linear_paths
 from lt_theory.models import MLP
 from lt_theory.training.progress import PathProgress, SiblingsProgress
@@ -101,3 +101,14 @@ def test_in_job_siblings_and_paths_show_their_progress_on_rank_zero(tmp_path, li
     lines.clear()
     make_trainer(tmp_path, [lmc], enable_progress_bar=False).fit(*make_module_and_data())  # a second fit
     assert any("sibling 1 of 2 (k = 0): trained already" in line for line in lines)  # stored results reused
+
+
+def test_imp_level_siblings_show_their_progress(tmp_path, lines):
+    pruner = IMPPruner(
+        levels=1, fraction=0.5, rewind_step=2, steps_per_level=6, stability=True, num_alphas=3,
+        train_subset_size=16, ticket_dir=tmp_path / "imp",
+    )  # fmt: skip
+    make_trainer(tmp_path, [pruner], max_epochs=-1).fit(*make_module_and_data())
+    assert any(line.startswith("sibling 1 of 2 (level = 0): training steps 2 to 6; ") for line in lines)
+    assert any(line.startswith("sibling 2 of 2 (level = 1): trained in ") for line in lines)
+    assert any(line.startswith("path of level 1: ") for line in lines)

@@ -52,7 +52,12 @@ from lt_theory.callbacks.siblings import (
 from lt_theory.checks import check_fraction, check_int, check_positive_int
 from lt_theory.figures import error_along_path_figure, stability_figure
 from lt_theory.measures.interpolation import DEFAULT_NUM_ALPHAS, stable_point
-from lt_theory.training.child import check_child_strategy, train_from_snapshot, warn_about_training_callbacks
+from lt_theory.training.child import (
+    ChildRun,
+    check_child_strategy,
+    train_from_snapshot,
+    warn_about_training_callbacks,
+)
 from lt_theory.training.deferred import check_rebuildable, write_task_list
 from lt_theory.training.progress import SiblingsProgress, info
 from lt_theory.training.siblings import SiblingStore, check_spawn_steps, resolve_spawn_steps, sibling_seed
@@ -357,9 +362,7 @@ class LinearModeConnectivity(TheoryCallback):
         progress: SiblingsProgress,
     ) -> dict[str, Tensor]:  # fmt: skip
         """Train the sibling of ``k``; its final weights are written before its path is evaluated."""
-        return train_from_snapshot(
-            trainer,
-            pl_module,
+        run = ChildRun(
             self.snapshots[k],
             start_step=k,
             max_steps=final_step,
@@ -371,6 +374,7 @@ class LinearModeConnectivity(TheoryCallback):
             guard=self._guard,
             callbacks=[progress.callback(k, k, final_step)],
         )
+        return train_from_snapshot(trainer, pl_module, run)
 
     # -- spawn: logging -------------------------------------------------------------------------------
 

@@ -31,12 +31,14 @@ from lt_theory.callbacks.siblings import (
 )
 from lt_theory.loggers import log_tensorboard_scalars
 from lt_theory.training.child import (
+    ChildRun,
     check_child_strategy,
     detached_copy,
     train_from_snapshot,
     warn_about_training_callbacks,
 )
 from lt_theory.training.levels import remaining_bp
+from lt_theory.training.progress import SiblingsProgress
 from lt_theory.training.siblings import SiblingStore, sibling_seed
 from lt_theory.training.sparse import MaskedStart
 from lt_theory.training.state import cpu_copy, save_atomically, state_fingerprint
@@ -133,6 +135,8 @@ class LevelSiblings:
             final_step: ``T``, where every level's training ends in its own count.
         """
         snapshot = self.snapshots.paths.get(k)
+        bars = trainer.progress_bar_callback is not None
+        progress = SiblingsProgress(dict.fromkeys(sorted(self.levels), final_step - k), bars, key="level")
         with sibling_phase(trainer) as guard:
             for level in sorted(self.levels):
                 if snapshot is None:
@@ -161,9 +165,13 @@ class LevelSiblings:
                         guard,
                         rewind,
                         optimizer_state,
+                        progress,
                     ),
                     partial(self._parent, trainer, pl_module, level),
                 )
+                failed = self.results[level].get("failed")
+                reused = "trained already (its stored result is reused)"
+                progress.skipped(level, f"failed ({failed})" if failed else reused)
 
     def log(self, callback, trainer: Trainer, history: list[dict]) -> None:
         """Log each level's barriers and path at the level's end step (``history[level]["step"]``), and its
@@ -195,15 +203,16 @@ class LevelSiblings:
         }
         return {split: points for split, points in curves.items() if points}
 
-    def _train(self, trainer, pl_module, level, sibling: Sibling, snapshot, guard, rewind, optimizer_state):
+    def _train(
+        self, trainer, pl_module, level, sibling: Sibling, snapshot, guard, rewind, optimizer_state, progress
+    ):
         callbacks = []
         if level > 0:  # restart as the level did: its start weights, its masks, the optimizer as the IMP's
             ticket = read_ticket(self.levels[level]["ticket"])
             start = {**rewind, "model": ticket["start_state"]}
             callbacks.append(MaskedStart(start, ticket["masks"], optimizer_state, sibling.k))
-        return train_from_snapshot(
-            trainer,
-            pl_module,
+        callbacks.append(progress.callback(level, sibling.k, sibling.final_step))
+        run = ChildRun(
             snapshot,
             start_step=sibling.k,
             max_steps=sibling.final_step,
@@ -215,6 +224,7 @@ class LevelSiblings:
             guard=guard,
             callbacks=callbacks,
         )
+        return train_from_snapshot(trainer, pl_module, run)
 
     def _parent(self, trainer: Trainer, pl_module: LightningModule, level: int) -> nn.Module:
         """A copy of the module holding the level's final weights."""

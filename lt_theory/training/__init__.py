@@ -20,6 +20,7 @@ The Lightning internals this needs are in :mod:`lt_theory.compat`.
 from lt_theory.training.child import (
     SNAPSHOT_RNG_KEY,
     TRAINING_CALLBACKS,
+    ChildRun,
     check_child_strategy,
     train_from_snapshot,
 )
@@ -35,6 +36,7 @@ from lt_theory.training.state import (
 )
 
 __all__ = [
+    "ChildRun",
     "OPTIMIZER_STATES",
     "SNAPSHOT_RNG_KEY",
     "TRAINING_CALLBACKS",

@@ -51,6 +51,7 @@ from lt_theory.training.rng import rng_states, set_rng_states
 from lt_theory.training.state import save_atomically
 
 __all__ = [
+    "ChildRun",
     "SNAPSHOT_RNG_KEY",
     "TRAINING_CALLBACKS",
     "check_child_strategy",
@@ -363,28 +364,10 @@ def warn_if_loader_has_generator(trainer: Trainer, warn: Callable[[str, str], No
         )
 
 
-def train_from_snapshot(
-    trainer: Trainer,
-    pl_module: LightningModule,
-    snapshot: str | os.PathLike,
-    start_step: int,
-    max_steps: int,
-    order_seed: int,
-    progress_dir: str | os.PathLike,
-    root_dir: str | os.PathLike,
-    warn: Callable[[str, str], None],
-    final_weights: str | os.PathLike | None = None,
-    guard: RequeueGuard | None = None,
-    callbacks: Sequence[Callback] = (),
-) -> dict[str, Tensor]:
-    """Train a copy of ``pl_module`` from ``snapshot`` (written at ``start_step``) to ``max_steps``.
+class ChildRun(NamedTuple):
+    """One child run: the snapshot it starts from, how far it trains, its data order, where its files go.
 
-    Every rank enters (the child uses the parent's devices). The parent's module and data module are not
-    changed: the child trains deep copies (the data module's datasets are shared, not copied).
-
-    Args:
-        trainer: the parent's trainer (its fit may have ended).
-        pl_module: the parent's module.
+    Attributes:
         snapshot: the Lightning checkpoint of the parent at ``start_step``, with :data:`SNAPSHOT_RNG_KEY`.
         start_step: the step the snapshot was written at.
         max_steps: the step the child trains to.
@@ -400,6 +383,35 @@ def train_from_snapshot(
         callbacks: more callbacks of the child Trainer, after the one that sets its RNG and before its progress
             checkpoints (e.g. :class:`~lt_theory.training.sparse.MaskedStart`, which restarts a sparse level).
 
+    Example:
+        >>> run = ChildRun("lmc/snapshot_step=100.ckpt", 100, 500, 7, "lmc/progress", "lmc/k=100", print)
+        >>> run.max_steps - run.start_step
+        400
+    """
+
+    snapshot: str | os.PathLike
+    start_step: int
+    max_steps: int
+    order_seed: int
+    progress_dir: str | os.PathLike
+    root_dir: str | os.PathLike
+    warn: Callable[[str, str], None]
+    final_weights: str | os.PathLike | None = None
+    guard: RequeueGuard | None = None
+    callbacks: Sequence[Callback] = ()
+
+
+def train_from_snapshot(trainer: Trainer, pl_module: LightningModule, run: ChildRun) -> dict[str, Tensor]:
+    """Train a copy of ``pl_module`` from ``run.snapshot`` (written at ``run.start_step``) to ``run.max_steps``.
+
+    Every rank enters (the child uses the parent's devices). The parent's module and data module are not
+    changed: the child trains deep copies (the data module's datasets are shared, not copied).
+
+    Args:
+        trainer: the parent's trainer (its fit may have ended).
+        pl_module: the parent's module.
+        run: the child run.
+
     Returns:
         The child's final state dict, on the CPU.
     """
@@ -407,42 +419,18 @@ def train_from_snapshot(
     shared = [getattr(parent_data, name, None) for name in ("train_dataset", "val_dataset", "test_dataset")]
     datamodule = detached_copy(parent_data, trainer, shared)
     if not callable(getattr(datamodule, "reseed_order", None)):
-        warn_if_loader_has_generator(trainer, warn)
+        warn_if_loader_has_generator(trainer, run.warn)
     module = detached_copy(pl_module, trainer)
     if hasattr(module, "_metric_attributes"):
         module._metric_attributes = None  # Lightning's cache of metric names, keyed by the parent's ids
-    return _train_child(
-        _parent_ranks(trainer),
-        lambda own: _child_trainer(trainer, max_steps, own, Path(root_dir)),
-        module,
-        datamodule,
-        snapshot,
-        start_step,
-        max_steps,
-        order_seed,
-        progress_dir,
-        warn,
-        final_weights,
-        guard,
-        callbacks,
-    )
+
+    def make_trainer(callbacks: list[Callback]) -> Trainer:
+        return _child_trainer(trainer, run.max_steps, callbacks, Path(run.root_dir))
+
+    return _train_child(_parent_ranks(trainer), make_trainer, module, datamodule, run)
 
 
-def train_detached(
-    module: LightningModule,
-    datamodule,
-    arguments: dict,
-    snapshot: str | os.PathLike,
-    start_step: int,
-    max_steps: int,
-    order_seed: int,
-    progress_dir: str | os.PathLike,
-    root_dir: str | os.PathLike,
-    warn: Callable[[str, str], None],
-    final_weights: str | os.PathLike | None = None,
-    guard: RequeueGuard | None = None,
-    callbacks: Sequence[Callback] = (),
-) -> dict[str, Tensor]:
+def train_detached(module: LightningModule, datamodule, arguments: dict, run: ChildRun) -> dict[str, Tensor]:
     """:func:`train_from_snapshot` outside the parent's process: ``module`` and ``datamodule`` rebuilt as the
     parent's were (not yet trained or set up), the child Trainer from the parent's recorded settings.
 
@@ -455,33 +443,21 @@ def train_detached(
         arguments: :func:`child_trainer_arguments` of the parent's trainer (``devices`` and ``num_nodes`` may be
             changed to the resources of this process; a data module with ``global_batch_size`` then keeps the
             parent's batch).
-        snapshot, start_step, max_steps, order_seed, progress_dir, root_dir, warn, final_weights, guard,
-        callbacks: as in :func:`train_from_snapshot`.
+        run: the child run.
 
     Returns:
         The child's final state dict, on the CPU.
 
     Example:
-        >>> # state = train_detached(module, datamodule, task_list["trainer"], "lmc/snapshot_step=100.ckpt",
-        >>> #                        100, 500, order_seed=7, progress_dir=..., root_dir=..., warn=print)
+        >>> # state = train_detached(module, datamodule, task_list["trainer"],
+        >>> #                        ChildRun("lmc/snapshot_step=100.ckpt", 100, 500, 7, ..., warn=print))
     """
-    world = _world_size(arguments)
-    ranks = _Ranks(getattr(rank_zero_only, "rank", 0) == 0, world, None)
-    return _train_child(
-        ranks,
-        lambda own: _detached_trainer(arguments, max_steps, own, Path(root_dir)),
-        module,
-        datamodule,
-        snapshot,
-        start_step,
-        max_steps,
-        order_seed,
-        progress_dir,
-        warn,
-        final_weights,
-        guard,
-        callbacks,
-    )
+    ranks = _Ranks(getattr(rank_zero_only, "rank", 0) == 0, _world_size(arguments), None)
+
+    def make_trainer(callbacks: list[Callback]) -> Trainer:
+        return _detached_trainer(arguments, run.max_steps, callbacks, Path(run.root_dir))
+
+    return _train_child(ranks, make_trainer, module, datamodule, run)
 
 
 def _train_child(
@@ -489,41 +465,33 @@ def _train_child(
     make_trainer: Callable[[list[Callback]], Trainer],
     module: LightningModule,
     datamodule,
-    snapshot: str | os.PathLike,
-    start_step: int,
-    max_steps: int,
-    order_seed: int,
-    progress_dir: str | os.PathLike,
-    warn: Callable[[str, str], None],
-    final_weights: str | os.PathLike | None,
-    guard: RequeueGuard | None,
-    callbacks: Sequence[Callback],
+    run: ChildRun,
 ) -> dict[str, Tensor]:
     """The child run both entry points share: re-seed, resume or start, train, write the final weights."""
-    snapshot, progress_dir = Path(snapshot), Path(progress_dir)
+    snapshot, progress_dir = Path(run.snapshot), Path(run.progress_dir)
     info(
-        f"lt_theory: training a child from step {start_step} to step {max_steps} (data-order seed {order_seed}) "
-        f"from {snapshot}",
+        f"lt_theory: training a child from step {run.start_step} to step {run.max_steps} (data-order seed "
+        f"{run.order_seed}) from {snapshot}",
         "lt_theory.training",
     )
     reseed = getattr(datamodule, "reseed_order", None)
     if callable(reseed):
-        reseed(order_seed)
-    progress = _progress(ranks, snapshot, progress_dir, start_step, max_steps)
-    start = ChildStart(None if callable(reseed) else order_seed, from_progress=progress["resume"])
-    watch = nullcontext() if guard is None else guard.watch_child(progress["path"])
+        reseed(run.order_seed)
+    progress = _progress(ranks, snapshot, progress_dir, run.start_step, run.max_steps)
+    start = ChildStart(None if callable(reseed) else run.order_seed, from_progress=progress["resume"])
+    watch = nullcontext() if run.guard is None else run.guard.watch_child(progress["path"])
     with watch as on_signal:
-        own = [start, *callbacks, progress["checkpoint"]] + ([] if on_signal is None else [on_signal])
+        own = [start, *run.callbacks, progress["checkpoint"]] + ([] if on_signal is None else [on_signal])
         child = make_trainer(own)
         ckpt_path = progress["path"] if progress["resume"] else str(snapshot)
-        _fit_child(ranks.world_size, child, module, datamodule, ckpt_path, order_seed)
+        _fit_child(ranks.world_size, child, module, datamodule, ckpt_path, run.order_seed)
         state = {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
-        if final_weights is not None and ranks.is_global_zero:
-            save_atomically(state, final_weights)
-    if child.global_step != max_steps:
-        warn(
-            f"short:{start_step}",
-            f"the sibling of step {start_step} stopped at step {child.global_step}, not {max_steps}.",
+        if run.final_weights is not None and ranks.is_global_zero:
+            save_atomically(state, run.final_weights)
+    if child.global_step != run.max_steps:
+        run.warn(
+            f"short:{run.start_step}",
+            f"the sibling of step {run.start_step} stopped at step {child.global_step}, not {run.max_steps}.",
         )
     if ranks.is_global_zero:
         shutil.rmtree(progress_dir, ignore_errors=True)

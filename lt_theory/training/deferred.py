@@ -46,7 +46,12 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lt_theory.training.child import child_trainer_arguments, train_detached, warn_if_loader_has_generator
+from lt_theory.training.child import (
+    ChildRun,
+    child_trainer_arguments,
+    train_detached,
+    warn_if_loader_has_generator,
+)
 from lt_theory.training.preemption import detached_requeue_guard
 from lt_theory.training.progress import SiblingsProgress, info
 from lt_theory.training.siblings import SiblingStore
@@ -455,10 +460,7 @@ def train_task(
             info(f"LinearModeConnectivity: {message}", _LOGGER)
 
     with detached_requeue_guard() as guard:
-        train_detached(
-            module,
-            datamodule,
-            arguments,
+        run = ChildRun(
             task["snapshot"],
             start_step=k,
             max_steps=final_step,
@@ -470,6 +472,7 @@ def train_task(
             guard=guard,
             callbacks=[progress.callback(k, k, final_step)],
         )
+        train_detached(module, datamodule, arguments, run)
     outcome["trained"] = Path(task["weights"]).is_file()  # not when a requeue signal stopped it
     return outcome
 

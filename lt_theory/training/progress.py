@@ -93,12 +93,18 @@ class SiblingsProgress:
         bars: show a tqdm bar over each sibling's steps (rank zero).
         label: how the lines call one of them.
         logger: the logger's name.
+        key: what the keys of ``steps`` are, in the lines (``"k"``; ``"level"`` for IMP's level siblings).
     """
 
     def __init__(
-        self, steps: Mapping[int, int], bars: bool = True, label: str = "sibling", logger: str = LOGGER_NAME
+        self,
+        steps: Mapping[int, int],
+        bars: bool = True,
+        label: str = "sibling",
+        logger: str = LOGGER_NAME,
+        key: str = "k",
     ) -> None:
-        self.steps, self.bars, self.label, self.logger = dict(steps), bars, label, logger
+        self.steps, self.bars, self.label, self.logger, self.key = dict(steps), bars, label, logger, key
         self.order = {k: i for i, k in enumerate(self.steps)}
         self.start = time.monotonic()
         self._seconds = self._trained_steps = 0.0
@@ -111,7 +117,7 @@ class SiblingsProgress:
 
     def head(self, k: int) -> str:
         """``sibling i of n (k = K)``."""
-        return f"{self.label} {self.order[k] + 1} of {self.total} (k = {k})"
+        return f"{self.label} {self.order[k] + 1} of {self.total} ({self.key} = {k})"
 
     def _times(self) -> str:
         text = f"{duration(time.monotonic() - self.start)} elapsed"
