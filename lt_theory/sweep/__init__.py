@@ -62,7 +62,8 @@ task i of n with its axis values, the time elapsed and an estimate of the time l
 changes along them (:mod:`lt_theory.sweep.axis_curves`: width, training-set size, replicate seed, other
 value) and draws, against each axis and for each value of the others, the mean test and train error and the
 mean of each callback scalar, the latter with its log-log least-squares slope, into the TensorBoard run
-``<sweep>/aggregate`` (tags in :mod:`lt_theory.sweep.report`). Against a width: the model-wise curve,
+``<sweep>/aggregate`` (tags in :mod:`lt_theory.sweep.report`; every figure also as a PNG file in
+``<sweep>/aggregate/figures/``). Against a width: the model-wise curve,
 against width and parameter count, its interpolation threshold (the smallest width whose mean train error is
 at most ``epsilon``, :func:`lt_theory.measures.risk.interpolation_threshold`), its peaks
 (:func:`lt_theory.measures.risk.find_peaks`, unsmoothed, the standard error of each point as noise floor:

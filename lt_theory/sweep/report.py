@@ -15,14 +15,20 @@ width or number of examples (an int axis value), else the value's index:
 - every callback scalar the runs recorded: ``<tag>_by_<label><suffix>`` (e.g. ``ntk/relative_change_by_width``)
   and its log-log least-squares slope ``<tag>_loglog_slope_by_<label><suffix>`` (step 0), with the figure
   ``<tag>_by_<label>_loglog`` (every curve of the axis, with its fitted line);
-- the figure ``dd/error_by_<label>`` (train and test error, one line per curve) and the text
-  ``dd/sweep_summary`` (every table and verdict).
+- the figure ``dd/error_by_<label>`` (train and test error, one line per curve; against a training-set size
+  with each curve's EMC and test-error peaks marked) and the text ``dd/sweep_summary`` (every table and
+  verdict).
+
+Every figure is also written as a PNG file to ``<sweep>/aggregate/figures/``, named after its tag with each
+``/`` as ``_`` (:func:`figure_filename`: ``dd/error_by_train_size`` in ``dd_error_by_train_size.png``), for a
+paper or a README without TensorBoard.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +39,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from lt_theory import loggers
-from lt_theory.figures import FONT_SIZE, new_figure
+from lt_theory.figures import DPI, FONT_SIZE, new_figure
 from lt_theory.sweep.axis_curves import SweepAggregate, SweepCurve, sweep_curves
 from lt_theory.sweep.curve import ModelWiseCurve
 from lt_theory.sweep.run import RESULT_FILE
@@ -44,6 +50,9 @@ AGGREGATE_FILE = "aggregate.json"
 
 
 AGGREGATE_DIR = "aggregate"
+
+FIGURES_DIR = "figures"
+"""The folder of ``<sweep>/aggregate`` that holds each figure as a PNG file."""
 
 
 def _read_results(directory: Path) -> list[dict]:
@@ -72,7 +81,9 @@ def aggregate(
     """Read every run of a sweep folder, draw its curves into TensorBoard and say what they show.
 
     Writes the TensorBoard run ``<logdir>/aggregate`` (replacing an earlier one; tags in the module
-    docstring) and ``<logdir>/aggregate/aggregate.json``, and logs the tables and verdicts on rank zero.
+    docstring), ``<logdir>/aggregate/aggregate.json`` and every figure as a PNG file in
+    ``<logdir>/aggregate/figures/`` (:func:`figure_filename`; earlier PNG files there are removed), and logs
+    the tables and verdicts on rank zero.
     A partial sweep (a job array with tasks still running or failed) is aggregated from the runs that ended.
 
     Args:
@@ -101,13 +112,41 @@ def aggregate(
     result = sweep_curves(results, epsilon, smoothing, window, load_predictions=_load_predictions)
     out = directory / AGGREGATE_DIR
     if out.is_dir():
-        for old in out.glob("events.out.tfevents.*"):
+        for old in [*out.glob("events.out.tfevents.*"), *(out / FIGURES_DIR).glob("*.png")]:
             old.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
     _log(result, directory)
     write_json(out / AGGREGATE_FILE, result.as_dict())
     rank_zero_info(f"[sweep] {len(results)} runs aggregated into {out}\n" + summary(result))
     return result
+
+
+def figure_filename(tag: str) -> str:
+    """The PNG file name of a figure's tag: each ``/`` becomes ``_``, and any character other than letters,
+    digits and ``._=,+-`` becomes ``_``.
+
+    Args:
+        tag: the figure's TensorBoard tag, e.g. ``dd/modelwise_curve/label_noise=0.2``.
+
+    Returns:
+        The file name, e.g. ``dd_modelwise_curve_label_noise=0.2.png``.
+
+    Example:
+        >>> figure_filename("ntk/relative_change_by_width_loglog")
+        'ntk_relative_change_by_width_loglog.png'
+    """
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", tag) + ".png"
+
+
+def _log_figure(target: loggers.LoggerTarget, tag: str, figure, folder: Path) -> None:
+    """Log ``figure`` at step 0 under ``tag`` and write it to ``folder`` as a PNG file (:func:`figure_filename`).
+
+    The figure is drawn once before: a constrained layout can move by a pixel between the first and the second
+    drawing (an annotation above the axes), and TensorBoard and the file must show the same pixels.
+    """
+    figure.canvas.draw()
+    loggers.log_figure(target, tag, figure, step=0)
+    figure.savefig(folder / figure_filename(tag), dpi=DPI)
 
 
 def _suffix(result: SweepAggregate, curve: SweepCurve) -> str:
@@ -122,22 +161,21 @@ def _log(result: SweepAggregate, directory: Path) -> None:
         save_dir=str(directory), name="", version=AGGREGATE_DIR, default_hp_metric=False
     )
     target = loggers.LoggerTarget([logger])  # no Trainer (nor its cluster detection) just to write events
+    folder = directory / AGGREGATE_DIR / FIGURES_DIR
     charts: dict[str, list[str]] = {}
     for curve in result.curves:
         suffix = _suffix(result, curve)
         if curve.model_wise is not None:
-            _log_model_wise(target, curve.model_wise, curve.label, suffix, charts)
+            _log_model_wise(target, curve.model_wise, curve.label, suffix, charts, folder)
         else:
             _log_points(target, curve, suffix, charts)
         _log_callback_scalars(target, curve, suffix, charts)
     for axis in dict.fromkeys(curve.axis for curve in result.curves):
         curves = [c for c in result.curves if c.axis == axis]
         label = curves[0].label
-        loggers.log_figure(target, f"dd/error_by_{label}", _error_figure(result, curves), step=0)
+        _log_figure(target, f"dd/error_by_{label}", _error_figure(result, curves), folder)
         for tag in sorted({t for c in curves for t in c.scalars}):
-            loggers.log_figure(
-                target, f"{tag}_by_{label}_loglog", _scalar_figure(result, curves, tag), step=0
-            )
+            _log_figure(target, f"{tag}_by_{label}_loglog", _scalar_figure(result, curves, tag), folder)
     loggers.add_custom_scalar_charts(target, "dd sweep", charts)
     loggers.log_text(target, "dd/sweep_summary", summary(result, markdown=True), step=0)
     logger.save()
@@ -152,7 +190,7 @@ def _peak_tags(label: str) -> tuple[str, str]:
 
 
 def _log_model_wise(
-    target: loggers.LoggerTarget, curve: ModelWiseCurve, label: str, suffix: str, charts: dict
+    target: loggers.LoggerTarget, curve: ModelWiseCurve, label: str, suffix: str, charts: dict, folder: Path
 ) -> None:
     series = {**curve.metrics, **curve.bias_variance}
     for i, (width, params) in enumerate(zip(curve.widths, curve.num_parameters)):
@@ -184,9 +222,9 @@ def _log_model_wise(
             charts[f"Bias-variance by {label} ({title}){suffix}"] = [
                 f"dd/{prefix}{name}_by_{label}{suffix}" for name in ("bias_squared", "variance", "risk")
             ]
-    loggers.log_figure(target, f"dd/modelwise_curve{suffix}", _curve_figure(curve), step=0)
+    _log_figure(target, f"dd/modelwise_curve{suffix}", _curve_figure(curve), folder)
     if curve.bias_variance:
-        loggers.log_figure(target, f"dd/bias_variance{suffix}", _bias_variance_figure(curve), step=0)
+        _log_figure(target, f"dd/bias_variance{suffix}", _bias_variance_figure(curve), folder)
     loggers.log_text(
         target,
         f"dd/modelwise_summary{suffix}",
@@ -238,10 +276,17 @@ def _error_figure(result: SweepAggregate, curves: list[SweepCurve]):
         test = axis.plot(
             curve.positions, curve.metrics["test_error"], "o-", label=f"test error {group}".strip()
         )
+        color = test[0].get_color()
         if "train_error" in curve.metrics:
-            axis.plot(
-                curve.positions, curve.metrics["train_error"], "s--", color=test[0].get_color(), alpha=0.6
-            )
+            axis.plot(curve.positions, curve.metrics["train_error"], "s--", color=color, alpha=0.6)
+        if curve.emc is not None:
+            axis.axvline(curve.emc, color=color, linestyle=":", label=f"EMC {group}".strip() + f" = {curve.emc:,}")
+        for peak in curve.peaks:
+            if peak.position in curve.positions:
+                axis.annotate(
+                    "peak", (peak.position, peak.value), textcoords="offset points", xytext=(0, 8), ha="center"
+                )
+    axis.margins(y=0.1)  # room for a peak's label inside the axes
     _x_axis(axis, curves[0])
     axis.set_ylabel("error (dashed: train)")
     axis.legend(fontsize=FONT_SIZE)
