@@ -151,7 +151,7 @@ def tiny(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("tiny")
     finals, generated, handler = {}, [], _Lines()
     original = datamodule_module.make_synthetic_cifar
-    logging.getLogger("lightning.pytorch").addHandler(handler)
+    logging.getLogger("lt_theory").addHandler(handler)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(
             datamodule_module,
@@ -162,7 +162,7 @@ def tiny(tmp_path_factory):
         try:
             result = _run(logdir / "runs", *TINY_ARGS, sweep=SWEEP + PROBE_EVERY_EPOCH)
         finally:
-            logging.getLogger("lightning.pytorch").removeHandler(handler)
+            logging.getLogger("lt_theory").removeHandler(handler)
     sweep = logdir / "runs" / "tiny"
     results = {w: json.loads((sweep / f"hidden_{w:04d}" / RESULT_FILE).read_text()) for w in (2, 4)}
     return SimpleNamespace(

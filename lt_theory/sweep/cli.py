@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from jsonargparse import ArgumentParser
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only
 
 from lt_theory.measures.risk import SMOOTHING_METHODS
 from lt_theory.sweep.axis_curves import SweepAggregate
@@ -20,9 +20,11 @@ from lt_theory.sweep.config import (
     validate_config,
 )
 from lt_theory.sweep.models import num_parameters
+from lt_theory.sweep.progress import SWEEP_LOGGER
 from lt_theory.sweep.report import aggregate
 from lt_theory.sweep.run import run_sweep
 from lt_theory.sweep.tasks import describe_grid
+from lt_theory.training.progress import info
 
 USAGE = """python -m lt_theory.sweep run --config RECIPE.yaml [--config SWEEP.yaml] [--KEY VALUE ...]
        python -m lt_theory.sweep aggregate --logdir SWEEP_FOLDER [--epsilon E]
@@ -78,7 +80,7 @@ def _run(args: Sequence[str]) -> SweepAggregate | list[dict] | None:
     if sweep.print_tasks:
         _print_tasks(sweep)
         return None
-    rank_zero_info(f"[sweep] {grid_summary(sweep)}")
+    info(f"[sweep] {grid_summary(sweep)}", SWEEP_LOGGER)
     try:
         results = run_sweep(sweep)
     except ValueError as error:

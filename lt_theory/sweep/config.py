@@ -31,7 +31,6 @@ from typing import Any
 
 import yaml
 from jsonargparse import ArgumentParser, Namespace
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lt_theory.callbacks.double_descent import DoubleDescentProbe
@@ -41,7 +40,9 @@ from lt_theory.data.datamodule import derived_seed
 from lt_theory.module import ClassificationModule
 from lt_theory.sweep.keys import config_value, flatten, plain, with_value
 from lt_theory.sweep.models import import_object
+from lt_theory.sweep.progress import SWEEP_LOGGER
 from lt_theory.sweep.tasks import Axis, SweepTask, check_axes, check_splits, describe_grid, sweep_tasks
+from lt_theory.training.progress import info
 from lt_theory.training.stored import comparable
 
 PROBE_CLASS_PATH = "lt_theory.DoubleDescentProbe"
@@ -351,14 +352,16 @@ def _ensure_probe(base: dict) -> None:
                 "init_args": {"train_subset_size": None, "measure_on_train_end": True},
             }
         )
-        rank_zero_info(
+        info(
             "[sweep] the config has no DoubleDescentProbe in `trainer.callbacks`: the sweep adds one "
-            "(train_subset_size: null, measure_on_train_end: true) to measure each run's final model"
+            "(train_subset_size: null, measure_on_train_end: true) to measure each run's final model",
+            SWEEP_LOGGER,
         )
     elif not (probes[0].get("init_args") or {}).get("measure_on_train_end"):
         probes[0].setdefault("init_args", {})["measure_on_train_end"] = True
-        rank_zero_info(
-            "[sweep] DoubleDescentProbe: measure_on_train_end set to true (the sweep reads the final model)"
+        info(
+            "[sweep] DoubleDescentProbe: measure_on_train_end set to true (the sweep reads the final model)",
+            SWEEP_LOGGER,
         )
     trainer["callbacks"] = callbacks
 

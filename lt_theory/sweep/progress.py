@@ -1,5 +1,5 @@
 """Progress of a sweep a user can follow: task i of n, its axis values, the time elapsed and an estimate of the
-time left, through Lightning's rank-zero logger (``lightning.pytorch``, printed by Lightning's handler)."""
+time left, on global rank zero through the ``lt_theory.sweep`` logger (:mod:`lt_theory.training.progress`)."""
 
 from __future__ import annotations
 
@@ -7,30 +7,11 @@ import math
 import time
 from collections.abc import Sequence
 
-from lightning.pytorch.utilities import rank_zero_info
-
 from lt_theory.sweep.tasks import SweepTask
+from lt_theory.training.progress import duration, info
 
-
-def duration(seconds: float) -> str:
-    """A duration in words: ``42 s``, ``3 min 05 s``, ``2 h 07 min``.
-
-    Args:
-        seconds: the duration.
-
-    Returns:
-        The words.
-
-    Example:
-        >>> duration(185.2), duration(7620)
-        ('3 min 05 s', '2 h 07 min')
-    """
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+#: the logger of every message of the sweep
+SWEEP_LOGGER = "lt_theory.sweep"
 
 
 class Progress:
@@ -64,7 +45,7 @@ class Progress:
     def started(self, task: SweepTask) -> None:
         """Say that ``task`` starts training."""
         self._task_start = time.monotonic()
-        rank_zero_info(f"{self._head(task)}: training; {self._times()}")
+        info(f"{self._head(task)}: training; {self._times()}", SWEEP_LOGGER)
 
     def done(self, task: SweepTask, summary: str, trained: bool) -> None:
         """Say that ``task`` ended (``trained``) or was found done, with ``summary`` (its final numbers)."""
@@ -75,4 +56,4 @@ class Progress:
             what = f"done in {duration(took)}"
         else:
             what = "done already (its result.json is reused; `--sweep.rerun true` trains it again)"
-        rank_zero_info(f"{self._head(task)} {what}: {summary}; {self._times()}")
+        info(f"{self._head(task)} {what}: {summary}; {self._times()}", SWEEP_LOGGER)

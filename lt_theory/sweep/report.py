@@ -36,14 +36,15 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
 
 from lt_theory import loggers
 from lt_theory.figures import DPI, FONT_SIZE, new_figure
 from lt_theory.sweep.axis_curves import SweepAggregate, SweepCurve, sweep_curves
 from lt_theory.sweep.curve import ModelWiseCurve
+from lt_theory.sweep.progress import SWEEP_LOGGER
 from lt_theory.sweep.run import RESULT_FILE
 from lt_theory.sweep.tasks import short_names, value_text
+from lt_theory.training.progress import info
 from lt_theory.training.stored import read_json, write_json
 
 AGGREGATE_FILE = "aggregate.json"
@@ -117,7 +118,7 @@ def aggregate(
     (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
     _log(result, directory)
     write_json(out / AGGREGATE_FILE, result.as_dict())
-    rank_zero_info(f"[sweep] {len(results)} runs aggregated into {out}\n" + summary(result))
+    info(f"[sweep] {len(results)} runs aggregated into {out}\n" + summary(result), SWEEP_LOGGER)
     return result
 
 
@@ -294,7 +295,8 @@ def _error_figure(result: SweepAggregate, curves: list[SweepCurve]):
 
 
 def _x_axis(axis, curve: SweepCurve) -> None:
-    axis.set_xlabel({"train_size": "training examples"}.get(curve.kind, curve.axis))
+    names = {"train_size": "training examples", "width": f"width ({curve.axis.rsplit('.', 1)[-1]})"}
+    axis.set_xlabel(names.get(curve.kind, curve.axis))
     if curve.kind in ("width", "train_size") and all(p > 0 for p in curve.positions):
         axis.set_xscale("log")
     if curve.positions == list(range(len(curve.values))) and curve.values != curve.positions:

@@ -45,10 +45,11 @@ from pathlib import Path
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lt_theory.compat import cluster_environment, hpc_checkpoint_path
+from lt_theory.training.progress import info
 
 __all__ = [
     "RequeueGuard",
@@ -91,7 +92,7 @@ def requeue_job() -> int | None:
         rank_zero_warn(f"lt_theory: not requeueing: {job_id!r} is not a SLURM job id.")
         return None
     command = ["scontrol", "requeue", job_id]
-    rank_zero_info(f"lt_theory: requeueing SLURM job {job_id}")
+    info(f"lt_theory: requeueing SLURM job {job_id}", "lt_theory.training")
     try:
         status = subprocess.call(command)
     except FileNotFoundError:  # outside a shell context, as Lightning retries
@@ -144,7 +145,7 @@ class RequeueGuard:
 
     def handle(self, signum: int, frame) -> None:
         """The signal handler: requeue now, or at the next safe point (see the module's docstring)."""
-        rank_zero_info(f"lt_theory: received the requeue signal {signum} after fit")
+        info(f"lt_theory: received the requeue signal {signum} after fit", "lt_theory.training")
         self.signalled = self._pending = True
         if not self._deferring:
             self._requeue()
