@@ -524,11 +524,12 @@ def test_pl_plateau_and_pl_healthy(tmp_path):
         ({"net.conv1": 1e-2, "net.fc": 50.0}, "violated", "Debug: An exploding gradient at net.fc"),
         ({"net.conv1": 5e-5, "net.fc": 1e-2}, "borderline", "Debug: Check that net.conv1 is trained"),
         (
-            {"net.conv1": 1e-2, "net.fc": 5.0},
+            {"net.conv1": 1e-2, "net.fc": 8.0},
             "borderline",
             "Debug: An exploding gradient at net.fc",
-        ),  # lr 0.1
+        ),  # lr 0.1: updates of 0.8
         ({"net.conv1": 1e-3, "net.fc": 1e-2}, "holds", None),
+        ({"net.conv1": 1e-3, "net.fc": 1.5}, "holds", None),  # 0.15, the quick start's largest: healthy
     ],
 )
 def test_gradient_health(tmp_path, ratios, verdict, first):

@@ -431,8 +431,9 @@ def gradient_health(run: RunLog, limits: Mapping, context: Context) -> Judgement
         update, high = largest
     vanishing, exploding, band = limits["vanishing"], limits["exploding"], limits["band"]
     evidence = (
-        f"grad/weight from {fmt(finite.get(low))} ({low}) to {fmt(finite.get(high))} ({high}); lr "
-        f"{fmt(lr)}, so the largest relative update per step is {fmt(update)}."
+        f"grad/weight from {fmt(finite.get(low))} ({low}) to {fmt(max(finite.values(), default=None))} at the "
+        f"end (lr {fmt(lr)})" + ("." if update is None else "; the largest relative update per step, lr x "
+        f"grad/weight over the run, is {fmt(update)} ({high}).")
     )
     if broken:
         facts["exploding_layer"] = broken[0]
@@ -452,7 +453,7 @@ def gradient_health(run: RunLog, limits: Mapping, context: Context) -> Judgement
         return Judgement("violated", finite[worst], evidence, f"landscape/grad_to_weight/{worst}", facts)
     if finite[low] < band * vanishing:
         facts["vanishing_layer"] = low
-    if update is not None and update > exploding / band:
+    if update is not None and update > exploding / limits["exploding_band"]:
         facts["exploding_layer"] = high
     verdict = "borderline" if facts else "holds"
     if lr is None:
