@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,7 +74,9 @@ def _scalars(run: Path) -> dict[tuple[str, int], float]:
 def _images_and_text(run: Path) -> tuple[set, list[str]]:
     events = EventAccumulator(str(run), size_guidance={"images": 0, "tensors": 0}).Reload()
     images = {(tag, e.step) for tag in events.Tags()["images"] if tag.startswith("lmc/") for e in events.Images(tag)}
-    summaries = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("lmc/summary/text_summary")]
+    text = "lmc/summary/text_summary"
+    logged = events.Tensors(text) if text in events.Tags()["tensors"] else []
+    summaries = [e.tensor_proto.string_val[0].decode() for e in logged]
     return images, summaries
 
 
@@ -99,6 +102,8 @@ def test_deferred_tasks_then_aggregate_give_the_in_job_barriers_bit_for_bit(tmp_
         partial = deferred_aggregate(lmc_dir)
     assert partial["missing"] == [0] and partial["logged"] == [STEPS_PER_EPOCH]
     assert f"--dir {lmc_dir} --task-index 0" in caplog.text  # the command that trains the missing one
+    assert not any(tag == "lmc/stable_point" for tag, _ in _scalars(run))  # not from half the siblings
+    assert _images_and_text(run)[1] == []
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
     assert lmc_command(["train-sibling", "--dir", str(lmc_dir)]) == 0
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
@@ -109,8 +114,13 @@ def test_deferred_tasks_then_aggregate_give_the_in_job_barriers_bit_for_bit(tmp_
     assert train_task(lmc_dir, 0)["trained"] is False
     assert {n: p.stat().st_mtime_ns for n, p in _sibling_files(lmc_dir, ".pt").items()} == weights
 
+    # the whole run folder moved before the aggregation: the barriers go into the run where it is now
+    moved = tmp_path / "moved"
+    shutil.move(str(run.parent), str(moved))
+    run, lmc_dir = moved / run.name, moved / run.name / "lmc"
     full = deferred_aggregate(lmc_dir)
     assert full["missing"] == [] and full["logged"] == [0]  # k = 6 was logged by the first aggregation
+    assert not (tmp_path / "runs" / "deferred").exists()
 
     # the siblings, their results and the logged barriers are the in-job run's, bit for bit
     reference = _sibling_files(in_job_run / "lmc", ".pt")
@@ -127,7 +137,7 @@ def test_deferred_tasks_then_aggregate_give_the_in_job_barriers_bit_for_bit(tmp_
     assert _scalars(run) == expected
     images, summaries = _images_and_text(run)
     expected_images, expected_summaries = _images_and_text(in_job_run)
-    assert images == expected_images and summaries[-1] == expected_summaries[-1]
+    assert images == expected_images and summaries == expected_summaries  # logged once, complete
 
     # aggregating again logs nothing new
     assert deferred_aggregate(lmc_dir)["logged"] == []
@@ -174,12 +184,19 @@ def test_a_module_that_cannot_be_rebuilt_is_refused_at_setup_saying_how_to_fix_i
         make_trainer(tmp_path, [lmc]).fit(module, datamodule=data)
     with pytest.raises(ValueError, match="`siblings` must be one of"):
         LinearModeConnectivity(siblings="later")
+    with pytest.raises(ValueError, match="needs mode='spawn'"):
+        LinearModeConnectivity(mode="init", siblings="deferred")
 
 
 def _fake_task_list(folder: Path, count: int = 2) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    tasks = [{"index": i, "k": i, "weights": str(folder / f"w{i}.pt")} for i in range(count)]
-    (folder / TASKS_FILE).write_text(json.dumps({"format": 1, "directory": str(folder), "tasks": tasks}))
+    tasks = [
+        {"index": i, "k": i, "weights": str(folder / f"w{i}.pt"), "snapshot": str(folder / f"snapshot_step={i}.ckpt")}
+        for i in range(count)
+    ]
+    parent = {"final_step": count, "weights": str(folder / "parent.pt")}
+    task_list = {"format": 1, "directory": str(folder), "parent": parent, "trainer": {"bars": False}, "tasks": tasks}
+    (folder / TASKS_FILE).write_text(json.dumps(task_list))
 
 
 @pytest.mark.parametrize(
@@ -188,6 +205,7 @@ def _fake_task_list(folder: Path, count: int = 2) -> None:
         (["--task-index", "0"], r"no task list at .*siblings='deferred'.*Give --dir that folder"),
         (["--task-index", "2"], r"task index 2 is out of range.*2 task\(s\), 0 \.\. 1.*--array=0-1"),
         ([], r"which task\? Give --task-index i \(i = 0 \.\. 1\), or run it as a SLURM array task"),
+        (["--task-index", "1"], r"task 1 needs .*snapshot_step=1\.ckpt, which is missing.*copy the whole lmc folder"),
     ],
 )
 def test_bad_input_exits_with_a_message_saying_what_to_do(tmp_path, monkeypatch, capsys, argv, message):

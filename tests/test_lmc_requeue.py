@@ -388,3 +388,29 @@ def test_a_checkpoint_killed_while_written_leaves_the_complete_one_in_place(tmp_
     with pytest.raises(_Killed):
         save_checkpoint_atomically(_HalfWriting(), tmp_path / "new.ckpt")
     assert not (tmp_path / "new.ckpt").exists()
+
+
+class _StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_a_sibling_stopped_short_is_not_kept_as_trained_and_resumes_from_its_progress(tmp_path, monkeypatch):
+    """A child stopped before the end (here by a callback at step SPAWN + 2) writes no final weights, which
+    would mark it as done, and no result, and keeps its progress checkpoint; the next job trains it again."""
+    _Children(monkeypatch, lambda: [_StopAt(SPAWN + 2)])
+    with pytest.warns(UserWarning, match=f"ChildStoppedShort: .* stopped at step {SPAWN + 2}, not {FINAL_STEP}"):
+        _job(tmp_path)
+    lmc_dir = tmp_path / "lmc"
+    assert list(lmc_dir.glob("sibling_step=*.pt")) == []
+    assert len(list(lmc_dir.rglob("last.ckpt"))) == 1  # the progress checkpoint at step SPAWN + 2
+    monkeypatch.undo()
+    sibling_steps = []
+    _Children(monkeypatch, lambda: [_Steps(sibling_steps, "sibling")])
+    _job(tmp_path)
+    assert len(list(lmc_dir.glob("sibling_step=*.pt"))) == 1
+    assert len(sibling_steps) == FINAL_STEP - SPAWN  # from k: this job retrained the parent, a new snapshot

@@ -26,7 +26,7 @@ from lt_theory.compat import cluster_environment, ddp_options, hpc_checkpoint_pa
 from lt_theory.models import MLP
 from lt_theory.training import rng_states, set_rng_states, state_fingerprint
 from lt_theory.training.state import load_beside_checkpoints, save_beside_checkpoints
-from lt_theory.training.stored import changed_settings, read_json, write_json
+from lt_theory.training.stored import changed_settings, partial_file, read_json, write_json
 from lt_theory.training.tickets import load_ticket, read_ticket, save_ticket
 
 
@@ -144,10 +144,19 @@ def test_stored_json_round_trips_nan_and_a_damaged_file_is_named(tmp_path):
     write_json(path, {"barrier": math.nan, "settings": {"seed": 0}})
     stored = read_json(path)
     assert math.isnan(stored["barrier"]) and stored["settings"] == {"seed": 0}
-    assert not (tmp_path / "result.json.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]  # the partial file renamed into place
     path.write_text('{"barrier": 0.1, "sett')  # truncated by a crash or another writer
     with pytest.raises(ValueError, match="result.json"):
         read_json(path)
+
+
+def test_two_writers_of_one_file_never_share_a_partial_file(tmp_path):
+    """Two jobs writing the same file (a resubmitted array task next to its first run): each writes its own
+    partial file, so the one renamed into place is always one writer's whole file."""
+    path = tmp_path / "weights.pt"
+    first, second = partial_file(path), partial_file(path)
+    assert first != second and first.parent == second.parent == tmp_path
+    assert first.name.startswith("weights.pt.") and first.suffix == ".partial"
 
 
 def test_a_file_beside_the_checkpoints_is_loaded_only_if_it_is_the_one_the_checkpoint_names(tmp_path):

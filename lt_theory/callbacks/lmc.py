@@ -197,6 +197,8 @@ class LinearModeConnectivity(TheoryCallback):
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         if siblings not in SIBLINGS:
             raise ValueError(f"`siblings` must be one of {SIBLINGS}, got {siblings!r}")
+        if siblings != "in_job" and mode != "spawn":
+            raise ValueError(f"`siblings={siblings!r}` needs mode='spawn' (the init path trains no sibling)")
         self.siblings = siblings
         self.spawn_steps = check_spawn_steps(spawn_steps)
         check_positive_int("every_n_epochs", every_n_epochs)

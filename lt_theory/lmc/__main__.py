@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from lt_theory.lmc.aggregate import aggregate
+from lt_theory.training.child import ChildStoppedShort
 from lt_theory.training.deferred import RebuildError, TaskListError, read_task_list, train_task
 from lt_theory.training.progress import info
 
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line on ``argv`` (default: ``sys.argv[1:]``).
 
     Returns:
-        0; a bad input exits with status 2 and its message.
+        0; 3 from ``aggregate`` when some siblings are not trained yet (the others are logged); a bad input
+        exits with status 2 and its message.
     """
     parser = _parser()
     args = parser.parse_args(argv)
@@ -72,10 +74,14 @@ def main(argv: list[str] | None = None) -> int:
             result = aggregate(args.dir, device=args.device, bars=not args.no_progress_bar, relog=args.relog)
             if result["summary"] and not result["logged"]:  # logging it said it already
                 info(result["summary"], "lt_theory.lmc")
+            if result["missing"]:
+                return 3
         else:
             _status(args.dir)
     except (TaskListError, RebuildError) as error:
         parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
+    except ChildStoppedShort as error:
+        parser.exit(1, f"{parser.prog} {args.command}: error: {error}\n")
     return 0
 
 

@@ -8,8 +8,9 @@ the same evaluation sets and settings): on the CPU the barriers are bit-identica
 ``lmc/error_along_path`` at step ``k``; ``lmc/stable_point``, ``lmc/stability`` and ``lmc/summary`` at the
 parent's last step) into the parent's TensorBoard run, through a :class:`~lt_theory.loggers.LoggerTarget` (no
 Trainer). A sibling not trained yet (or whose task failed) is named with the command that trains it, and the
-others are logged. Results are stored next to the siblings (reused on the next aggregation), and what was logged
-is recorded in ``aggregated.json``, so aggregating again logs only what is new (``relog=True`` logs all again).
+others' barriers are logged; the stable point, figure and summary wait until every sibling is trained.
+Results are stored next to the siblings (reused on the next aggregation), and what was logged is recorded in
+``aggregated.json``, so aggregating again logs only what is new (``relog=True`` logs all again).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def aggregate(
         else:
             info(f"{head}: its stored result is reused", _LOGGER)
         lmc.results[k] = result
-    logged = _log(lmc, parent, folder, final_step, relog)
+    logged = _log(lmc, parent, folder, final_step, relog, complete=not missing)
     point, summary = (lmc.stable_point(), lmc.summary()) if lmc.results else (None, "")
     if missing:
         info(f"{len(missing)} of {count} siblings not trained yet (tasks {missing}); the others are logged.", _LOGGER)
@@ -118,8 +119,14 @@ def _parent_and_data(tasks: dict, device: torch.device) -> tuple[torch.nn.Module
     return module, _DataSource(datamodule)
 
 
-def _log(lmc: LinearModeConnectivity, parent: dict, folder: Path, final_step: int, relog: bool) -> list[int]:
-    """Log what is new (everything with ``relog``) into the parent's TensorBoard run; the ks logged."""
+def _log(
+    lmc: LinearModeConnectivity, parent: dict, folder: Path, final_step: int, relog: bool, complete: bool
+) -> list[int]:
+    """Log what is new (everything with ``relog``) into the parent's TensorBoard run; the ks logged.
+
+    The stable point, the stability figure and the summary are logged once, when every sibling is trained: a
+    stable point of some of the ks would stay in the (append-only) event file next to the right one.
+    """
     run = parent.get("tensorboard")
     if run is None:
         info("the parent had no TensorBoardLogger: the results are in the JSON files next to the siblings.", _LOGGER)
@@ -128,18 +135,26 @@ def _log(lmc: LinearModeConnectivity, parent: dict, folder: Path, final_step: in
     ledger = {} if relog or not ledger_file.is_file() else read_json(ledger_file)
     done = ledger.get("results", {})
     new = [k for k in sorted(lmc.results) if done.get(str(k)) != _identity(lmc.results[k])]
-    summary = {str(k): _identity(r) for k, r in sorted(lmc.results.items())}
-    if not new and ledger.get("summary") == summary:
+    identities = {str(k): _identity(r) for k, r in sorted(lmc.results.items())}
+    stability_due = complete and bool(identities) and ledger.get("stability") != identities
+    if not new and not stability_due:
         info(f"nothing new to log into {run} (aggregated already; --relog logs it again).", _LOGGER)
         return []
+    if not Path(run).is_dir():
+        get_logger(_LOGGER).warning(
+            f"the parent's TensorBoard run {run} does not exist (moved or deleted?): a new one is made there."
+        )
     path = Path(run)
     logger = TensorBoardLogger(save_dir=str(path.parent), name="", version=path.name, default_hp_metric=False)
     target = LoggerTarget([logger], True, final_step)
     for k in new:
         log_path_result(lmc, target, lmc.results[k], k, f"parent vs sibling spawned at {k}")
-    lmc.log_stability(target)
+    if stability_due:
+        lmc.log_stability(target)
     logger.experiment.flush()
     logger.finalize("success")
-    write_json(ledger_file, {"results": summary, "summary": summary, "tensorboard": run})
-    info(f"logged the barriers of k = {new} and the summary into {run}", _LOGGER)
+    stability = identities if complete else ledger.get("stability")
+    write_json(ledger_file, {"results": identities, "stability": stability, "tensorboard": run})
+    what = "and the stable point and summary " if stability_due else "(the stable point once every sibling is) "
+    info(f"logged the barriers of k = {new} {what}into {run}", _LOGGER)
     return new

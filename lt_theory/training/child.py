@@ -40,18 +40,18 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lt_theory.compat import cluster_environment, ddp_options, uses_distributed_sampler
 from lt_theory.training.preemption import RequeueGuard
-from lt_theory.training.progress import info
+from lt_theory.training.progress import info, is_rank_zero
 from lt_theory.training.rng import rng_states, set_rng_states
 from lt_theory.training.state import save_atomically
 
 __all__ = [
     "ChildRun",
+    "ChildStoppedShort",
     "SNAPSHOT_RNG_KEY",
     "TRAINING_CALLBACKS",
     "check_child_strategy",
@@ -216,7 +216,7 @@ def child_trainer_arguments(trainer: Trainer) -> dict:
         deterministic = False
     return {
         "accelerator": accelerator,
-        "devices": trainer.num_devices if accelerator == "cpu" else list(trainer.device_ids),
+        "devices": trainer.num_devices,  # a count: a task elsewhere has its own device ids
         "num_nodes": trainer.num_nodes,
         "precision": str(trainer.precision),
         "limit_train_batches": trainer.limit_train_batches,
@@ -364,6 +364,10 @@ def warn_if_loader_has_generator(trainer: Trainer, warn: Callable[[str, str], No
         )
 
 
+class ChildStoppedShort(RuntimeError):
+    """A child run ended before its ``max_steps``: nothing of it is kept as finished."""
+
+
 class ChildRun(NamedTuple):
     """One child run: the snapshot it starts from, how far it trains, its data order, where its files go.
 
@@ -452,7 +456,7 @@ def train_detached(module: LightningModule, datamodule, arguments: dict, run: Ch
         >>> # state = train_detached(module, datamodule, task_list["trainer"],
         >>> #                        ChildRun("lmc/snapshot_step=100.ckpt", 100, 500, 7, ..., warn=print))
     """
-    ranks = _Ranks(getattr(rank_zero_only, "rank", 0) == 0, _world_size(arguments), None)
+    ranks = _Ranks(is_rank_zero(), _world_size(arguments), None)
 
     def make_trainer(callbacks: list[Callback]) -> Trainer:
         return _detached_trainer(arguments, run.max_steps, callbacks, Path(run.root_dir))
@@ -486,12 +490,14 @@ def _train_child(
         ckpt_path = progress["path"] if progress["resume"] else str(snapshot)
         _fit_child(ranks.world_size, child, module, datamodule, ckpt_path, run.order_seed)
         state = {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
-        if run.final_weights is not None and ranks.is_global_zero:
+        finished = child.global_step == run.max_steps
+        if finished and run.final_weights is not None and ranks.is_global_zero:
             save_atomically(state, run.final_weights)
-    if child.global_step != run.max_steps:
-        run.warn(
-            f"short:{run.start_step}",
-            f"the sibling of step {run.start_step} stopped at step {child.global_step}, not {run.max_steps}.",
+    if not finished:  # no final weights (they would mark it done), no result; its progress stays
+        raise ChildStoppedShort(
+            f"the child of step {run.start_step} stopped at step {child.global_step}, not {run.max_steps} (a "
+            "callback set trainer.should_stop?): it is not kept as trained; running again trains it on from its "
+            f"progress checkpoint in {progress_dir}."
         )
     if ranks.is_global_zero:
         shutil.rmtree(progress_dir, ignore_errors=True)

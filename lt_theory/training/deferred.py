@@ -298,22 +298,38 @@ def read_task_list(directory: str | os.PathLike) -> dict:
     return _relocated(tasks, str(path.parent.resolve()))
 
 
+def _moved_roots(written: str, directory: str) -> tuple[str, str]:
+    """The folders that moved: ``written`` and ``directory`` less the trailing parts they share (the run's
+    ``version_0/lmc`` when the whole run folder was moved, so that its TensorBoard run moves with it)."""
+    old, new = Path(written).parts, Path(directory).parts
+    shared = 0
+    while shared < min(len(old), len(new)) - 1 and old[-1 - shared] == new[-1 - shared]:
+        shared += 1
+    return str(Path(*old[: len(old) - shared])), str(Path(*new[: len(new) - shared]))
+
+
 def _relocated(tasks: dict, directory: str) -> dict:
-    """The task list with its files under ``directory`` when its folder was moved (or mounted elsewhere)."""
+    """The task list with its files under ``directory`` when its folder was moved (or mounted elsewhere), and
+    the parent's TensorBoard run moved with it when it moved too (else where it was)."""
     written = tasks["directory"]
     if written == directory:
         return tasks
+    old_root, new_root = _moved_roots(written, directory)
 
     def moved(value):
-        if isinstance(value, str) and value.startswith(written + os.sep):
-            return directory + value[len(written) :]
+        if isinstance(value, str) and (value == old_root or value.startswith(old_root + os.sep)):
+            return new_root + value[len(old_root) :]
         if isinstance(value, dict):
             return {key: moved(item) for key, item in value.items()}
         if isinstance(value, list):
             return [moved(item) for item in value]
         return value
 
-    return {**moved(tasks), "directory": directory}
+    relocated = {**moved(tasks), "directory": directory}
+    run = tasks["parent"].get("tensorboard")
+    if run is not None and not Path(relocated["parent"]["tensorboard"]).is_dir() and Path(run).is_dir():
+        relocated["parent"]["tensorboard"] = run  # only the lmc folder was moved: the run stayed
+    return relocated
 
 
 def task_index(tasks: dict, index: int | None) -> int:
@@ -365,7 +381,7 @@ def rebuild(tasks: dict) -> tuple[LightningModule, LightningDataModule]:
     """
     parent = tasks["parent"]
     if parent.get("config"):
-        return _from_recipe_config(parent["config"])
+        return _from_recipe_config(parent["config"], parent.get("cwd"))
     snapshot = tasks["tasks"][0]["snapshot"]
     try:
         module_class, data_class = _import(parent["module_class"]), _import(parent["datamodule_class"])
@@ -382,7 +398,7 @@ def rebuild(tasks: dict) -> tuple[LightningModule, LightningDataModule]:
     return module, datamodule
 
 
-def _from_recipe_config(config_file: str) -> tuple[LightningModule, LightningDataModule]:
+def _from_recipe_config(config_file: str, parent_cwd: str | None) -> tuple[LightningModule, LightningDataModule]:
     import yaml
 
     from lt_theory.cli import instantiate
@@ -396,7 +412,7 @@ def _from_recipe_config(config_file: str) -> tuple[LightningModule, LightningDat
     except (Exception, SystemExit) as error:  # noqa: BLE001 - jsonargparse exits on a bad config
         raise RebuildError(
             f"cannot instantiate the parent's recipe configuration {config_file} again ({error}); run the task "
-            "with the lt_theory version and from the folder the parent ran with."
+            f"with the lt_theory version the parent ran with, from the folder it ran in (cd {parent_cwd})."
         ) from None
 
 
@@ -419,9 +435,10 @@ def train_task(
     Args:
         directory: the task list's folder (the callback's ``directory``).
         index: the task; None for ``$SLURM_ARRAY_TASK_ID``.
-        devices: devices for the sibling (default: the parent's); a data module with ``global_batch_size`` keeps
+        devices: devices for the sibling (default: the parent's number, at most the GPUs visible here); a data
+            module with ``global_batch_size`` keeps
             the parent's batch on any number.
-        num_nodes: nodes for the sibling (default: the parent's).
+        num_nodes: nodes for the sibling (default: ``$SLURM_JOB_NUM_NODES`` under SLURM, else 1).
         bars: show a bar over the sibling's steps (default: as the parent did).
 
     Returns:
@@ -443,15 +460,21 @@ def train_task(
         {t["k"]: final_step - t["k"] for t in tasks["tasks"]},
         bars=tasks["trainer"]["bars"] if bars is None else bars,
         logger=_LOGGER,
+        here=[k],
     )
     outcome = {"index": index, "k": k, "weights": task["weights"], "trained": False}
     if Path(task["weights"]).is_file():
         progress.skipped(k, f"trained already ({task['weights']}); nothing to do")
         return outcome
+    for needed in (task["snapshot"], tasks["parent"]["weights"]):
+        if not Path(needed).is_file():
+            raise TaskListError(
+                f"task {index} needs {needed}, which is missing (deleted, or only part of the run folder copied "
+                "here?); copy the whole lmc folder, or run the parent again to write it."
+            )
     module, datamodule = rebuild(tasks)
     arguments = dict(tasks["trainer"])
-    arguments.update({"devices": devices} if devices is not None else {})
-    arguments.update({"num_nodes": num_nodes} if num_nodes is not None else {})
+    arguments.update(_resources_here(arguments, devices, num_nodes))
     warned: set[str] = set()
 
     def warn(key: str, message: str) -> None:
@@ -475,6 +498,19 @@ def train_task(
         train_detached(module, datamodule, arguments, run)
     outcome["trained"] = Path(task["weights"]).is_file()  # not when a requeue signal stopped it
     return outcome
+
+
+def _resources_here(arguments: dict, devices: int | None, num_nodes: int | None) -> dict:
+    """The devices and nodes of a task: as given, else the parent's device count capped at the GPUs visible
+    here, on the nodes of this SLURM job (one outside SLURM), so that a task run by hand on a smaller machine
+    than the parent's does not wait for processes that never start."""
+    if devices is None:
+        devices = arguments["devices"]
+        if arguments["accelerator"] in ("gpu", "cuda") and torch.cuda.is_available():
+            devices = max(1, min(devices, torch.cuda.device_count()))
+    if num_nodes is None:
+        num_nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", 1))
+    return {"devices": devices, "num_nodes": num_nodes}
 
 
 def sibling_state(task: dict) -> dict[str, torch.Tensor] | None:

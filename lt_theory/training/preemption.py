@@ -46,10 +46,9 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lt_theory.compat import cluster_environment, hpc_checkpoint_path
-from lt_theory.training.progress import info
+from lt_theory.training.progress import info, is_rank_zero
 
 __all__ = [
     "RequeueGuard",
@@ -165,7 +164,7 @@ class RequeueGuard:
             return
         self.requeued = True
         if self.trainer is None:
-            if getattr(rank_zero_only, "rank", 0) == 0:
+            if is_rank_zero():
                 requeue_job()
             return
         for logger in self.trainer.loggers:  # as Lightning's handler: what was logged is on disk

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -94,6 +94,8 @@ class SiblingsProgress:
         label: how the lines call one of them.
         logger: the logger's name.
         key: what the keys of ``steps`` are, in the lines (``"k"``; ``"level"`` for IMP's level siblings).
+        here: the keys this process trains (None: all of them): the time left counts only theirs (an array
+            task trains one sibling of the family).
     """
 
     def __init__(
@@ -103,8 +105,10 @@ class SiblingsProgress:
         label: str = "sibling",
         logger: str = LOGGER_NAME,
         key: str = "k",
+        here: Iterable[int] | None = None,
     ) -> None:
         self.steps, self.bars, self.label, self.logger, self.key = dict(steps), bars, label, logger, key
+        self.here = set(self.steps if here is None else here)
         self.order = {k: i for i, k in enumerate(self.steps)}
         self.start = time.monotonic()
         self._seconds = self._trained_steps = 0.0
@@ -121,7 +125,7 @@ class SiblingsProgress:
 
     def _times(self) -> str:
         text = f"{duration(time.monotonic() - self.start)} elapsed"
-        left = sum(n for k, n in self.steps.items() if k not in self._done)
+        left = sum(n for k, n in self.steps.items() if k in self.here and k not in self._done)
         if left and self._trained_steps:
             text += f", about {duration(self._seconds / self._trained_steps * left)} left"
         return text

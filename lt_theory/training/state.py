@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from lt_theory.measures.modes import forked_rng
+from lt_theory.training.stored import partial_file
 
 __all__ = [
     "OPTIMIZER_STATES",
@@ -64,9 +65,7 @@ def file_sha256(path: str | Path) -> str:
 
 def save_atomically(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a partial file renamed into place: a crash never leaves a truncated ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    partial = partial_file(path)
     torch.save(obj, partial)
     partial.replace(path)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,19 @@ def read_json(path: str | os.PathLike) -> Any:
         ) from None
 
 
+def partial_file(path: str | os.PathLike) -> Path:
+    """A new, empty file next to ``path`` that no other process writes (two jobs writing ``path`` at once, e.g.
+    an array task resubmitted while its first run still runs, never write one partial file), to rename into
+    place once it is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".partial")
+    os.close(handle)
+    return Path(name)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as JSON atomically (a partial file renamed into place); NaN round-trips."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
+    partial = partial_file(path)
     partial.write_text(json.dumps(obj, indent=2))
     partial.replace(path)
