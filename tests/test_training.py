@@ -25,6 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lt_theory.compat import cluster_environment, ddp_options, hpc_checkpoint_path, uses_distributed_sampler
 from lt_theory.models import MLP
 from lt_theory.training import rng_states, set_rng_states, state_fingerprint
+from lt_theory.training.child import child_trainer_arguments
 from lt_theory.training.state import load_beside_checkpoints, save_beside_checkpoints
 from lt_theory.training.stored import changed_settings, partial_file, read_json, write_json
 from lt_theory.training.tickets import load_ticket, read_ticket, save_ticket
@@ -177,3 +178,13 @@ def test_a_file_beside_the_checkpoints_is_loaded_only_if_it_is_the_one_the_check
         load_beside_checkpoints(record, "the snapshot")
     without = SimpleNamespace(checkpoint_callbacks=[], is_global_zero=True, strategy=strategy)
     assert save_beside_checkpoints(without, state, "snapshot.pt") is None
+
+
+def test_ddp_options_a_deferred_task_cannot_be_given_are_refused_naming_them():
+    trainer = Trainer(
+        accelerator="cpu", devices=1, strategy=DDPStrategy(bucket_cap_mb=25, comm_state=object()), logger=False
+    )
+    with pytest.raises(ValueError, match=r"DDP options \['bucket_cap_mb', 'comm_state'\] cannot be written"):
+        child_trainer_arguments(trainer)
+    plain = Trainer(accelerator="cpu", devices=1, strategy=DDPStrategy(bucket_cap_mb=25), logger=False)
+    assert child_trainer_arguments(plain)["ddp"]["ddp_kwargs"] == {"bucket_cap_mb": 25}

@@ -48,6 +48,7 @@ from lt_theory.training.preemption import RequeueGuard
 from lt_theory.training.progress import info, is_rank_zero
 from lt_theory.training.rng import rng_states, set_rng_states
 from lt_theory.training.state import save_atomically
+from lt_theory.training.stored import read_json, write_json
 
 __all__ = [
     "ChildRun",
@@ -194,7 +195,8 @@ def child_trainer_arguments(trainer: Trainer) -> dict:
         The dict (every value JSON-serialisable).
 
     Raises:
-        ValueError: for a strategy a child cannot reproduce (:func:`check_child_strategy`).
+        ValueError: for a strategy a child cannot reproduce (:func:`check_child_strategy`), or DDP options that
+            are not JSON values.
 
     Example:
         >>> child_trainer_arguments(Trainer(accelerator="cpu", devices=1, logger=False))["strategy"]
@@ -205,10 +207,18 @@ def child_trainer_arguments(trainer: Trainer) -> dict:
     ddp = None
     if isinstance(strategy, DDPStrategy):
         options = ddp_options(trainer.strategy)
+        try:
+            ddp_kwargs = json.loads(json.dumps(options.ddp_kwargs))
+        except TypeError as error:
+            raise ValueError(
+                f"the DDP options {sorted(options.ddp_kwargs)} cannot be written for a deferred sibling's task "
+                f"({error}): give DDPStrategy only plain values (numbers, strings, booleans), or use "
+                "siblings='in_job'."
+            ) from None
         ddp = {
             "process_group_backend": strategy.process_group_backend,
             "timeout_s": options.timeout.total_seconds(),
-            "ddp_kwargs": json.loads(json.dumps(options.ddp_kwargs, default=repr)),
+            "ddp_kwargs": ddp_kwargs,
         }
     if torch.are_deterministic_algorithms_enabled():
         deterministic = "warn" if torch.is_deterministic_algorithms_warn_only_enabled() else True
@@ -334,11 +344,11 @@ def _progress(ranks: _Ranks, snapshot: Path, directory: Path, start_step: int, m
     if ranks.is_global_zero or ranks.broadcast is None:  # rank zero decides; the others only read
         source = {"snapshot": str(snapshot), "size": snapshot.stat().st_size}
         source["mtime_ns"] = snapshot.stat().st_mtime_ns
-        resume = path.exists() and source_file.exists() and json.loads(source_file.read_text()) == source
+        resume = path.exists() and _recorded_source(source_file) == source
         if ranks.is_global_zero and not resume:
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True, exist_ok=True)
-            source_file.write_text(json.dumps(source))
+            write_json(source_file, source)  # whole or absent: ranks of a detached task read it meanwhile
     if ranks.world_size > 1 and ranks.broadcast is not None:
         resume = ranks.broadcast(resume)
     checkpoint = ModelCheckpoint(
@@ -349,6 +359,14 @@ def _progress(ranks: _Ranks, snapshot: Path, directory: Path, start_step: int, m
         every_n_train_steps=max(1, (max_steps - start_step) // 10),
     )
     return {"path": str(path), "resume": resume, "checkpoint": checkpoint}
+
+
+def _recorded_source(source_file: Path) -> dict | None:
+    """The snapshot a progress checkpoint came from, or None (no file, or one being replaced)."""
+    try:
+        return read_json(source_file)
+    except (OSError, ValueError):
+        return None
 
 
 def warn_if_loader_has_generator(trainer: Trainer, warn: Callable[[str, str], None]) -> None:

@@ -134,6 +134,7 @@ def check_rebuildable(trainer: Trainer, pl_module: LightningModule) -> None:
     Raises:
         ValueError: naming the class and what to change (see the module's docstring).
     """
+    child_trainer_arguments(trainer)  # DDP options a task cannot be given (not JSON) are refused now
     datamodule = trainer.datamodule
     if datamodule is None or _recipe_config(trainer, pl_module) is not None:
         return  # no data module is refused by the callback itself; the recipe CLI's config is saved
