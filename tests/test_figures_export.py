@@ -250,3 +250,19 @@ def test_imp_stability_refuses_a_folder_without_imp_tags(tmp_path):
     SummaryWriter(str(tmp_path)).close()
     with pytest.raises(ValueError, match="not an IMPPruner run"):
         make_figures.imp_stability_curves(tmp_path)
+
+
+def test_two_tags_with_one_file_name_are_both_written(tmp_path):
+    from lt_theory.figures import new_figure
+    from lt_theory.loggers import LoggerTarget
+    from lt_theory.sweep.report import _log_figure
+
+    tags = ["dd/error_by_k/k=[1, 2]", "dd/error_by_k/k=(1, 2)"]
+    assert figure_filename(tags[0]) == figure_filename(tags[1])
+    for value, tag in enumerate(tags):
+        figure, axis = new_figure(3, 2)
+        axis.plot([0, 1], [value, value])
+        _log_figure(LoggerTarget([]), tag, figure, tmp_path)
+    stem = figure_filename(tags[0])[: -len(".png")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.png", f"{stem}_2.png"]
+    assert (tmp_path / f"{stem}.png").read_bytes() != (tmp_path / f"{stem}_2.png").read_bytes()

@@ -302,9 +302,10 @@ class LinearModeConnectivity(TheoryCallback):
         if self.mode == "spawn" and self.siblings == "deferred":
             steps = self._sibling_steps(trainer.global_step)
             seeds = {k: sibling_seed(trainer.datamodule, k, self.sibling_seed) for k in steps}
-            write_task_list(
-                trainer, pl_module, self._store, steps, seeds, self.path_settings, self.threshold, self.warn_once
-            )
+            with sibling_phase(trainer):  # a requeue signal while the files are written: written again after it
+                write_task_list(
+                    trainer, pl_module, self._store, steps, seeds, self.path_settings, self.threshold, self.warn_once
+                )
         elif self.mode == "spawn":
             with sibling_phase(trainer) as self._guard:
                 self._run_siblings(trainer, pl_module)
@@ -354,8 +355,7 @@ class LinearModeConnectivity(TheoryCallback):
             self.results[k] = self._measurement.result(
                 trainer, pl_module, sibling, self.results.get(k), partial(train, progress), lambda: pl_module
             )
-            failed = self.results[k].get("failed")
-            progress.skipped(k, f"failed ({failed})" if failed else "trained already (its stored result is reused)")
+            progress.found(k, self.results[k])
             log_path_result(self, trainer, self.results[k], k, f"parent vs sibling spawned at {k}")
         self.log_stability(trainer)
 

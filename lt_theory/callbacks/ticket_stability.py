@@ -169,9 +169,7 @@ class LevelSiblings:
                     ),
                     partial(self._parent, trainer, pl_module, level),
                 )
-                failed = self.results[level].get("failed")
-                reused = "trained already (its stored result is reused)"
-                progress.skipped(level, f"failed ({failed})" if failed else reused)
+                progress.found(level, self.results[level])
 
     def log(self, callback, trainer: Trainer, history: list[dict]) -> None:
         """Log each level's barriers and path at the level's end step (``history[level]["step"]``), and its

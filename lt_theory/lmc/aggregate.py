@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lt_theory.callbacks.lmc import LinearModeConnectivity
 from lt_theory.callbacks.siblings import PathSettings, Sibling, SiblingMeasurement, log_path_result
 from lt_theory.loggers import LoggerTarget
-from lt_theory.training.deferred import read_task_list, rebuild, sibling_state
+from lt_theory.training.deferred import read_task_list, rebuild
 from lt_theory.training.progress import get_logger, info
 from lt_theory.training.siblings import SiblingStore
 from lt_theory.training.stored import read_json, write_json
@@ -86,8 +86,7 @@ def aggregate(
         head = f"sibling {task['index'] + 1} of {count} (k = {k})"
         result = store.stored_result(k, final_step, fingerprint, seed, settings.stored())
         if result is None:
-            state = sibling_state(task)
-            if state is None:
+            if not Path(task["weights"]).is_file():
                 missing.append(task["index"])
                 get_logger(_LOGGER).warning(
                     f"{head} is not trained (no {task['weights']}): its barriers are not logged. Train it with "
@@ -95,6 +94,7 @@ def aggregate(
                     "(or resubmit the array: finished tasks return at once), then aggregate again."
                 )
                 continue
+            state = store.trained_weights(k, final_step, seed, fingerprint)  # a kill's progress folder removed
             if evaluation is None:
                 evaluation = _parent_and_data(tasks, device)
             sibling = Sibling(store, k, final_step, fingerprint, seed, f"spawned at step {k}", f"path k={k}")

@@ -147,7 +147,13 @@ def _log_figure(target: loggers.LoggerTarget, tag: str, figure, folder: Path) ->
     """
     figure.canvas.draw()
     loggers.log_figure(target, tag, figure, step=0)
-    figure.savefig(folder / figure_filename(tag), dpi=DPI)
+    path, count = folder / figure_filename(tag), 1
+    while path.exists():  # another tag of this aggregation had the same file name (values differing in `[(`)
+        count += 1
+        path = folder / f"{figure_filename(tag)[: -len('.png')]}_{count}.png"
+    if count > 1:
+        info(f"[sweep] figure {tag} written to {path.name}: {figure_filename(tag)} holds another tag's", SWEEP_LOGGER)
+    figure.savefig(path, dpi=DPI)
 
 
 def _suffix(result: SweepAggregate, curve: SweepCurve) -> str:

@@ -512,9 +512,3 @@ def _resources_here(arguments: dict, devices: int | None, num_nodes: int | None)
     if num_nodes is None:
         num_nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", 1))
     return {"devices": devices, "num_nodes": num_nodes}
-
-
-def sibling_state(task: dict) -> dict[str, torch.Tensor] | None:
-    """A task's sibling's final weights (CPU), or None when it has not been trained."""
-    path = Path(task["weights"])
-    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None

@@ -2,8 +2,9 @@
 
 Messages go to the ``lt_theory`` Python logger (:func:`get_logger`; a child logger per module, e.g.
 ``lt_theory.lmc``), never to ``print``. Like Lightning's own logger, it gets a handler writing INFO to stderr
-when the application has configured none (no handler on the root logger); otherwise the application's logging
-configuration decides. Bars are tqdm's (a dependency of Lightning), on stderr:
+when the application has configured none (no handler on the root logger), and then does not propagate; otherwise
+the application's logging configuration decides (configure logging before the first message, or set
+``logging.getLogger("lt_theory").propagate = True`` afterwards). Bars are tqdm's (a dependency of Lightning), on stderr:
 
 - :class:`SiblingsProgress`: one line per sibling, ``sibling i of n (k = K): training steps K to T; 3 min 10 s
   elapsed, about 9 min left`` (the time left estimated from the time per step of the siblings trained so far),
@@ -136,6 +137,11 @@ class SiblingsProgress:
             return
         self._done.add(k)
         info(f"{self.head(k)}: {why}", self.logger)
+
+    def found(self, k: int, result: Mapping) -> None:
+        """Say how the sibling of ``k`` ended when it was not trained just now: failed, or reused from disk."""
+        failed = result.get("failed")
+        self.skipped(k, f"failed ({failed})" if failed else "trained already (its stored result or weights are reused)")
 
     def callback(self, k: int, start: int, end: int) -> Callback:
         """Say that the sibling of ``k`` starts training from ``start`` to ``end``; the callback for its Trainer.
