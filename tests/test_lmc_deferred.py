@@ -232,6 +232,28 @@ def test_the_module_entry_point_reports_a_missing_task_list(tmp_path):
     assert "aggregate: error: no task list at" in done.stderr
 
 
+def test_a_task_on_two_processes_trains_its_sibling_to_the_end(tmp_path):
+    """``train-sibling --devices 2`` on the CPU, as a user types it: two ranks (gloo, Lightning's launcher) read
+    the task's progress folder while rank zero prepares it, and the sibling is trained to its last step."""
+
+    def command(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )  # fmt: skip
+
+    config = "recipes/configs/lmc_deferred_quick.yaml"
+    parent = command("lt_theory.cli", "fit", "--config", config, f"--trainer.logger.init_args.save_dir={tmp_path}")
+    assert parent.returncode == 0, parent.stderr[-3000:]
+    lmc_dir = tmp_path / "lmc_deferred_quick" / "version_0" / "lmc"
+    task = command("lt_theory.lmc", "train-sibling", "--dir", str(lmc_dir), "--task-index", "1", "--devices", "2")
+    assert task.returncode == 0, task.stderr[-3000:]
+    assert "Starting with 2 processes" in task.stdout + task.stderr
+    (weights,) = lmc_dir.glob("sibling_step=12_to=48_*.pt")
+    assert not list(lmc_dir.rglob("last.ckpt"))  # its progress folder is removed once it is trained
+    state = torch.load(weights)
+    assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
 class _SignalAtChildStep(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
