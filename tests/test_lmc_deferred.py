@@ -311,3 +311,19 @@ class _CountSteps(Callback):
 
     def on_train_batch_end(self, trainer, *args) -> None:
         self.steps.append(trainer.global_step)
+
+
+def test_a_task_runs_on_what_it_has_not_on_what_the_parent_had(monkeypatch):
+    """A parent of 2 nodes x 4 GPUs: a task run by hand on a 1-GPU machine outside SLURM uses 1 GPU on 1 node (not
+    8 ranks that never start); under a SLURM job, its nodes; given flags win."""
+    parent = {"accelerator": "gpu", "devices": 4, "num_nodes": 2}
+    monkeypatch.delenv("SLURM_JOB_NUM_NODES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert deferred._resources_here(parent, None, None) == {"devices": 1, "num_nodes": 1}
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert deferred._resources_here(parent, None, None) == {"devices": 4, "num_nodes": 2}
+    assert deferred._resources_here(parent, 2, 1) == {"devices": 2, "num_nodes": 1}
+    cpu = {"accelerator": "cpu", "devices": 3, "num_nodes": 1}
+    assert deferred._resources_here(cpu, None, None)["devices"] == 3
